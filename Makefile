@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is installed here.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU wheel of torch lies on this disk; a looser pin would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	# ML-100k ships inside the recbole wheel; its (heavy) dependencies are not needed.
+	$(PIP) install --no-deps recbole==1.2.1
+	$(PIP) install -e '.[onnx,tensorrt-rtx,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hstu-opt build recipes/tiny.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) artifacts

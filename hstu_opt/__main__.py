@@ -1,0 +1,3 @@
+from hstu_opt.cli import main
+
+main()

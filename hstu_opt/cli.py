@@ -1,0 +1,199 @@
+"""The hstu-opt command line: parse arguments -> call the library -> render with rich.
+
+The only place that turns an HstuOptError into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hstu_opt.errors import HstuOptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn an HSTU checkpoint into a versioned engine bundle.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except HstuOptError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+class RichReporter:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def stage_started(self, name: str) -> None:
+        pass
+
+    def stage_finished(self, name: str, record: dict, cached: bool, seconds: float) -> None:
+        status = "[dim]cached[/]" if cached else f"[green]ran[/] in {seconds:.1f}s"
+        console.print(f"  [bold]{name:<15}[/] {status}  {record.get('headline', '')}", highlight=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None):
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=console, transient=True) as progress:
+            tid = progress.add_task(description, total=total)
+            yield lambda n=1: progress.advance(tid, n)
+
+    def log(self, message: str) -> None:
+        console.print(f"  [yellow]{message}[/]", highlight=False)
+
+
+def _metrics_table(record: dict) -> Table:
+    m = record["metrics"]
+    table = Table(title="held-out (leave-one-out) test metrics")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    table.add_column("popularity", justify="right")
+    for key in m["test"]:
+        table.add_row(key, f"{m['test'][key]:.4f}", f"{m['popularity_test'][key]:.4f}")
+    return table
+
+
+def _build(recipe_path: Path, out: Path, until: Optional[str], force: list[str]) -> None:
+    from hstu_opt import pipeline
+    from hstu_opt.recipe import load_recipe
+
+    with _errors():
+        recipe = load_recipe(recipe_path)
+        console.print(f"[bold]hstu-opt build[/] {recipe_path} -> {out}/{recipe.name}/{recipe.version}")
+        reporter = RichReporter()
+        bundle, results = pipeline.build(recipe, out, reporter, until=until, force=tuple(force))
+        cached = sum(r.cached for r in results)
+        console.print(f"bundle: [bold]{bundle}[/] ({cached}/{len(results)} stages cached, "
+                      f"{time.perf_counter() - reporter.t0:.1f}s)")
+        train = next((r for r in results if r.stage.name == "train-stub"), None)
+        if train is not None:
+            console.print(_metrics_table(train.record))
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    out: Path = typer.Option(Path("artifacts"), "--out", help="Output root."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+    force: list[str] = typer.Option([], "--force", help="Rerun this stage even if cached (repeatable)."),
+) -> None:
+    """Run every stage of RECIPE (reusing cached ones) and write the bundle."""
+    _build(recipe, out, until, force)
+
+
+def _stage_command(stage_name: str):
+    def command(
+        recipe: Path = typer.Argument(..., help="Recipe YAML."),
+        out: Path = typer.Option(Path("artifacts"), "--out", help="Output root."),
+        force: bool = typer.Option(False, "--force", help="Rerun this stage even if cached."),
+    ) -> None:
+        _build(recipe, out, stage_name, [stage_name] if force else [])
+
+    command.__doc__ = f"Run the pipeline up to '{stage_name}' (earlier stages come from the cache when unchanged)."
+    return command
+
+
+def _register_stage_commands() -> None:
+    from hstu_opt.stages import STAGES
+
+    for stage in STAGES:
+        app.command(stage.name)(_stage_command(stage.name))
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
+    """Recompute every checksum in the bundle's manifest; exit 1 on any problem."""
+    from hstu_opt import bundle as bundle_mod
+
+    with _errors():
+        problems = bundle_mod.verify(bundle)
+    for p in problems:
+        err_console.print(f"[red]{p}[/]", highlight=False)
+    if problems:
+        err_console.print(f"[bold red]verify failed:[/] {len(problems)} problem(s) in {bundle}")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/] {bundle}: every file matches its manifest checksum")
+
+
+@app.command()
+def inspect(bundle: Path = typer.Argument(..., help="Bundle directory.")) -> None:
+    """A readable summary of a bundle: recipe, toolchain, stages, metrics."""
+    from hstu_opt import bundle as bundle_mod
+
+    with _errors():
+        m = bundle_mod.load_manifest(bundle)
+    console.print(f"[bold]{m['name']} {m['version']}[/]  created {m['created_utc']}  recipe sha256 {m['recipe_sha256'][:12]}")
+    tc = Table(title="toolchain")
+    tc.add_column("tool")
+    tc.add_column("version")
+    for k, v in m["toolchain"].items():
+        tc.add_row(k, str(v))
+    console.print(tc)
+    st = Table(title="stages")
+    for col in ("stage", "key", "files", "bytes", "summary"):
+        st.add_column(col)
+    for name, s in m["stages"].items():
+        size = sum(o["size"] for o in s["outputs"].values())
+        st.add_row(name, s["key"][:12], str(len(s["outputs"])), f"{size:,}", s["record"].get("headline", ""))
+    console.print(st)
+    if "train-stub" in m["stages"]:
+        console.print(_metrics_table(m["stages"]["train-stub"]["record"]))
+    for name, s in m["stages"].items():
+        for table in s["record"].get("tables", []):
+            console.print(_record_table(table))
+
+
+def _record_table(spec: dict) -> Table:
+    table = Table(title=spec["title"])
+    for col in spec["columns"]:
+        table.add_column(col)
+    for row in spec["rows"]:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    return table
+
+
+@app.command("import-stu")
+def import_stu_cmd(
+    state_dict: Path = typer.Argument(..., help="generative-recommenders state_dict (.pt or .safetensors)."),
+    recipe: Path = typer.Option(..., "--recipe", help="Recipe whose model section describes the STU stack."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Checkpoint providing embeddings and heads."),
+) -> None:
+    """Load Meta generative-recommenders STU layers into an hstu-opt checkpoint."""
+    from hstu_opt.model.checkpoint import import_stu_checkpoint
+    from hstu_opt.recipe import load_recipe
+
+    with _errors():
+        layers = import_stu_checkpoint(state_dict, load_recipe(recipe), out, base)
+    console.print(f"[green]imported[/] {layers} STU layers from {state_dict} -> {out}")
+
+
+def main() -> None:
+    _register_stage_commands()
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Input encoders (HSTU.md "Around the layers"): item (+ rating) embeddings scaled by sqrt(D),
+a backward-counting positional embedding and a time-bucket embedding; contextual rows get their
+own feature embedding and positions 0..C-1."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from hstu_opt.model.config import HstuConfig
+
+
+def position_index(pos: Tensor, hist_end: Tensor, contextual_len: int, num_buckets: int) -> Tensor:
+    """Most recent history row -> 1 + C, every target -> C, contextual rows -> 0..C-1."""
+    back = hist_end - torch.minimum(pos, hist_end) + contextual_len
+    return torch.where(pos < contextual_len, pos, back).clamp(max=num_buckets - 1)
+
+
+def time_bucket(query_time: Tensor, timestamps: Tensor, fn: str, num_buckets: int) -> Tensor:
+    """floor(sqrt(max(qt - t, 1e-6) / 60)) (or the log variant), clamped to the table."""
+    delta = (query_time - timestamps).to(torch.float32).clamp(min=1e-6)
+    raw = torch.sqrt(delta / 60.0) if fn == "sqrt" else torch.log(delta)
+    return raw.clamp(min=0).floor().to(torch.int64).clamp(max=num_buckets - 1)
+
+
+class InputEncoder(nn.Module):
+    def __init__(self, cfg: HstuConfig):
+        super().__init__()
+        D = cfg.embedding_dim
+        self.cfg = cfg
+        self.scale = math.sqrt(D)
+        self.item_emb = nn.Embedding(cfg.num_items + 1, D, padding_idx=0)
+        self.rating_emb = nn.Embedding(cfg.num_ratings + 1, D)
+        self.pos_emb = nn.Embedding(cfg.num_position_buckets, D)
+        self.time_emb = nn.Embedding(cfg.num_time_buckets, D)
+        self.ctx_emb = nn.Embedding(cfg.contextual_cardinality + 1, D) if cfg.contextual_len > 0 else None
+        for emb in (self.item_emb, self.rating_emb, self.pos_emb, self.time_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def forward(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, query_time: Tensor, layout) -> Tensor:
+        """ids/ratings/timestamps: per row ([L] or [B, n]); contextual rows carry their feature id in `ids`."""
+        cfg = self.cfg
+        is_ctx = layout.pos < cfg.contextual_len
+        zero = torch.zeros_like(ids)
+        x = self.item_emb(torch.where(is_ctx, zero, ids)) + self.rating_emb(torch.where(is_ctx, zero, ratings))
+        if self.ctx_emb is not None:
+            x = torch.where(is_ctx[..., None], self.ctx_emb(torch.where(is_ctx, ids, zero)), x)
+        pos = position_index(layout.pos, layout.hist_end, cfg.contextual_len, cfg.num_position_buckets)
+        bucket = time_bucket(layout.per_row(query_time), timestamps, cfg.time_bucket_fn, cfg.num_time_buckets)
+        t = self.time_emb(bucket) * (~is_ctx)[..., None].to(x.dtype)
+        return x * self.scale + self.pos_emb(pos) + t
+
+    def candidates(self, cand_ids: Tensor) -> Tensor:
+        """Rows of candidates scored later against a KV cache: rating unknown, position C, time bucket 0."""
+        cfg = self.cfg
+        zero = torch.zeros_like(cand_ids)
+        x = (self.item_emb(cand_ids) + self.rating_emb(zero)) * self.scale
+        return x + self.pos_emb(zero + min(cfg.contextual_len, cfg.num_position_buckets - 1)) + self.time_emb(zero)

@@ -1,0 +1,75 @@
+"""Where each row sits in its sequence, for the two layouts the model runs on.
+
+Row-wise ops (norms, projections, heads) do not care about the layout; only the input encoders
+(positions, time buckets, contextual rows) and attention do, and they ask the layout.
+
+  Jagged: values [L, ...] + offsets [B+1] (training, evaluation, fast kernels).
+  Padded: [B, C + Nh + Nc, ...] = [contextual][history padded to Nh][candidates padded to Nc]
+          (the engine input contract: dense dims for optimization profiles, no data-dependent shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hstu_opt import ops
+from hstu_opt.model.config import HstuConfig
+from hstu_opt.ops import Impl
+from hstu_opt.ops.hstu_attention.reference import row_ids
+
+
+class Jagged:
+    def __init__(self, offsets: Tensor, num_targets: Tensor, contextual_len: int):
+        self.offsets, self.num_targets = offsets, num_targets
+        lengths = offsets[1:] - offsets[:-1]
+        self.user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)  # [L]
+        self.pos = torch.arange(self.user.numel(), device=offsets.device) - offsets[self.user]  # [L]
+        self.seq_len = lengths[self.user]
+        self.hist_end = self.seq_len - num_targets[self.user]
+        self.ids, self.is_target = row_ids(self.pos, self.seq_len, num_targets[self.user], contextual_len)
+
+    def per_row(self, per_user: Tensor) -> Tensor:
+        return per_user[self.user]
+
+    def last_history_rows(self) -> Tensor:
+        """Index of each user's most recent history row [B]."""
+        return self.offsets[1:] - self.num_targets - 1
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, cfg: HstuConfig, impl: Impl) -> Tensor:
+        return ops.hstu_attention(
+            q, k, v, self.offsets, self.num_targets, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
+            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, impl=impl,
+        )
+
+
+class Padded:
+    def __init__(self, hist_lengths: Tensor, num_candidates: Tensor, n_hist: Tensor | int, n_cand: Tensor | int, contextual_len: int):
+        C = contextual_len
+        device = hist_lengths.device
+        ctx = torch.arange(C, device=device)
+        hist = torch.arange(n_hist, device=device)
+        cand = torch.arange(n_cand, device=device)
+        hl, nc = hist_lengths[:, None], num_candidates[:, None]  # [B, 1]
+        B = hl.shape[0]
+        self.pos = torch.cat(  # [B, n]: the row's index in its (unpadded) sequence
+            [ctx[None].expand(B, C), (C + hist)[None].expand(B, -1), C + hl + cand[None]], dim=1
+        )
+        self.valid = torch.cat(
+            [torch.ones(B, C, dtype=torch.bool, device=device), hist[None] < hl, cand[None] < nc], dim=1
+        )
+        self.seq_len = C + hl + nc
+        self.hist_end = C + hl
+        self.ids, self.is_target = row_ids(self.pos, self.seq_len, nc, C)
+        self.hist_lengths = hist_lengths
+        self.contextual_len = C
+        self.n_cand_start = C + n_hist
+
+    def per_row(self, per_user: Tensor) -> Tensor:
+        return per_user[:, None]
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, cfg: HstuConfig, impl: Impl) -> Tensor:
+        return ops.hstu_attention_dense(
+            q, k, v, self.ids, self.is_target, self.valid, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
+            max_attn_len=cfg.max_attn_len, impl=impl,
+        )

@@ -1,0 +1,75 @@
+"""hstu_attention: pointwise SiLU attention with the causal + target (+ contextual, + window) mask.
+
+Three entry points, one math (reference.py):
+  hstu_attention         jagged q/k/v [L, H, d] + offsets [B+1] + num_targets [B]
+  hstu_attention_dense   padded q/k/v [B, n, H, d] + per-row ids / is_target / valid (the exportable form)
+  cached_hstu_attention  jagged new rows attend to their user's cached K/V plus themselves (M-FALCON)
+"""
+
+from torch import Tensor
+
+from hstu_opt.ops._registry import Impl, OpTable
+
+TABLE = OpTable("hstu_attention", __name__)
+
+
+def hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    offsets: Tensor,
+    num_targets: Tensor | None,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    impl: Impl = Impl.REFERENCE,
+) -> Tensor:
+    """q, k: [L, H, dqk]; v: [L, H, dv]; returns [L, H, dv]. `max_seq_len` is N of the 1/N scale."""
+    fn = TABLE.get(impl, "hstu_attention")
+    return fn(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len)
+
+
+def hstu_attention_dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ids: Tensor,
+    is_target: Tensor,
+    valid: Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    max_attn_len: int = 0,
+    impl: Impl = Impl.REFERENCE,
+) -> Tensor:
+    """q, k: [B, n, H, dqk]; v: [B, n, H, dv]; ids/is_target/valid: [B, n] (see reference.row_ids)."""
+    fn = TABLE.get(impl, "hstu_attention_dense")
+    return fn(q, k, v, ids, is_target, valid, max_seq_len, alpha, max_attn_len)
+
+
+def cached_hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    delta_offsets: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_offsets: Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    impl: Impl = Impl.REFERENCE,
+) -> Tensor:
+    """q/k/v: the new (candidate) rows, jagged by delta_offsets; caches jagged by cache_offsets.
+
+    Equals the target rows of hstu_attention over [cache rows][new rows] with num_targets = new rows.
+    """
+    fn = TABLE.get(impl, "cached_hstu_attention")
+    return fn(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len)
+
+
+from hstu_opt.ops.hstu_attention import reference as _reference  # noqa: E402,F401

@@ -1,0 +1,122 @@
+"""The reference HSTU attention: pure PyTorch, runs on CPU and CUDA, and *is* the spec (HSTU.md).
+
+Mask in terms of per-row ids: contextual rows get id 0, history rows 1, 2, ...; every target row
+gets the id of the first target. Then
+    mask_ij = valid_i & valid_j & ( i == j
+                                    | id_i > id_j & (window off | id_i - id_j <= max_attn_len | j contextual)
+                                    | i contextual & j not a target )
+Contextual columns are exempt from the window, so every later row sees all contextual rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hstu_opt.ops._registry import Impl
+from hstu_opt.ops.hstu_attention import TABLE
+
+
+def row_ids(pos: Tensor, seq_len: Tensor, num_targets: Tensor, contextual_len: int) -> tuple[Tensor, Tensor]:
+    """Per-row mask id and target flag from the row's position in its sequence (broadcasting ints)."""
+    hist_end = seq_len - num_targets  # index of the first target row
+    ids = torch.where(pos < contextual_len, 0, torch.minimum(pos, hist_end) - contextual_len + 1)
+    return ids, pos >= hist_end
+
+
+def attention_mask(ids: Tensor, is_target: Tensor, valid: Tensor, max_attn_len: int) -> Tensor:
+    """ids, is_target, valid: [B, n] -> mask [B, n, n] (bool)."""
+    n = ids.shape[-1]
+    ar = torch.arange(n, device=ids.device)
+    id_i, id_j = ids[:, :, None], ids[:, None, :]
+    ctx_j = (id_j == 0)
+    earlier = id_i > id_j
+    if max_attn_len > 0:
+        earlier = earlier & ((id_i - id_j <= max_attn_len) | ctx_j)
+    ctx_sees = (id_i == 0) & ~is_target[:, None, :]
+    diag = (ar[:, None] == ar[None, :])[None]
+    return (diag | earlier | ctx_sees) & valid[:, :, None] & valid[:, None, :]
+
+
+@TABLE.register(Impl.REFERENCE)
+def hstu_attention_dense(
+    q: Tensor, k: Tensor, v: Tensor, ids: Tensor, is_target: Tensor, valid: Tensor, max_seq_len: int, alpha: float, max_attn_len: int
+) -> Tensor:
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    scores = torch.einsum("bihd,bjhd->bhij", qc, kc) * alpha  # [B, H, n, n]
+    weights = F.silu(scores) / max_seq_len
+    mask = attention_mask(ids, is_target, valid, max_attn_len)[:, None]  # [B, 1, n, n]
+    weights = torch.where(mask, weights, torch.zeros((), dtype=compute, device=q.device))
+    return torch.einsum("bhij,bjhd->bihd", weights, vc).to(q.dtype)  # [B, n, H, dv]
+
+
+def _jagged_index(offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(user of each row [L], position of each row in its sequence [L], lengths [B])."""
+    lengths = offsets[1:] - offsets[:-1]
+    user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)
+    pos = torch.arange(user.numel(), device=offsets.device) - offsets[user]
+    return user, pos, lengths
+
+
+def _check_jagged(q: Tensor, offsets: Tensor, num_targets: Tensor, contextual_len: int) -> None:
+    lengths = offsets[1:] - offsets[:-1]
+    assert int(offsets[0]) == 0 and int(offsets[-1]) == q.shape[0], "offsets must start at 0 and end at L"
+    assert bool((lengths >= 0).all()), "offsets must be non-decreasing"
+    assert bool((lengths - num_targets >= contextual_len).all() | (lengths == 0).all()), (
+        "every non-empty sequence needs at least contextual_len non-target rows"
+    )
+
+
+@TABLE.register(Impl.REFERENCE)
+def hstu_attention(
+    q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor | None, max_seq_len: int, alpha: float,
+    contextual_len: int, max_attn_len: int,
+) -> Tensor:
+    user, pos, lengths = _jagged_index(offsets)
+    B = lengths.numel()
+    if num_targets is None:
+        num_targets = torch.zeros_like(lengths)
+    _check_jagged(q, offsets, num_targets, contextual_len)
+    n = int(lengths.max()) if B > 0 and q.shape[0] > 0 else 0
+    if n == 0:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+
+    def pad(t: Tensor) -> Tensor:
+        out = t.new_zeros(B, n, *t.shape[1:])
+        out[user, pos] = t
+        return out
+
+    slot = torch.arange(n, device=q.device)[None, :]  # [1, n]
+    ids, is_target = row_ids(slot, lengths[:, None], num_targets[:, None], contextual_len)
+    valid = slot < lengths[:, None]
+    dense = hstu_attention_dense(pad(q), pad(k), pad(v), ids, is_target, valid, max_seq_len, alpha, max_attn_len)
+    return dense[user, pos]
+
+
+@TABLE.register(Impl.REFERENCE)
+def cached_hstu_attention(
+    q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor, v_cache: Tensor, cache_offsets: Tensor,
+    max_seq_len: int, alpha: float, contextual_len: int, max_attn_len: int,
+) -> Tensor:
+    # The definition: interleave [cache rows][new rows] per user, run the full attention with the new
+    # rows as targets, keep the new rows. Cached rows need no query (their outputs are dropped).
+    full_offsets = cache_offsets + delta_offsets
+    c_user, c_pos, _ = _jagged_index(cache_offsets)
+    d_user, d_pos, d_len = _jagged_index(delta_offsets)
+    c_rows = full_offsets[c_user] + c_pos
+    d_rows = full_offsets[d_user] + (cache_offsets[d_user + 1] - cache_offsets[d_user]) + d_pos
+
+    def interleave(cached: Tensor | None, new: Tensor) -> Tensor:
+        out = new.new_zeros(int(full_offsets[-1]), *new.shape[1:])
+        if cached is not None:
+            out[c_rows] = cached.to(new.dtype)
+        out[d_rows] = new
+        return out
+
+    full = hstu_attention(
+        interleave(None, q), interleave(k_cache, k), interleave(v_cache, v), full_offsets, d_len,
+        max_seq_len, alpha, contextual_len, max_attn_len,
+    )
+    return full[d_rows]

@@ -1,0 +1,212 @@
+"""The typed recipe: parsed once from YAML, frozen, unknown keys rejected, passed down as objects."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hstu_opt.errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def digest(self) -> str:
+        """sha256 of this section's canonical JSON: part of each stage's cache key."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+class ModelSection(Section):
+    embedding_dim: int = Field(64, ge=1, description="D")
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    attention_dim: int = Field(32, ge=1, description="dqk per head")
+    linear_dim: int = Field(32, ge=1, description="dv per head")
+    max_history_len: int = Field(200, ge=1)
+    max_targets: int = Field(16, ge=1, description="most candidate rows per user in one request")
+    contextual_len: int = Field(0, ge=0, description="C contextual rows per user")
+    max_attn_len: int = Field(0, ge=0, description="local attention window; 0 = unlimited")
+    attn_alpha: float | None = Field(None, description="default 1/sqrt(attention_dim)")
+    num_time_buckets: int = Field(2048, ge=1)
+    time_bucket_fn: Literal["sqrt", "log"] = "sqrt"
+    ranking_tasks: tuple[str, ...] = ("watched", "liked")
+    ranking_hidden_dim: int = Field(64, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @property
+    def max_seq_len(self) -> int:
+        """N: the most rows one user can have; the attention's fixed 1/N scale."""
+        return self.contextual_len + self.max_history_len + self.max_targets
+
+    @property
+    def alpha(self) -> float:
+        return self.attn_alpha if self.attn_alpha is not None else 1.0 / math.sqrt(self.attention_dim)
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "ModelSection":
+        if len(self.ranking_tasks) < 1 or len(set(self.ranking_tasks)) != len(self.ranking_tasks):
+            raise ValueError("ranking_tasks must name at least one task, each once")
+        unknown = set(self.ranking_tasks) - set(KNOWN_TASKS)
+        if unknown:
+            raise ValueError(f"unknown ranking task(s) {sorted(unknown)}; known: {list(KNOWN_TASKS)}")
+        return self
+
+
+KNOWN_TASKS = ("watched", "liked")
+
+
+class SyntheticSection(Section):
+    num_users: int = Field(2000, ge=2)
+    num_items: int = Field(5000, ge=2)
+    min_len: int = Field(20, ge=3)
+    max_len: int = Field(200, ge=3)
+    num_clusters: int = Field(32, ge=1)
+    zipf_alpha: float = Field(1.1, gt=0)
+    contextual_cardinality: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "SyntheticSection":
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) is larger than max_len ({self.max_len})")
+        return self
+
+
+class DataSection(Section):
+    source: Literal["movielens", "synthetic"] = "movielens"
+    path: Path | None = Field(None, description="ratings file; None = the bundled ML-100k")
+    format: Literal["inter", "udata", "dat", "csv"] = "inter"
+    min_user_interactions: int = Field(5, ge=3)
+    seed: int = 0
+    synthetic: SyntheticSection = SyntheticSection()
+
+
+class TrainSection(Section):
+    seed: int = 0
+    epochs: int = Field(20, ge=1)
+    max_seconds: float = Field(120.0, gt=0, description="wall-clock bound on training")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    num_negatives: int = Field(128, ge=1, description="sampled-softmax negatives per batch")
+    temperature: float = Field(0.05, gt=0)
+    ranking_negatives: int = Field(4, ge=1, description="negative candidate rows per user")
+    ranking_loss_weight: float = Field(1.0, ge=0)
+    eval_negatives: int = Field(15, ge=1, description="negative candidates per user for ranking AUC")
+    threads: int = Field(2, ge=1)
+
+
+class ExportSection(Section):
+    opset: int = Field(18, ge=17)
+    graphs: tuple[Literal["ranking", "retrieval"], ...] = ("ranking", "retrieval")
+    parity_rtol: float = Field(1e-4, gt=0)
+
+
+class FuseSection(Section):
+    attention_plugin: bool = True
+    layer_norm: bool = True
+    plugin_version: str = "1"
+    plugin_namespace: str = ""
+    parity_rtol: float = Field(1e-5, gt=0)
+
+
+class QuantizeSection(Section):
+    enabled: bool = True
+    method: Literal["minmax", "entropy", "percentile"] = "percentile"
+    percentile: float = Field(99.99, gt=90, le=100)
+    calibration_users: int = Field(256, ge=1)
+    sensitivity_threshold: float = Field(0.002, ge=0, description="max relative output error per MatMul")
+    max_relative_drop: float = Field(0.01, ge=0, description="bar on NDCG@10 and each AUC")
+
+
+class ProfileSection(Section):
+    batch: tuple[int, int, int] = (1, 8, 32)
+    history: tuple[int, int, int] = (1, 100, 200)
+    candidates: tuple[int, int, int] = (1, 8, 16)
+
+
+class EngineSection(Section):
+    backends: tuple[Literal["onnxruntime", "tensorrt", "aoti", "compiled"], ...] = ("onnxruntime",)
+    tensorrt_target_cc: str = Field("8.9", pattern=r"^\d+\.\d+$")
+    tensorrt_hardware_compatibility: Literal["none", "ampere_plus", "same_cc"] = "none"
+    profile: ProfileSection = ProfileSection()
+    intra_op_threads: int = Field(2, ge=1)
+
+
+class BenchSection(Section):
+    batch_sizes: tuple[int, ...] = (1, 32)
+    history_lengths: tuple[int, ...] = (200,)
+    candidates: tuple[int, ...] = (16,)
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(20, ge=1)
+
+
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    export: ExportSection = ExportSection()
+    fuse: FuseSection = FuseSection()
+    quantize: QuantizeSection = QuantizeSection()
+    engine: EngineSection = EngineSection()
+    bench: BenchSection = BenchSection()
+
+    def section(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+def _fields_at(loc: tuple, model: type[BaseModel] = Recipe) -> list[str]:
+    """The valid keys of the section that holds `loc`'s last key (for 'did you mean')."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(path: Path, err: dict) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "<top>"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"{path}: unknown key '{where}': {hint}"
+    if err["type"] == "missing":
+        return f"{path}: missing required key '{where}': add it"
+    return f"{path}: {where}: {err['msg']} (got {err.get('input')!r}): fix this value"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found: pass the path to a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping with keys name, version, model, ...")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_describe(path, exc.errors()[0])) from exc
+    if recipe.data.path is not None and not recipe.data.path.is_absolute():
+        recipe = recipe.model_copy(
+            update={"data": recipe.data.model_copy(update={"path": (path.parent / recipe.data.path).resolve()})}
+        )
+    return recipe

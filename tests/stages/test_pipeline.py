@@ -1,0 +1,98 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hstu_opt import bundle, pipeline
+from hstu_opt.errors import BuildLocked
+from hstu_opt.recipe import load_recipe
+from hstu_opt.stages import STAGES
+
+
+def _edit(path: Path, section: str, key: str, value) -> None:
+    raw = yaml.safe_load(path.read_text())
+    raw.setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(raw))
+
+
+def test_rerun_is_cached_and_a_changed_section_reruns_only_downstream(micro_recipe, tmp_path, reporter):
+    root = tmp_path / "out"
+    recipe = load_recipe(micro_recipe)
+    names = [s.name for s in pipeline.resolve(recipe)]
+    pipeline.build(recipe, root, reporter)
+    assert reporter.ran() == names
+
+    reporter.events.clear()
+    pipeline.build(recipe, root, reporter)
+    assert reporter.ran() == [] and reporter.cached() == names
+
+    # the train section changes train-stub and, through its output, everything after it
+    reporter.events.clear()
+    _edit(micro_recipe, "train", "lr", 0.001)
+    pipeline.build(load_recipe(micro_recipe), root, reporter)
+    assert reporter.ran()[0] == "train-stub"
+
+
+def test_interrupted_stage_leaves_no_bundle_and_no_cache_entry(micro_recipe, tmp_path, reporter, monkeypatch):
+    root = tmp_path / "out"
+    recipe = load_recipe(micro_recipe)
+    first = STAGES[0]
+
+    def boom(self, ctx):
+        (ctx.out_dir / "half-written.bin").write_bytes(b"x" * 100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(first), "run", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.build(recipe, root, reporter)
+    assert not bundle.bundle_dir(root, recipe).exists()
+    leftovers = [p for p in (root / ".cache").rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_lock_stops_a_second_build(micro_recipe, tmp_path, reporter):
+    from filelock import FileLock
+
+    root = tmp_path / "out"
+    recipe = load_recipe(micro_recipe)
+    target = bundle.bundle_dir(root, recipe)
+    target.parent.mkdir(parents=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        with pytest.raises(BuildLocked, match="another build"):
+            pipeline.build(recipe, root, reporter)
+
+
+def test_manifest_and_verify_catches_one_flipped_byte(micro_recipe, tmp_path, reporter):
+    root = tmp_path / "out"
+    recipe = load_recipe(micro_recipe)
+    path, results = pipeline.build(recipe, root, reporter)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["recipe"]["name"] == "micro"
+    assert {"python", "torch", "onnx", "onnxruntime", "triton", "cuda", "gpu"} <= set(manifest["toolchain"])
+    train = manifest["stages"]["train-stub"]
+    assert len(train["key"]) == 64 and "checkpoint/model.safetensors" in train["outputs"]
+    assert bundle.verify(path) == []
+
+    victim = path / "train-stub" / "checkpoint" / "model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    os.unlink(victim)  # break the hard link so the cache keeps its good copy
+    victim.write_bytes(bytes(data))
+    assert bundle.verify(path) == ["checksum mismatch: train-stub/checkpoint/model.safetensors"]
+
+    victim.unlink()
+    assert bundle.verify(path) == ["missing: train-stub/checkpoint/model.safetensors"]
+
+
+def test_a_corrupted_cache_entry_is_rebuilt(micro_recipe, tmp_path, reporter):
+    root = tmp_path / "out"
+    recipe = load_recipe(micro_recipe)
+    _, results = pipeline.build(recipe, root, reporter)
+    metrics = results[0].path / "metrics.json"
+    os.chmod(metrics, 0o644)
+    metrics.write_text("{}")
+    reporter.events.clear()
+    pipeline.build(recipe, root, reporter)
+    assert reporter.ran()[0] == "train-stub"
