@@ -67,8 +67,9 @@ class HstuModel(nn.Module):
         return states, layout
 
     def ranking_logits(self, target_states: Tensor, cand_ids: Tensor) -> Tensor:
-        # The head is tiny next to the trunk: it runs in float32 whatever the trunk's dtype.
-        return self.ranking(target_states.float(), self.item_embedding(cand_ids).float())
+        # The head runs in its own parameters' dtype (float32 when training a bf16 trunk); logits in float32.
+        dt = self.ranking.mlp[0].weight.dtype
+        return self.ranking(target_states.to(dt), self.item_embedding(cand_ids).to(dt)).float()
 
     # ---- padded: the engine contract --------------------------------------------------------
     def _padded_states(self, hist_ids, hist_ratings, hist_timestamps, hist_lengths, cand_ids, num_candidates,
@@ -76,7 +77,7 @@ class HstuModel(nn.Module):
         C = self.cfg.contextual_len
         B = hist_ids.shape[0]
         ctx = contextual_ids if C > 0 else hist_ids[:, :0]
-        layout = Padded(hist_lengths, num_candidates, hist_ids.shape[1], cand_ids.shape[1], C)
+        layout = Padded(hist_lengths, num_candidates, hist_ids.shape[1], cand_ids.shape[1], self.cfg)
         ids = torch.cat([ctx, hist_ids, cand_ids], dim=1)
         ratings = torch.cat([torch.zeros_like(ctx), hist_ratings, torch.zeros_like(cand_ids)], dim=1)
         qt = query_time[:, None]

@@ -16,7 +16,7 @@ from torch import Tensor
 from hstu_opt import ops
 from hstu_opt.model.config import HstuConfig
 from hstu_opt.ops import Impl
-from hstu_opt.ops.hstu_attention.reference import row_ids
+from hstu_opt.ops.hstu_attention.reference import attention_mask, row_ids
 
 
 class Jagged:
@@ -44,8 +44,9 @@ class Jagged:
 
 
 class Padded:
-    def __init__(self, hist_lengths: Tensor, num_candidates: Tensor, n_hist: Tensor | int, n_cand: Tensor | int, contextual_len: int):
-        C = contextual_len
+    def __init__(self, hist_lengths: Tensor, num_candidates: Tensor, n_hist: Tensor | int, n_cand: Tensor | int,
+                 cfg: HstuConfig):
+        C = cfg.contextual_len
         device = hist_lengths.device
         ctx = torch.arange(C, device=device)
         hist = torch.arange(n_hist, device=device)
@@ -61,6 +62,7 @@ class Padded:
         self.seq_len = C + hl + nc
         self.hist_end = C + hl
         self.ids, self.is_target = row_ids(self.pos, self.seq_len, nc, C)
+        self.mask = attention_mask(self.ids, self.is_target, self.valid, cfg.max_attn_len)  # [B, n, n], shared by all layers
         self.hist_lengths = hist_lengths
         self.contextual_len = C
         self.n_cand_start = C + n_hist
@@ -69,7 +71,4 @@ class Padded:
         return per_user[:, None]
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, cfg: HstuConfig, impl: Impl) -> Tensor:
-        return ops.hstu_attention_dense(
-            q, k, v, self.ids, self.is_target, self.valid, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
-            max_attn_len=cfg.max_attn_len, impl=impl,
-        )
+        return ops.hstu_attention_dense(q, k, v, self.mask, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha, impl=impl)

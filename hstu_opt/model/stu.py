@@ -14,9 +14,22 @@ from hstu_opt.model.config import HstuConfig
 from hstu_opt.ops import Impl
 
 
+class Attention(nn.Module):
+    """No parameters: a named scope, so exported graphs mark each layer's attention subgraph
+    (`layers.<i>.attention`), which the fuse stage replaces with one HstuAttention node."""
+
+    def __init__(self, cfg: HstuConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, layout, impl: Impl) -> Tensor:
+        return layout.attention(q, k, v, self.cfg, impl)
+
+
 class STULayer(nn.Module):
     def __init__(self, cfg: HstuConfig):
         super().__init__()
+        self.attention = Attention(cfg)
         D, H, dqk, dv = cfg.embedding_dim, cfg.num_heads, cfg.attention_dim, cfg.linear_dim
         self.cfg = cfg
         self.uvqk_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(D, H * (2 * dv + 2 * dqk))))
@@ -43,7 +56,7 @@ class STULayer(nn.Module):
     def forward(self, x: Tensor, layout, dropout: float = 0.0, impl: Impl = Impl.REFERENCE) -> tuple[Tensor, Tensor, Tensor]:
         """x: [L, D] or [B, n, D] -> (x_next, k, v); k and v are what a KV cache keeps."""
         u, q, k, v = self.project(x, impl)
-        a = layout.attention(q, k, v, self.cfg, impl)  # [..., H, dv]
+        a = self.attention(q, k, v, layout, impl)  # [..., H, dv]
         return self.finish(u, a, x, dropout, impl), k, v
 
     def forward_cached(

@@ -2,7 +2,7 @@
 
 Three entry points, one math (reference.py):
   hstu_attention         jagged q/k/v [L, H, d] + offsets [B+1] + num_targets [B]
-  hstu_attention_dense   padded q/k/v [B, n, H, d] + per-row ids / is_target / valid (the exportable form)
+  hstu_attention_dense   padded q/k/v [B, n, H, d] + a [B, n, n] mask built once per batch (the exportable form)
   cached_hstu_attention  jagged new rows attend to their user's cached K/V plus themselves (M-FALCON)
 """
 
@@ -35,18 +35,15 @@ def hstu_attention_dense(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    ids: Tensor,
-    is_target: Tensor,
-    valid: Tensor,
+    mask: Tensor,
     *,
     max_seq_len: int,
     alpha: float,
-    max_attn_len: int = 0,
     impl: Impl = Impl.REFERENCE,
 ) -> Tensor:
-    """q, k: [B, n, H, dqk]; v: [B, n, H, dv]; ids/is_target/valid: [B, n] (see reference.row_ids)."""
+    """q, k: [B, n, H, dqk]; v: [B, n, H, dv]; mask: [B, n, n] bool (reference.attention_mask)."""
     fn = TABLE.get(impl, "hstu_attention_dense")
-    return fn(q, k, v, ids, is_target, valid, max_seq_len, alpha, max_attn_len)
+    return fn(q, k, v, mask, max_seq_len, alpha)
 
 
 def cached_hstu_attention(

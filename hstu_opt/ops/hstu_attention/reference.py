@@ -40,16 +40,17 @@ def attention_mask(ids: Tensor, is_target: Tensor, valid: Tensor, max_attn_len: 
 
 
 @TABLE.register(Impl.REFERENCE)
-def hstu_attention_dense(
-    q: Tensor, k: Tensor, v: Tensor, ids: Tensor, is_target: Tensor, valid: Tensor, max_seq_len: int, alpha: float, max_attn_len: int
-) -> Tensor:
+def hstu_attention_dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, max_seq_len: int, alpha: float) -> Tensor:
+    # Written with MatMul + Transpose (not einsum) so the ONNX graph is plain MatMuls that
+    # quantizers and engine builders know.
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    scores = torch.einsum("bihd,bjhd->bhij", qc, kc) * alpha  # [B, H, n, n]
+    qt = q.to(compute).transpose(1, 2)  # [B, H, n, dqk]
+    kt = k.to(compute).permute(0, 2, 3, 1)  # [B, H, dqk, n]
+    vt = v.to(compute).transpose(1, 2)  # [B, H, n, dv]
+    scores = torch.matmul(qt, kt) * alpha  # [B, H, n, n]
     weights = F.silu(scores) / max_seq_len
-    mask = attention_mask(ids, is_target, valid, max_attn_len)[:, None]  # [B, 1, n, n]
-    weights = torch.where(mask, weights, torch.zeros((), dtype=compute, device=q.device))
-    return torch.einsum("bhij,bjhd->bihd", weights, vc).to(q.dtype)  # [B, n, H, dv]
+    weights = torch.where(mask[:, None], weights, torch.zeros((), dtype=compute, device=q.device))
+    return torch.matmul(weights, vt).transpose(1, 2).to(q.dtype)  # [B, n, H, dv]
 
 
 def _jagged_index(offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,8 +91,8 @@ def hstu_attention(
 
     slot = torch.arange(n, device=q.device)[None, :]  # [1, n]
     ids, is_target = row_ids(slot, lengths[:, None], num_targets[:, None], contextual_len)
-    valid = slot < lengths[:, None]
-    dense = hstu_attention_dense(pad(q), pad(k), pad(v), ids, is_target, valid, max_seq_len, alpha, max_attn_len)
+    mask = attention_mask(ids, is_target, slot < lengths[:, None], max_attn_len)
+    dense = hstu_attention_dense(pad(q), pad(k), pad(v), mask, max_seq_len, alpha)
     return dense[user, pos]
 
 
