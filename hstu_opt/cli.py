@@ -19,7 +19,7 @@ from rich.table import Table
 
 from hstu_opt.errors import HstuOptError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn an HSTU checkpoint into a versioned engine bundle.")
 console = Console(stderr=False)
 err_console = Console(stderr=True)

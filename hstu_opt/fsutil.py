@@ -34,6 +34,7 @@ def write_json_atomic(path: Path, data: object) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; bundles are read by other users and CI
     os.replace(tmp, path)
 
 

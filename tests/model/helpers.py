@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from hstu_opt.data.batching import padded_batch
+from hstu_opt.data.requests import random_requests as _random_requests
 from hstu_opt.model import HstuConfig, HstuModel
 
 
@@ -18,14 +18,7 @@ def tiny_model(C=0, window=0, D=50, H=2, dqk=25, dv=25, dtype="float32", seed=0)
 
 
 def random_requests(B, C, rng, max_hist=30, max_cand=6, num_items=60):
-    hist, cands = [], []
-    for _ in range(B):
-        n = int(rng.integers(1, max_hist + 1))
-        ts = np.sort(rng.integers(1_000_000, 2_000_000, n))
-        hist.append((rng.integers(1, num_items + 1, n), rng.integers(1, 6, n), ts))
-        cands.append(rng.integers(1, num_items + 1, int(rng.integers(1, max_cand + 1))))
-    qt = np.array([h[2][-1] + int(rng.integers(0, 100_000)) for h in hist])
-    return padded_batch(hist, cands, qt, rng.integers(1, 10, (B, C)))
+    return _random_requests(rng, B, max_hist, max_cand, num_items=num_items, contextual_len=C, contextual_cardinality=9)
 
 
 def jagged_from_padded(batch, C):

@@ -1,0 +1,89 @@
+"""PyTorch eager: the reference every engine is compared and benchmarked against."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from hstu_opt.model.hstu import HstuModel
+from hstu_opt.model.scoring import to_tensors
+
+RANKING_OUTPUTS = ("probs",)
+RETRIEVAL_OUTPUTS = ("query_embedding",)
+
+
+class RankingGraph(nn.Module):
+    """model.rank with the engine contract as positional inputs (what export traces)."""
+
+    def __init__(self, model: HstuModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hist_ids, hist_ratings, hist_timestamps, hist_lengths, cand_ids, num_candidates, query_time,
+                contextual_ids=None):
+        return self.model.rank(hist_ids, hist_ratings, hist_timestamps, hist_lengths, cand_ids, num_candidates,
+                               query_time, contextual_ids)
+
+
+class RetrievalGraph(nn.Module):
+    def __init__(self, model: HstuModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hist_ids, hist_ratings, hist_timestamps, hist_lengths, query_time, contextual_ids=None):
+        return self.model.retrieve(hist_ids, hist_ratings, hist_timestamps, hist_lengths, query_time, contextual_ids)
+
+
+def graph_module(model: HstuModel, kind: str) -> nn.Module:
+    return (RankingGraph if kind == "ranking" else RetrievalGraph)(model).eval()
+
+
+def output_names(kind: str) -> tuple[str, ...]:
+    return RANKING_OUTPUTS if kind == "ranking" else RETRIEVAL_OUTPUTS
+
+
+class EagerRunner:
+    """Runs a graph module on a feed dict; also a polygraphy runner (see as_polygraphy)."""
+
+    def __init__(self, module: nn.Module, kind: str):
+        self.module, self.kind = module, kind
+
+    @torch.no_grad()
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.module(**to_tensors(feed))
+        return {output_names(self.kind)[0]: out.float().numpy()}
+
+    def as_polygraphy(self, onnx_path, name: str = "pytorch-eager"):
+        """A polygraphy runner; input metadata (names, dtypes, dynamic shapes) come from the exported graph."""
+        import onnx
+        from polygraphy.backend.base import BaseRunner
+        from polygraphy.backend.onnx import util as onnx_util
+
+        metadata = onnx_util.get_input_metadata(onnx.load(str(onnx_path), load_external_data=False).graph)
+
+        outer = self
+
+        class _Runner(BaseRunner):
+            def __init__(self):
+                super().__init__(name=name, prefix="pytorch-eager")
+
+            def activate_impl(self):
+                pass
+
+            def deactivate_impl(self):
+                pass
+
+            def get_input_metadata_impl(self):
+                return metadata
+
+            def infer_impl(self, feed_dict):
+                t0 = time.perf_counter()
+                out = outer.run(dict(feed_dict))
+                self.inference_time = time.perf_counter() - t0
+                return OrderedDict(out)
+
+        return _Runner()

@@ -1,0 +1,164 @@
+"""calibrate-int8: explicit (Q/DQ) INT8 that TensorRT accepts, with a per-MatMul sensitivity pass and an
+accuracy report on the held-out split.
+
+Rules: Q/DQ only on MatMul/Gemm inputs; symmetric int8 activations and per-channel symmetric int8 weights
+(every zero-point 0). Calibration data are real user histories (the validation split), never random
+tensors. A MatMul whose quantization alone moves the graph output by more than
+quantize.sensitivity_threshold (relative L2) stays in float, and the report says so.
+Outputs: model.int8.onnx, retrieval.int8.onnx, sensitivity.json, accuracy.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from hstu_opt._lazy import require
+from hstu_opt.backends import onnxruntime as ort_backend
+from hstu_opt.data.metrics import evaluate
+from hstu_opt.data.sequences import load_sequences
+from hstu_opt.data.splits import leave_one_out
+from hstu_opt.errors import StageError
+from hstu_opt.fsutil import write_json_atomic
+from hstu_opt.stages.base import Stage, StageContext
+from hstu_opt.stages.export_onnx import GRAPH_FILES
+
+INT8_FILES = {"ranking": "model.int8.onnx", "retrieval": "retrieval.int8.onnx"}
+QUANTIZED_OPS = ["MatMul", "Gemm"]
+
+
+def _quantize(src: Path, dst: Path, feeds: list[dict], method: str, percentile: float, cache: Path,
+              nodes: list[str] | None = None) -> None:
+    q = require("onnxruntime.quantization", backend="calibrate-int8", extra="onnx")
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+               "percentile": q.CalibrationMethod.Percentile}
+    # The quantizer prints progress and logs a pre-processing hint on the root logger for every call.
+    with contextlib.redirect_stdout(io.StringIO()), _root_log_level(logging.ERROR):
+        _quantize_static(q, src, dst, Reader(), methods[method], percentile, cache, nodes)
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int):
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
+
+
+def _quantize_static(q, src, dst, reader, method, percentile, cache, nodes) -> None:
+    q.quantize_static(
+        str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
+        nodes_to_quantize=nodes, per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+        calibrate_method=method, calibration_cache_path=str(cache),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": percentile},
+    )
+
+
+def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
+    sess = ort_backend.session(path)
+    return [sess.run(None, f)[0] for f in feeds]
+
+
+def _rel_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    num = sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b))
+    den = sum(float(np.sum(y.astype(np.float64) ** 2)) for y in b)
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def matmul_nodes(path: Path) -> list[str]:
+    onnx = require("onnx", backend="calibrate-int8", extra="onnx")
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in QUANTIZED_OPS]
+
+
+def quantize_graph(src: Path, dst: Path, feeds: list[dict], section, work: Path) -> dict:
+    """Calibrate once, measure each MatMul alone, then quantize every MatMul under the threshold."""
+    cache = work / f"{src.stem}.calibration.json"
+    _quantize(src, work / "all.onnx", feeds, section.method, section.percentile, cache)  # fills the cache
+    reference = _outputs(src, feeds)
+    sensitivity = []
+    for name in matmul_nodes(src):
+        _quantize(src, work / "one.onnx", feeds, section.method, section.percentile, cache, nodes=[name])
+        err = _rel_error(_outputs(work / "one.onnx", feeds), reference)
+        keep = err <= section.sensitivity_threshold
+        sensitivity.append({"node": name, "rel_error": err, "quantized": keep,
+                            "why": "" if keep else f"rel error {err:.2e} > threshold {section.sensitivity_threshold:.1e}"})
+    chosen = [s["node"] for s in sensitivity if s["quantized"]]
+    if not chosen:
+        raise StageError(f"calibrate-int8: every MatMul of {src.name} exceeds quantize.sensitivity_threshold="
+                         f"{section.sensitivity_threshold}: raise it or disable quantize")
+    _quantize(src, dst, feeds, section.method, section.percentile, cache, nodes=chosen)
+    err = _rel_error(_outputs(dst, feeds), reference)
+    return {"sensitivity": sensitivity, "quantized": len(chosen), "kept_float": len(sensitivity) - len(chosen),
+            "calibration_rel_error": err, "calibration": json.loads(cache.read_text()) if cache.is_file() else None}
+
+
+def relative_drop(fp32: float, int8: float) -> float:
+    return (fp32 - int8) / fp32 if fp32 else 0.0
+
+
+class CalibrateInt8(Stage):
+    name = "calibrate-int8"
+    version = 1
+    sections = ("quantize", "data", "model")
+    inputs = ("train-stub", "export-onnx")
+
+    def enabled(self, recipe) -> bool:
+        return recipe.quantize.enabled
+
+    def run(self, ctx: StageContext) -> dict:
+        recipe, src = ctx.recipe, ctx.inputs["export-onnx"]
+        section, tasks = recipe.quantize, recipe.model.ranking_tasks
+        seqs = load_sequences(recipe.data, recipe.model.contextual_len)
+        split = dict(max_history=recipe.model.max_history_len, num_negatives=recipe.train.eval_negatives, tasks=tasks,
+                     seed=recipe.data.seed)
+        calib = leave_one_out(seqs, "val", max_users=section.calibration_users, **split)
+        batches = [b for _, b in calib.batches(32)]
+        feeds = {"ranking": [b.ranking_feed() for b in batches], "retrieval": [b.retrieval_feed() for b in batches]}
+        report = {}
+        with ctx.reporter.task("calibrate-int8: calibrating and measuring sensitivity", 2) as advance, \
+                tempfile.TemporaryDirectory() as work:
+            for kind in ("ranking", "retrieval"):
+                report[kind] = quantize_graph(src / GRAPH_FILES[kind], ctx.out_dir / INT8_FILES[kind], feeds[kind],
+                                              section, Path(work))
+                advance(1)
+        table = np.load(src / "item_embeddings.npy")
+        test = leave_one_out(seqs, "test", **split)
+        with ctx.reporter.task("calibrate-int8: accuracy on the held-out split", None):
+            fp32 = evaluate(test, ort_backend.OrtScorer(src / GRAPH_FILES["ranking"], src / GRAPH_FILES["retrieval"], table), tasks)
+            int8 = evaluate(test, ort_backend.OrtScorer(ctx.out_dir / INT8_FILES["ranking"],
+                                                        ctx.out_dir / INT8_FILES["retrieval"], table), tasks)
+        drops = {k: relative_drop(fp32[k], int8[k]) for k in fp32 if k.startswith(("ndcg", "auc"))}
+        accuracy = {"fp32": fp32, "int8": int8, "relative_drop": drops, "bar": section.max_relative_drop,
+                    "within_bar": all(d <= section.max_relative_drop for d in drops.values()),
+                    "split": "test (leave-one-out)", "calibration": f"{len(calib.users)} users of the validation split",
+                    "method": section.method}
+        write_json_atomic(ctx.out_dir / "accuracy.json", accuracy)
+        write_json_atomic(ctx.out_dir / "sensitivity.json", report)
+        worst = max(drops.values())
+        quantized = sum(r["quantized"] for r in report.values())
+        total = quantized + sum(r["kept_float"] for r in report.values())
+        return {
+            "accuracy": accuracy, "quantized_matmuls": quantized, "matmuls": total,
+            "headline": f"{quantized}/{total} MatMuls int8 ({section.method}); worst relative drop {worst:+.2%} "
+                        f"({'within' if accuracy['within_bar'] else 'OVER'} the {section.max_relative_drop:.0%} bar)",
+            "tables": [{"title": "INT8 vs FP32 (onnxruntime, held-out test split)",
+                        "columns": ["metric", "fp32", "int8", "relative drop"],
+                        "rows": [[k, fp32[k], int8[k], f"{drops[k]:+.2%}" if k in drops else ""] for k in fp32]}],
+        }
