@@ -50,7 +50,7 @@ def resolve(recipe: Recipe, until: str | None = None) -> list[Stage]:
     enabled = [s for s in chosen if s.enabled(recipe)]
     have = {s.name for s in enabled}
     for s in enabled:
-        missing = [i for i in s.inputs if i not in have]
+        missing = [i for i in s.input_stages(recipe) if i not in have]
         if missing:
             raise StageError(f"stage '{s.name}' needs {missing}, which the recipe disables: enable them")
     return enabled
@@ -100,14 +100,14 @@ def run_stages(recipe: Recipe, root: Path, reporter: Reporter, until: str | None
                force: tuple[str, ...] = ()) -> list[StageResult]:
     results: dict[str, StageResult] = {}
     for stage in resolve(recipe, until):
-        input_digests = {name: results[name].digest for name in stage.inputs}
+        input_digests = {name: results[name].digest for name in stage.input_stages(recipe)}
         key = cache_key(stage, recipe, input_digests)
         entry = root / ".cache" / stage.name / key
         reporter.stage_started(stage.name)
         saved = None if stage.name in force else _load_cached(entry)
         cached = saved is not None
         if saved is None:
-            saved, _ = _run_stage(stage, recipe, key, {n: results[n].path for n in stage.inputs},
+            saved, _ = _run_stage(stage, recipe, key, {n: results[n].path for n in input_digests},
                                   root / ".cache" / stage.name, reporter)
         seconds = 0.0 if cached else saved["seconds"]
         results[stage.name] = StageResult(stage, key, cached, seconds, saved["outputs"], digest_of(saved["outputs"]),

@@ -37,5 +37,9 @@ class Stage:
     def enabled(self, recipe: Recipe) -> bool:
         return True
 
+    def input_stages(self, recipe: Recipe) -> tuple[str, ...]:
+        """Upstream stages read with this recipe (a stage may use an optional one only when it is enabled)."""
+        return self.inputs
+
     def run(self, ctx: StageContext) -> dict[str, Any]:
         raise NotImplementedError  # each stage module overrides this

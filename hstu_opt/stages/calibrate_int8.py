@@ -67,7 +67,9 @@ def _quantize_static(q, src, dst, reader, method, percentile, cache, nodes) -> N
         str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
         nodes_to_quantize=nodes, per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
         calibrate_method=method, calibration_cache_path=str(cache),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": percentile},
+        # Bias stays float: TensorRT rejects int32 DequantizeLinear inputs.
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": percentile,
+                       "QuantizeBias": False},
     )
 
 
@@ -115,7 +117,7 @@ def relative_drop(fp32: float, int8: float) -> float:
 
 class CalibrateInt8(Stage):
     name = "calibrate-int8"
-    version = 1
+    version = 2  # 2: biases stay float (TensorRT rejects int32 DequantizeLinear)
     sections = ("quantize", "data", "model")
     inputs = ("train-stub", "export-onnx")
 

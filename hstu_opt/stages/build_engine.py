@@ -1,0 +1,101 @@
+"""build-engine: one engine set per backend in engine.backends, each through its backend module.
+
+  onnxruntime  fp32 (from export-onnx) and int8 (from calibrate-int8), ranking and retrieval
+  tensorrt     plans from the unfused fp32 graph and the Q/DQ graph; the fused graph only when an
+               HstuAttention plugin is registered (otherwise the record says why it was skipped)
+Outputs: <backend>/... and engines.json.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hstu_opt.backends import onnxruntime as ort_backend
+from hstu_opt.backends import tensorrt as trt_backend
+from hstu_opt.errors import StageError
+from hstu_opt.fsutil import write_json_atomic
+from hstu_opt.stages.base import Stage, StageContext
+from hstu_opt.stages.calibrate_int8 import INT8_FILES
+from hstu_opt.stages.export_onnx import GRAPH_FILES
+from hstu_opt.stages.fuse import FUSED_FILES, OP
+
+
+def check_profile(recipe, limits: dict) -> None:
+    prof = recipe.engine.profile
+    for axis, (lo, hi) in {"batch": limits["batch"], "history": limits["history"],
+                           "candidates": limits["candidates"]}.items():
+        mn, opt, mx = getattr(prof, axis)
+        if not (lo <= mn <= opt <= mx <= hi):
+            raise StageError(f"engine.profile.{axis}=({mn}, {opt}, {mx}) must satisfy {lo} <= min <= opt <= max <= {hi} "
+                             "(the exported graph's limits): fix the recipe")
+
+
+class BuildEngine(Stage):
+    name = "build-engine"
+    version = 1
+    sections = ("engine",)
+    inputs = ("export-onnx", "fuse", "calibrate-int8")
+
+    def input_stages(self, recipe) -> tuple[str, ...]:
+        optional = {"fuse": recipe.fuse.attention_plugin, "calibrate-int8": recipe.quantize.enabled}
+        return tuple(s for s in self.inputs if optional.get(s, True))
+
+    def run(self, ctx: StageContext) -> dict:
+        recipe = ctx.recipe
+        contract = json.loads((ctx.inputs["export-onnx"] / "contract.json").read_text())
+        check_profile(recipe, contract["limits"])
+        sources = self._sources(ctx, contract)
+        engines: dict[str, dict] = {}
+        with ctx.reporter.task("build-engine", len(recipe.engine.backends)) as advance:
+            for backend in recipe.engine.backends:
+                build = {"onnxruntime": self._onnxruntime, "tensorrt": self._tensorrt}[backend]
+                engines[backend] = build(ctx, sources, contract)
+                advance(1)
+        write_json_atomic(ctx.out_dir / "engines.json", engines)
+        built = [f"{b}:{n}" for b, e in engines.items() for n, d in e.items() if "skipped" not in d]
+        skipped = [f"{b}:{n}" for b, e in engines.items() for n, d in e.items() if "skipped" in d]
+        headline = f"{len(built)} engines ({', '.join(built)})" + (f"; skipped {', '.join(skipped)}" if skipped else "")
+        return {"engines": engines, "headline": headline}
+
+    @staticmethod
+    def _sources(ctx: StageContext, contract: dict) -> dict[str, dict]:
+        """precision -> graph kind -> ONNX path."""
+        exp = ctx.inputs["export-onnx"]
+        out = {"fp32": {k: exp / GRAPH_FILES[k] for k in contract["graphs"]}}
+        if "calibrate-int8" in ctx.inputs:
+            out["int8"] = {k: ctx.inputs["calibrate-int8"] / INT8_FILES[k] for k in contract["graphs"]}
+        if "fuse" in ctx.inputs:
+            out["fused"] = {k: ctx.inputs["fuse"] / FUSED_FILES[k] for k in contract["graphs"]}
+        return out
+
+    @staticmethod
+    def _onnxruntime(ctx: StageContext, sources: dict, contract: dict) -> dict:
+        out = {}
+        for precision in ("fp32", "int8"):
+            for kind, path in sources.get(precision, {}).items():
+                out[f"{kind}.{precision}"] = ort_backend.build(path, ctx.out_dir / "onnxruntime", f"{kind}.{precision}",
+                                                               ctx.recipe.engine.intra_op_threads)
+        return out
+
+    @staticmethod
+    def _tensorrt(ctx: StageContext, sources: dict, contract: dict) -> dict:
+        recipe = ctx.recipe
+        trt = trt_backend.trt_module()
+        out = {}
+        C = contract["limits"]["contextual_len"]
+        for precision in ("fp32", "int8"):
+            if precision in sources:
+                path = sources[precision]["ranking"]
+                out[f"ranking.{precision}"] = trt_backend.build(path, ctx.out_dir / "tensorrt", f"ranking.{precision}",
+                                                                recipe.engine, C)
+        if "fused" in sources:
+            if trt_backend.plugin_registered(trt, OP, recipe.fuse.plugin_version, recipe.fuse.plugin_namespace):
+                out["ranking.fused"] = trt_backend.build(sources["fused"]["ranking"], ctx.out_dir / "tensorrt",
+                                                         "ranking.fused", recipe.engine, C)
+            else:
+                out["ranking.fused"] = {"skipped": (
+                    f"no TensorRT plugin '{OP}' version {recipe.fuse.plugin_version} (namespace "
+                    f"'{recipe.fuse.plugin_namespace}') is registered with {trt.__name__} {trt.__version__}; without it "
+                    "the ONNX parser would inline the model-local function, i.e. build the unfused math. The plugin "
+                    "(plugins/HstuAttention) is not built yet")}
+        return out
