@@ -21,7 +21,7 @@ from hstu_opt.errors import HstuOptError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn an HSTU checkpoint into a versioned engine bundle.")
-console = Console(stderr=False)
+console = Console(stderr=False, soft_wrap=True)  # status lines stay whole in CI logs (no hard wrap at 80)
 err_console = Console(stderr=True)
 _state = {"debug": False}
 

@@ -125,6 +125,7 @@ class QuantizeSection(Section):
     percentile: float = Field(99.99, gt=90, le=100)
     calibration_users: int = Field(256, ge=1)
     sensitivity_threshold: float = Field(0.005, ge=0, description="max relative output error per MatMul")
+    activation_matmuls: bool = Field(False, description="also quantize activation x activation MatMuls (attention)")
     max_relative_drop: float = Field(0.01, ge=0, description="bar on NDCG@10 and each AUC")
 
 

@@ -66,6 +66,7 @@ data:
   source: synthetic
   synthetic: {num_users: 40, num_items: 60, min_len: 5, max_len: 24, num_clusters: 4}
 train: {epochs: 1, batch_size: 16, num_negatives: 16, ranking_negatives: 2, eval_negatives: 3}
+bench: {batch_sizes: [1, 4], history_lengths: [24], candidates: [4], warmup: 1, repeats: 5}
 """
 
 

@@ -27,7 +27,11 @@ def compare(runners: list, feeds: list[dict[str, np.ndarray]], rtol: float, atol
     G_LOGGER.module_severity = G_LOGGER.ERROR
     G_LOGGER.colors = False
     results = Comparator.run(runners, data_loader=feeds)
-    passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol)))
+    try:  # polygraphy >= 0.53; CompareFunc.simple before (deprecated since)
+        from polygraphy.comparator.compare import SimpleCompareFunc as simple
+    except ImportError:
+        simple = CompareFunc.simple
+    passed = bool(Comparator.compare_accuracy(results, compare_func=simple(rtol=rtol, atol=atol)))
     (ref_name, ref_iters), *others = results.items()
     worst = {}
     for name, iters in others:

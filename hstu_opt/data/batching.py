@@ -104,10 +104,10 @@ def pad_rows(rows: list[np.ndarray], width: int | None = None) -> np.ndarray:
 
 
 def padded_batch(hist: list[tuple[np.ndarray, np.ndarray, np.ndarray]], cands: list[np.ndarray],
-                 query_time: np.ndarray, contextual: np.ndarray) -> PaddedBatch:
+                 query_time: np.ndarray, contextual: np.ndarray, hist_width: int | None = None) -> PaddedBatch:
     return PaddedBatch(
-        hist_ids=pad_rows([h[0] for h in hist]), hist_ratings=pad_rows([h[1] for h in hist]),
-        hist_timestamps=pad_rows([h[2] for h in hist]), hist_lengths=np.array([len(h[0]) for h in hist], np.int64),
+        hist_ids=pad_rows([h[0] for h in hist], hist_width), hist_ratings=pad_rows([h[1] for h in hist], hist_width),
+        hist_timestamps=pad_rows([h[2] for h in hist], hist_width), hist_lengths=np.array([len(h[0]) for h in hist], np.int64),
         cand_ids=pad_rows(cands), num_candidates=np.array([len(c) for c in cands], np.int64),
         query_time=np.asarray(query_time, np.int64), contextual_ids=np.asarray(contextual, np.int64),
     )

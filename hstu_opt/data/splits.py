@@ -22,7 +22,9 @@ class EvalSet:
     split: str
     max_history: int
 
-    def batches(self, batch_size: int) -> Iterator[tuple[slice, PaddedBatch]]:
+    def batches(self, batch_size: int, hist_width: int | None = None) -> Iterator[tuple[slice, PaddedBatch]]:
+        """Batches of the padded contract; `hist_width` pads every history to that width (calibrators
+        that stack batches need one shape)."""
         back = 1 if self.split == "test" else 2
         for start in range(0, len(self.users), batch_size):
             sl = slice(start, start + batch_size)
@@ -32,7 +34,8 @@ class EvalSet:
                 lo = max(0, end - self.max_history)
                 hist.append((self.seqs.items[u][lo:end], self.seqs.ratings[u][lo:end], self.seqs.timestamps[u][lo:end]))
                 qt.append(self.seqs.timestamps[u][end])
-            yield sl, padded_batch(hist, list(self.cands[sl]), np.array(qt), self.seqs.contextual[self.users[sl]])
+            yield sl, padded_batch(hist, list(self.cands[sl]), np.array(qt), self.seqs.contextual[self.users[sl]],
+                                   hist_width=hist_width)
 
 
 def leave_one_out(seqs: Sequences, split: Literal["val", "test"], *, max_history: int, num_negatives: int,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from hstu_opt.recipe import ModelSection
+if TYPE_CHECKING:  # the model itself needs no recipe (or pydantic): it also runs where only torch is
+    from hstu_opt.recipe import ModelSection
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,7 +54,7 @@ class HstuConfig:
         return DTYPES[self.dtype]
 
     @classmethod
-    def from_recipe(cls, model: ModelSection, *, num_items: int, num_ratings: int, contextual_cardinality: int) -> "HstuConfig":
+    def from_recipe(cls, model: "ModelSection", *, num_items: int, num_ratings: int, contextual_cardinality: int) -> "HstuConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
         arch = {k: v for k, v in model.model_dump().items() if k in fields}
         return cls(**arch, num_items=num_items, num_ratings=num_ratings, contextual_cardinality=contextual_cardinality)

@@ -61,7 +61,7 @@ class HstuModel(nn.Module):
     def forward_jagged(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, offsets: Tensor, num_targets: Tensor,
                        query_time: Tensor) -> tuple[Tensor, Jagged]:
         """-> (states [L, D], layout). Target rows' states feed the ranking head."""
-        layout = Jagged(offsets, num_targets, self.cfg.contextual_len)
+        layout = Jagged(offsets, num_targets, self.cfg.contextual_len, num_rows=ids.shape[0])
         x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
         states, _, _ = self.trunk(x, layout)
         return states, layout
@@ -108,7 +108,7 @@ class HstuModel(nn.Module):
     @torch.no_grad()
     def prefill(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, offsets: Tensor, query_time: Tensor) -> KVCache:
         """Run [contextual][history] once (no targets) and keep every layer's K and V."""
-        layout = Jagged(offsets, torch.zeros_like(query_time), self.cfg.contextual_len)
+        layout = Jagged(offsets, torch.zeros_like(query_time), self.cfg.contextual_len, num_rows=ids.shape[0])
         x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
         _, keys, values = self.trunk(x, layout)
         return KVCache(keys, values, offsets, query_time)

@@ -20,10 +20,12 @@ from hstu_opt.ops.hstu_attention.reference import attention_mask, row_ids
 
 
 class Jagged:
-    def __init__(self, offsets: Tensor, num_targets: Tensor, contextual_len: int):
+    def __init__(self, offsets: Tensor, num_targets: Tensor, contextual_len: int, num_rows: int | None = None):
         self.offsets, self.num_targets = offsets, num_targets
         lengths = offsets[1:] - offsets[:-1]
-        self.user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)  # [L]
+        # num_rows (= L, known from the values) spares a device->host sync, so the forward can be graph-captured
+        self.user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths,
+                                            output_size=num_rows)  # [L]
         self.pos = torch.arange(self.user.numel(), device=offsets.device) - offsets[self.user]  # [L]
         self.seq_len = lengths[self.user]
         self.hist_end = self.seq_len - num_targets[self.user]

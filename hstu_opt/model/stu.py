@@ -67,6 +67,6 @@ class STULayer(nn.Module):
         u, q, k, v = self.project(x, impl)
         a = ops.cached_hstu_attention(
             q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
-            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, impl=impl,
+            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, max_delta_len=cfg.max_targets, impl=impl,
         )
         return self.finish(u, a, x, 0.0, impl)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.util
 from typing import Callable
 
 from hstu_opt.errors import BackendUnavailable
@@ -36,19 +37,21 @@ class OpTable:
         return deco
 
     def get(self, impl: Impl | str, entry: str) -> Callable:
+        """The `impl` implementation of `entry`. An op that has no such implementation (no file
+        `<op>/<impl>.py`, e.g. no Triton uvqk yet) runs its reference, so a model can ask for Triton
+        everywhere; an implementation that exists but cannot import (Triton not installed) raises."""
         impl = Impl(impl)
         if (impl, entry) not in self._impls:
             module = f"{self._package}.{impl.value}"
+            if importlib.util.find_spec(module) is None:
+                return self._impls[(Impl.REFERENCE, entry)]
             try:
                 importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name and exc.name.startswith(self._package):
-                    raise BackendUnavailable(f"{self.op}:{impl.value}", module, _EXTRA.get(impl, impl.value)) from exc
+            except ImportError as exc:
                 raise BackendUnavailable(f"{self.op}:{impl.value}", exc.name or module, _EXTRA.get(impl, impl.value)) from exc
-        try:
-            return self._impls[(impl, entry)]
-        except KeyError:
-            raise BackendUnavailable(f"{self.op}.{entry}:{impl.value}", f"{self._package}.{impl.value}", _EXTRA.get(impl, impl.value)) from None
+        if (impl, entry) not in self._impls:
+            return self._impls[(Impl.REFERENCE, entry)]
+        return self._impls[(impl, entry)]
 
     def implementations(self) -> list[Impl]:
         return sorted({impl for impl, _ in self._impls}, key=lambda i: i.value)

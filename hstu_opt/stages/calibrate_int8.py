@@ -31,6 +31,7 @@ from hstu_opt.stages.export_onnx import GRAPH_FILES
 
 INT8_FILES = {"ranking": "model.int8.onnx", "retrieval": "retrieval.int8.onnx"}
 QUANTIZED_OPS = ["MatMul", "Gemm"]
+SENSITIVITY_BATCHES = 4  # calibration uses every batch; each per-node error is measured on the first few
 
 
 def _quantize(src: Path, dst: Path, feeds: list[dict], method: str, percentile: float, cache: Path,
@@ -67,9 +68,10 @@ def _quantize_static(q, src, dst, reader, method, percentile, cache, nodes) -> N
         str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
         nodes_to_quantize=nodes, per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
         calibrate_method=method, calibration_cache_path=str(cache),
-        # Bias stays float: TensorRT rejects int32 DequantizeLinear inputs.
+        # Bias stays float (TensorRT rejects int32 DequantizeLinear inputs); MatMul/Gemm outputs stay float
+        # (Q/DQ on inputs only, as TensorRT wants; onnxruntime then fuses into QGemm with a float output).
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": percentile,
-                       "QuantizeBias": False},
+                       "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS},
     )
 
 
@@ -84,20 +86,27 @@ def _rel_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return float(np.sqrt(num / max(den, 1e-30)))
 
 
-def matmul_nodes(path: Path) -> list[str]:
+def matmul_nodes(path: Path, activation_matmuls: bool) -> list[str]:
+    """MatMul/Gemm nodes to consider. By default only those with a weight (an initializer input): the
+    attention's activation x activation MatMuls gain nothing in onnxruntime on a CPU (they run as
+    DequantizeLinear + float MatMul) and are the most sensitive."""
     onnx = require("onnx", backend="calibrate-int8", extra="onnx")
-    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in QUANTIZED_OPS]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in QUANTIZED_OPS
+            and (activation_matmuls or any(i in weights for i in n.input[:2]))]
 
 
 def quantize_graph(src: Path, dst: Path, feeds: list[dict], section, work: Path) -> dict:
     """Calibrate once, measure each MatMul alone, then quantize every MatMul under the threshold."""
     cache = work / f"{src.stem}.calibration.json"
     _quantize(src, work / "all.onnx", feeds, section.method, section.percentile, cache)  # fills the cache
-    reference = _outputs(src, feeds)
+    probe = feeds[:SENSITIVITY_BATCHES]
+    reference = _outputs(src, probe)
     sensitivity = []
-    for name in matmul_nodes(src):
+    for name in matmul_nodes(src, section.activation_matmuls):
         _quantize(src, work / "one.onnx", feeds, section.method, section.percentile, cache, nodes=[name])
-        err = _rel_error(_outputs(work / "one.onnx", feeds), reference)
+        err = _rel_error(_outputs(work / "one.onnx", probe), reference)
         keep = err <= section.sensitivity_threshold
         sensitivity.append({"node": name, "rel_error": err, "quantized": keep,
                             "why": "" if keep else f"rel error {err:.2e} > threshold {section.sensitivity_threshold:.1e}"})
@@ -106,7 +115,7 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], section, work: Path)
         raise StageError(f"calibrate-int8: every MatMul of {src.name} exceeds quantize.sensitivity_threshold="
                          f"{section.sensitivity_threshold}: raise it or disable quantize")
     _quantize(src, dst, feeds, section.method, section.percentile, cache, nodes=chosen)
-    err = _rel_error(_outputs(dst, feeds), reference)
+    err = _rel_error(_outputs(dst, probe), reference)
     return {"sensitivity": sensitivity, "quantized": len(chosen), "kept_float": len(sensitivity) - len(chosen),
             "calibration_rel_error": err, "calibration": json.loads(cache.read_text()) if cache.is_file() else None}
 
@@ -117,7 +126,7 @@ def relative_drop(fp32: float, int8: float) -> float:
 
 class CalibrateInt8(Stage):
     name = "calibrate-int8"
-    version = 2  # 2: biases stay float (TensorRT rejects int32 DequantizeLinear)
+    version = 4  # 2: float biases (TensorRT); 3: weight MatMuls only; 4: no output Q/DQ
     sections = ("quantize", "data", "model")
     inputs = ("train-stub", "export-onnx")
 
@@ -131,7 +140,10 @@ class CalibrateInt8(Stage):
         split = dict(max_history=recipe.model.max_history_len, num_negatives=recipe.train.eval_negatives, tasks=tasks,
                      seed=recipe.data.seed)
         calib = leave_one_out(seqs, "val", max_users=section.calibration_users, **split)
-        batches = [b for _, b in calib.batches(32)]
+        # onnxruntime's histogram calibrators stack batches: one batch size, one history width.
+        size = min(32, len(calib.users))
+        batches = [b for _, b in calib.batches(size, hist_width=recipe.model.max_history_len)
+                   if len(b.hist_lengths) == size]
         feeds = {"ranking": [b.ranking_feed() for b in batches], "retrieval": [b.retrieval_feed() for b in batches]}
         report = {}
         with ctx.reporter.task("calibrate-int8: calibrating and measuring sensitivity", 2) as advance, \

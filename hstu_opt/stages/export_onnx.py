@@ -80,6 +80,22 @@ def export_graph(model: HstuModel, kind: str, path: Path, opset: int, max_batch:
             output_names=list(output_names(kind)), verbose=False,
         )
     program.save(str(path))
+    fold_constants(path)
+
+
+def fold_constants(path: Path) -> None:
+    """Fold constant subgraphs (e.g. slices of a weight) into initializers, so quantizers see weights.
+    onnx-graphsurgeon drops node metadata; the exporter's scopes (which fuse relies on) are copied back."""
+    onnx = require("onnx", backend="onnx export", extra="onnx")
+    gs = require("onnx_graphsurgeon", backend="onnx export", extra="onnx")
+    model = onnx.load(str(path))
+    meta = {n.name: list(n.metadata_props) for n in model.graph.node}
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup()
+    folded = gs.export_onnx(graph)
+    for node in folded.graph.node:
+        node.metadata_props.extend(meta.get(node.name, []))
+    onnx.save(folded, str(path))
 
 
 def parity_shapes(model: HstuModel) -> list[tuple[int, int, int]]:
@@ -98,7 +114,7 @@ def check_parity(model: HstuModel, kind: str, path: Path, rtol: float, seed: int
 
 class ExportOnnx(Stage):
     name = "export-onnx"
-    version = 1
+    version = 5  # 2: mask * (1/N) not where + divide; 3: output projection as 3 GEMMs; 4: folded; 5: 2-D Gemm
     sections = ("model", "export")
     inputs = ("train-stub",)
 
@@ -124,7 +140,8 @@ class ExportOnnx(Stage):
             "graphs": {kind: {"file": GRAPH_FILES[kind], "inputs": input_names(kind, cfg.contextual_len),
                               "outputs": list(output_names(kind))} for kind in recipe.export.graphs},
             "limits": {"batch": [1, recipe.export.max_batch], "history": [1, cfg.max_history_len],
-                       "candidates": [1, cfg.max_targets], "contextual_len": cfg.contextual_len},
+                       "candidates": [1, cfg.max_targets], "contextual_len": cfg.contextual_len,
+                       "num_items": cfg.num_items, "contextual_cardinality": cfg.contextual_cardinality},
             "attention_scale_N": cfg.max_seq_len, "alpha": cfg.alpha, "tasks": list(cfg.ranking_tasks),
             "item_embeddings": "item_embeddings.npy (row i = item id i+1, L2-normalized)",
         }

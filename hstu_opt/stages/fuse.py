@@ -52,15 +52,14 @@ def attention_function():
         helper.make_node("Mul", ["s0", "alpha_c"], ["s"]),
         helper.make_node("Sigmoid", ["s"], ["sig"]),
         helper.make_node("Mul", ["s", "sig"], ["silu"]),
-        # Divide by N (as the reference does) rather than multiply by `scale`, so both graphs round alike.
+        # mask -> [B, 1, n, n] in the compute dtype, divided by N (as the reference does, so both round alike)
+        helper.make_node("Constant", [], ["axis1"], value=helper.make_tensor("axis1", onnx.TensorProto.INT64, [1], [1])),
+        helper.make_node("Unsqueeze", ["mask", "axis1"], ["m_b"]),
+        helper.make_node("CastLike", ["m_b", "silu"], ["m_f"]),
         const_ref("n_i", "max_seq_len", AttributeProto.INT, "value_int"),
         helper.make_node("CastLike", ["n_i", "silu"], ["n_c"]),
-        helper.make_node("Div", ["silu", "n_c"], ["w0"]),
-        helper.make_node("Constant", [], ["axis1"], value=helper.make_tensor("axis1", onnx.TensorProto.INT64, [1], [1])),
-        helper.make_node("Unsqueeze", ["mask", "axis1"], ["m"]),  # [B, 1, n, n]
-        helper.make_node("Constant", [], ["zero_f"], value_float=0.0),
-        helper.make_node("CastLike", ["zero_f", "w0"], ["zero"]),
-        helper.make_node("Where", ["m", "w0", "zero"], ["w"]),
+        helper.make_node("Div", ["m_f", "n_c"], ["scaled_mask"]),
+        helper.make_node("Mul", ["silu", "scaled_mask"], ["w"]),
         helper.make_node("MatMul", ["w", "vt"], ["a"]),  # [B, H, n, dv]
         helper.make_node("Transpose", ["a"], ["out"], perm=[0, 2, 1, 3]),  # [B, n, H, dv]
     ]
@@ -113,15 +112,12 @@ def _prune_shared(nodes: list, graph) -> list:
         nodes = [n for n in nodes if n not in shared]
 
 
-def _unsqueezed_axis1(t) -> object | None:
-    """If t = Unsqueeze(x, axes=[1]), return x."""
-    import onnx_graphsurgeon as gs
-
-    if len(t.inputs) == 1 and t.inputs[0].op == "Unsqueeze":
-        axes = t.inputs[0].inputs[1]
-        if isinstance(axes, gs.Constant) and list(np.atleast_1d(axes.values)) == [1]:
-            return t.inputs[0].inputs[0]
-    return None
+def _bool_mask_source(t) -> object:
+    """Walk back from the scaled mask the scope multiplies by (Div(Cast(Unsqueeze(mask, 1)), N), possibly
+    shared across layers) to the [B, n, n] bool mask the HstuAttention node takes."""
+    while t.inputs and t.inputs[0].op in ("Div", "Cast", "CastLike", "Unsqueeze"):
+        t = t.inputs[0].inputs[0]
+    return t
 
 
 def _boundary(nodes: list, graph) -> tuple[dict[str, object], object]:
@@ -133,10 +129,10 @@ def _boundary(nodes: list, graph) -> tuple[dict[str, object], object]:
     inputs = {t.name: t for n in nodes for t in n.inputs if t.name not in produced and not isinstance(t, gs.Constant)}
     outputs = _escaping(nodes, graph)
     matmuls = [n for n in nodes if n.op == "MatMul"]
-    where = [n for n in nodes if n.op == "Where"]
-    if len(matmuls) != 2 or len(where) != 1 or len(outputs) != 1 or len(inputs) != 4:
+    sigmoids = [n for n in nodes if n.op == "Sigmoid"]
+    if len(matmuls) != 2 or len(sigmoids) != 1 or len(outputs) != 1 or len(inputs) != 4:
         raise StageError(f"fuse: attention scope does not have the expected shape (MatMul x{len(matmuls)}, "
-                         f"Where x{len(where)}, {len(inputs)} inputs, {len(outputs)} outputs): the exporter's "
+                         f"Sigmoid x{len(sigmoids)}, {len(inputs)} inputs, {len(outputs)} outputs): the exporter's "
                          "output changed; rerun with --debug and report it")
 
     def source(t):  # walk back through the scope's Transposes / Unsqueezes to a boundary tensor
@@ -145,9 +141,11 @@ def _boundary(nodes: list, graph) -> tuple[dict[str, object], object]:
         return inputs[t.name]
 
     scores, weighted = matmuls
-    mask = source(where[0].inputs[0])
+    scaled_mask = next(t for name, t in inputs.items()
+                       if name not in {source(scores.inputs[0]).name, source(scores.inputs[1]).name,
+                                       source(weighted.inputs[1]).name})
     roles = {"q": source(scores.inputs[0]), "k": source(scores.inputs[1]), "v": source(weighted.inputs[1]),
-             "mask": _unsqueezed_axis1(mask) or mask}
+             "mask": _bool_mask_source(scaled_mask)}
     if len({id(t) for t in roles.values()}) != 4:
         raise StageError("fuse: could not tell q, k, v and mask apart in an attention scope: report it")
     return roles, outputs[0], nodes
@@ -186,7 +184,7 @@ def fuse_graph(src: Path, dst: Path, attrs: dict, fold: bool) -> dict:
 
 class Fuse(Stage):
     name = "fuse"
-    version = 1
+    version = 2  # 2: the 1/N scale rides on the mask
     sections = ("fuse",)
     inputs = ("export-onnx",)
 
@@ -231,7 +229,8 @@ class Fuse(Stage):
         feeds = []
         for b, h, c in [(1, 1, 1), (4, min(23, lim["history"][1]), min(7, lim["candidates"][1])),
                         (8, lim["history"][1], lim["candidates"][1])]:
-            req = random_requests(rng, b, h, c, num_items=1000, contextual_len=lim["contextual_len"])
+            req = random_requests(rng, b, h, c, num_items=lim["num_items"], contextual_len=lim["contextual_len"],
+                                  contextual_cardinality=lim["contextual_cardinality"])
             feeds.append(req.ranking_feed() if kind == "ranking" else req.retrieval_feed())
         runners = [polygraphy_compare.onnxrt_runner(unfused, "unfused"), polygraphy_compare.onnxrt_runner(fused, "fused")]
         result = polygraphy_compare.compare(runners, feeds, rtol=recipe.fuse.parity_rtol, atol=1e-8)

@@ -85,9 +85,22 @@ def test_batched_equals_each_user_alone():
         torch.testing.assert_close(batched[s:e], alone)
 
 
-def test_unknown_implementation_names_the_extra():
+def test_missing_triton_names_the_extra(monkeypatch):
+    import sys
+
     from hstu_opt.errors import BackendUnavailable
 
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "hstu_opt.ops.hstu_attention.triton", raising=False)
+    from hstu_opt.ops.hstu_attention import TABLE
+
+    monkeypatch.setattr(TABLE, "_impls", {k: v for k, v in TABLE._impls.items() if k[0] != Impl.TRITON})
     q, k, v, offsets, nt = random_jagged([3], [0], 1, 4, 4)
-    with pytest.raises(BackendUnavailable, match="pip install 'hstu-opt\\[cutlass\\]'"):
-        ops.hstu_attention(q, k, v, offsets, nt, max_seq_len=3, alpha=1.0, impl=Impl.CUTLASS)
+    with pytest.raises(BackendUnavailable, match="pip install 'hstu-opt\\[triton\\]'"):
+        ops.hstu_attention(q, k, v, offsets, nt, max_seq_len=3, alpha=1.0, impl=Impl.TRITON)
+
+
+def test_op_without_that_implementation_runs_its_reference():
+    x = torch.randn(4, 8)
+    w, b = torch.ones(8), torch.zeros(8)
+    torch.testing.assert_close(ops.layer_norm(x, w, b, impl=Impl.CUTLASS), ops.layer_norm(x, w, b))

@@ -21,6 +21,7 @@ def test_rerun_is_cached_and_a_changed_section_reruns_only_downstream(micro_reci
     root = tmp_path / "out"
     recipe = load_recipe(micro_recipe)
     names = [s.name for s in pipeline.resolve(recipe)]
+    assert names == [s.name for s in STAGES]  # the micro recipe runs every stage
     pipeline.build(recipe, root, reporter)
     assert reporter.ran() == names
 
@@ -28,11 +29,18 @@ def test_rerun_is_cached_and_a_changed_section_reruns_only_downstream(micro_reci
     pipeline.build(recipe, root, reporter)
     assert reporter.ran() == [] and reporter.cached() == names
 
-    # the train section changes train-stub and, through its output, everything after it
+    # bench's own section: only bench reruns
     reporter.events.clear()
-    _edit(micro_recipe, "train", "lr", 0.001)
+    _edit(micro_recipe, "bench", "repeats", 3)
     pipeline.build(load_recipe(micro_recipe), root, reporter)
-    assert reporter.ran()[0] == "train-stub"
+    assert reporter.ran() == ["bench"]
+
+    # the quantize section: calibrate-int8 and what reads it rerun; train, export and fuse stay cached
+    reporter.events.clear()
+    _edit(micro_recipe, "quantize", "method", "minmax")
+    pipeline.build(load_recipe(micro_recipe), root, reporter)
+    assert reporter.ran() == ["calibrate-int8", "build-engine", "bench"]
+    assert reporter.cached() == ["train-stub", "export-onnx", "fuse"]
 
 
 def test_interrupted_stage_leaves_no_bundle_and_no_cache_entry(micro_recipe, tmp_path, reporter, monkeypatch):
@@ -67,7 +75,7 @@ def test_lock_stops_a_second_build(micro_recipe, tmp_path, reporter):
 def test_manifest_and_verify_catches_one_flipped_byte(micro_recipe, tmp_path, reporter):
     root = tmp_path / "out"
     recipe = load_recipe(micro_recipe)
-    path, results = pipeline.build(recipe, root, reporter)
+    path, results = pipeline.build(recipe, root, reporter, until="train-stub")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["recipe"]["name"] == "micro"
     assert {"python", "torch", "onnx", "onnxruntime", "triton", "cuda", "gpu"} <= set(manifest["toolchain"])
@@ -89,10 +97,10 @@ def test_manifest_and_verify_catches_one_flipped_byte(micro_recipe, tmp_path, re
 def test_a_corrupted_cache_entry_is_rebuilt(micro_recipe, tmp_path, reporter):
     root = tmp_path / "out"
     recipe = load_recipe(micro_recipe)
-    _, results = pipeline.build(recipe, root, reporter)
+    _, results = pipeline.build(recipe, root, reporter, until="train-stub")
     metrics = results[0].path / "metrics.json"
     os.chmod(metrics, 0o644)
     metrics.write_text("{}")
     reporter.events.clear()
-    pipeline.build(recipe, root, reporter)
-    assert reporter.ran()[0] == "train-stub"
+    pipeline.build(recipe, root, reporter, until="train-stub")
+    assert reporter.ran() == ["train-stub"]

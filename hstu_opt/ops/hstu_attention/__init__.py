@@ -59,14 +59,17 @@ def cached_hstu_attention(
     alpha: float,
     contextual_len: int = 0,
     max_attn_len: int = 0,
+    max_delta_len: int | None = None,
     impl: Impl = Impl.REFERENCE,
 ) -> Tensor:
     """q/k/v: the new (candidate) rows, jagged by delta_offsets; caches jagged by cache_offsets.
 
     Equals the target rows of hstu_attention over [cache rows][new rows] with num_targets = new rows.
+    `max_delta_len` bounds the new rows per user (default N); fast kernels size their grid with it.
     """
     fn = TABLE.get(impl, "cached_hstu_attention")
-    return fn(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len)
+    return fn(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
+              max_delta_len or max_seq_len)
 
 
 from hstu_opt.ops.hstu_attention import reference as _reference  # noqa: E402,F401

@@ -11,7 +11,16 @@ from hstu_opt.ops.layer_norm import layer_norm
 def hstu_output(
     u: Tensor, a: Tensor, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, output_weight: Tensor, eps: float, dropout: float
 ) -> Tensor:
-    y = torch.cat([u, a, u * layer_norm(a, norm_weight, norm_bias, eps)], dim=-1)  # [..., 3*H*dv]
+    parts = [u, a, u * layer_norm(a, norm_weight, norm_bias, eps)]  # concat of these is y [..., 3*H*dv]
     if dropout > 0:
-        y = F.dropout(y, p=dropout, training=True)
-    return x + y @ output_weight.to(y.dtype)
+        parts = list(F.dropout(torch.cat(parts, dim=-1), p=dropout, training=True).chunk(3, dim=-1))
+    # y @ W_out as three GEMMs over W_out's row blocks: the same sum without materializing the concat, and
+    # each block's input (u ~ 1, a ~ 1/N) gets its own scale when the graph is quantized. Each is a 2-D
+    # addmm with a zero bias because that exports as Gemm, which onnxruntime fuses into QGemm with a float
+    # output; a quantized MatMul becomes QLinearMatMul with an int8 output and an extra dequantize.
+    # (Slices, not chunk: the exporter folds a Slice of a weight into an initializer, a Split it does not.)
+    hv, D = u.shape[-1], x.shape[-1]
+    w = output_weight.to(u.dtype)
+    zero = w.new_zeros(D)
+    y = sum(torch.addmm(zero, p.reshape(-1, hv), w[i * hv : (i + 1) * hv]) for i, p in enumerate(parts))
+    return x + y.reshape(x.shape)

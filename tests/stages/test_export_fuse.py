@@ -1,0 +1,80 @@
+"""export-onnx and fuse on the real tiny build: parity at several shapes, one HstuAttention per layer."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from hstu_opt.backends import onnxruntime as ort_backend
+from hstu_opt.backends.eager import EagerRunner, graph_module
+from hstu_opt.data.requests import random_requests
+from hstu_opt.model.checkpoint import load_checkpoint
+
+SHAPES = [(1, 1, 1), (2, 1, 16), (5, 37, 3), (16, 200, 16), (33, 64, 9)]  # batch, history, candidates
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_build):
+    path, _ = tiny_build
+    model, _ = load_checkpoint(path / "train-stub" / "checkpoint")
+    return model
+
+
+def _feed(model, kind, rng, b, h, c):
+    req = random_requests(rng, b, h, c, num_items=model.cfg.num_items)
+    return req.ranking_feed() if kind == "ranking" else req.retrieval_feed()
+
+
+@pytest.mark.parametrize("kind,file", [("ranking", "model.onnx"), ("retrieval", "retrieval.onnx")])
+def test_export_parity_on_fresh_shapes(tiny_build, tiny_model, kind, file):
+    path, _ = tiny_build
+    sess = ort_backend.session(path / "export-onnx" / file)
+    eager = EagerRunner(graph_module(tiny_model, kind), kind)
+    rng = np.random.default_rng(1234)
+    for shape in SHAPES:
+        feed = _feed(tiny_model, kind, rng, *shape)
+        got = sess.run(None, feed)[0]
+        want = next(iter(eager.run(feed).values()))
+        assert got.shape == want.shape
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert rel <= 1e-4, (shape, rel)
+
+
+def test_exported_dims_are_dynamic(tiny_build):
+    path, _ = tiny_build
+    model = onnx.load(str(path / "export-onnx" / "model.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert all(isinstance(d, str) for shape in dims.values() for d in shape), dims
+
+
+def test_exactly_one_hstu_attention_per_layer_with_attributes(tiny_build):
+    path, results = tiny_build
+    for file in ("model.fused.onnx", "retrieval.fused.onnx"):
+        model = onnx.load(str(path / "fuse" / file))
+        nodes = [n for n in model.graph.node if n.op_type == "HstuAttention"]
+        assert len(nodes) == 2 and all(n.domain == "hstu" for n in nodes)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+        assert attrs["max_seq_len"] == 216 and attrs["scale"] == pytest.approx(1 / 216)
+        assert attrs["alpha"] == pytest.approx(1 / np.sqrt(32)) and attrs["causal"] == 1
+        assert {"contextual_len", "max_attn_len", "plugin_version", "plugin_namespace", "has_targets"} <= set(attrs)
+        assert [(f.domain, f.name) for f in model.functions] == [("hstu", "HstuAttention")]
+        # no attention math left outside the plugin nodes: the only Sigmoids are the ranking head's
+        ops = Counter(n.op_type for n in model.graph.node)
+        assert ops["MatMul"] + ops.get("FusedMatMul", 0) < Counter(
+            n.op_type for n in onnx.load(str(path / "export-onnx" / file.replace(".fused", ""))).graph.node)["MatMul"]
+    report = results["fuse"].record["report"]["ranking"]
+    assert [m["layer"] for m in report["attention_fused"]] == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["ranking", "retrieval"])
+def test_fused_matches_unfused_in_onnxruntime(tiny_build, tiny_model, kind):
+    path, _ = tiny_build
+    files = {"ranking": ("model.onnx", "model.fused.onnx"), "retrieval": ("retrieval.onnx", "retrieval.fused.onnx")}
+    unfused = ort_backend.session(path / "export-onnx" / files[kind][0])
+    fused = ort_backend.session(path / "fuse" / files[kind][1])
+    rng = np.random.default_rng(99)
+    for shape in SHAPES:
+        feed = _feed(tiny_model, kind, rng, *shape)
+        a, b = fused.run(None, feed)[0], unfused.run(None, feed)[0]
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), shape
