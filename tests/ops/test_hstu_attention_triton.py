@@ -1,0 +1,102 @@
+"""Triton attention kernels against the reference op, in Triton's CPU interpreter (TRITON_INTERPRET=1).
+
+fp32 and fp16 only: the interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584); bf16 is
+checked on the GPU by scripts/gpu_check.py. Tolerances come from the shared per-dtype table.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (make test installs it)")
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hstu_opt import ops  # noqa: E402
+from hstu_opt.ops import Impl  # noqa: E402
+from tests.conftest import TOLERANCES, random_jagged  # noqa: E402
+
+CASES = [
+    # lengths, num_targets, contextual_len, max_attn_len
+    ([1], [0], 0, 0),
+    ([1, 7, 70], [1, 2, 5], 0, 0),  # a length-1 target-only sequence; a sequence over one block
+    ([13, 5, 33], [3, 0, 4], 2, 0),  # contextual rows
+    ([40, 9], [2, 1], 0, 6),  # window
+    ([150, 5, 17], [7, 1, 2], 3, 9),  # long next to short, everything on
+]
+
+
+@pytest.fixture(autouse=True)
+def _interpret():
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.mark.parametrize("lengths,num_targets,C,window", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H,dqk,dv", [(2, 16, 16), (1, 50, 50), (3, 24, 40)])
+def test_triton_matches_reference(lengths, num_targets, C, window, dtype, H, dqk, dv):
+    q, k, v, offsets, nt = random_jagged(lengths, num_targets, H, dqk, dv, dtype=dtype, seed=sum(lengths) + H)
+    N = max(lengths) + 5
+    kw = dict(max_seq_len=N, alpha=dqk ** -0.5, contextual_len=C, max_attn_len=window)
+    want = ops.hstu_attention(q.float(), k.float(), v.float(), offsets, nt, **kw)
+    got = ops.hstu_attention(q, k, v, offsets, nt, impl=Impl.TRITON, **kw)
+    atol, rtol = TOLERANCES[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("C,window,N,cache_len", [
+    (0, 0, 100, [9, 1, 70]), (2, 0, 100, [9, 3, 70]), (1, 4, 100, [9, 2, 70]),
+    (0, 0, 2000, [600, 5, 300]),  # several key splits per user (see triton.cache_splits)
+    (2, 7, 2000, [600, 5, 300]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cached_triton_matches_reference(C, window, N, cache_len, dtype):
+    from hstu_opt.ops.hstu_attention.triton import _blocks, cache_splits
+
+    delta_len = [3, 1, 20]
+    H, d = 2, 32
+    full = [c + n for c, n in zip(cache_len, delta_len)]
+    q, k, v, offsets, nt = random_jagged(full, delta_len, H, d, d, dtype=dtype, seed=7)
+    cache_rows = torch.cat([torch.arange(int(offsets[b]), int(offsets[b]) + cache_len[b]) for b in range(3)])
+    delta_rows = torch.cat([torch.arange(int(offsets[b]) + cache_len[b], int(offsets[b + 1])) for b in range(3)])
+    co = torch.tensor([0, *torch.tensor(cache_len).cumsum(0).tolist()])
+    do = torch.tensor([0, *torch.tensor(delta_len).cumsum(0).tolist()])
+    kw = dict(max_seq_len=N, alpha=0.2, contextual_len=C, max_attn_len=window, max_delta_len=max(delta_len))
+    if N == 2000:
+        splits, split_len = cache_splits(N, 3 * H, _blocks(d, d, dtype)["BLOCK_N"])
+        assert splits > 1 and split_len < max(cache_len)
+    args = (q[delta_rows], k[delta_rows], v[delta_rows], do, k[cache_rows], v[cache_rows], co)
+    want = ops.cached_hstu_attention(*(a.float() if a.is_floating_point() else a for a in args), **kw)
+    got = ops.cached_hstu_attention(*args, impl=Impl.TRITON, **kw)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+
+
+def test_real_and_fake_signatures_agree():
+    import inspect
+
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    for op, name in ((tri.hstu_attention_triton, "hstu_attention_triton"),
+                     (tri.cached_hstu_attention_triton, "cached_hstu_attention_triton")):
+        real = [a.name for a in getattr(torch.ops.hstu_opt, name).default._schema.arguments]
+        fake = list(inspect.signature(op._abstract_fn).parameters)
+        assert real == fake and len(real) >= 9
+
+
+def test_fake_op_gives_shapes_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hstu_opt.ops.hstu_attention.triton import hstu_attention_triton
+
+    with FakeTensorMode():
+        q = torch.empty(11, 2, 50)
+        v = torch.empty(11, 2, 24)
+        out = hstu_attention_triton(q, q, v, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                                    16, 0.1, 0, 0)
+    assert out.shape == (11, 2, 24)
