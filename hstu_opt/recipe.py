@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -40,15 +39,6 @@ class ModelSection(Section):
     ranking_tasks: tuple[str, ...] = ("watched", "liked")
     ranking_hidden_dim: int = Field(64, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-
-    @property
-    def max_seq_len(self) -> int:
-        """N: the most rows one user can have; the attention's fixed 1/N scale."""
-        return self.contextual_len + self.max_history_len + self.max_targets
-
-    @property
-    def alpha(self) -> float:
-        return self.attn_alpha if self.attn_alpha is not None else 1.0 / math.sqrt(self.attention_dim)
 
     @model_validator(mode="after")
     def _check_tasks(self) -> "ModelSection":

@@ -6,7 +6,6 @@ from the package directory, recbole itself is never imported.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hstu_opt.errors import DataError
+from hstu_opt.fsutil import sha256_file
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,6 @@ def bundled_ml100k() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _columns(rows: list[list[str]], path: Path) -> Interactions:
     try:
         arr = np.asarray(rows, dtype=np.float64)
@@ -52,7 +44,7 @@ def _columns(rows: list[list[str]], path: Path) -> Interactions:
     if arr.ndim != 2 or arr.shape[1] < 4:
         raise DataError(f"{path}: expected 4 columns (user, item, rating, timestamp): check data.format")
     return Interactions(arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64), arr[:, 2],
-                        arr[:, 3].astype(np.int64), _sha256(path))
+                        arr[:, 3].astype(np.int64), sha256_file(path))
 
 
 def read_ratings(path: Path, fmt: str) -> Interactions:
