@@ -13,6 +13,9 @@ from hstu_opt.data.batching import PaddedBatch
 from hstu_opt.fsutil import write_json_atomic
 
 NAME = "onnxruntime"
+# For Q/DQ models: MatMulAddFusion (a basic pass) would turn dequantize -> MatMul -> Add(bias) back into a float
+# Gemm before the QDQ fusions run, so the MatMul never becomes MatMulIntegerToFloat.
+QDQ_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 
 
 def _ort():
@@ -34,27 +37,31 @@ def session_options(threads: int, optimized_path: Path | None = None):
     return so
 
 
-def session(path: Path, threads: int = 2):
+def session(path: Path, threads: int = 2, disabled_optimizers: tuple[str, ...] = ()):
     ort = _ort()
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
-def build(src: Path, out_dir: Path, name: str, threads: int) -> dict:
+def build(src: Path, out_dir: Path, name: str, threads: int, quantized: bool = False) -> dict:
     """Write `<name>.ort.onnx` (optimized offline) and `<name>.session.json`; returns a description."""
     ort = _ort()
     out_dir.mkdir(parents=True, exist_ok=True)
     optimized = out_dir / f"{name}.ort.onnx"
-    ort.InferenceSession(str(src), session_options(threads, optimized), providers=["CPUExecutionProvider"])
+    disabled = list(QDQ_DISABLED_OPTIMIZERS if quantized else ())
+    ort.InferenceSession(str(src), session_options(threads, optimized), providers=["CPUExecutionProvider"],
+                         disabled_optimizers=disabled)
     settings = {"file": optimized.name, "providers": ["CPUExecutionProvider"], "intra_op_num_threads": threads,
                 "inter_op_num_threads": 1, "graph_optimization_level": "ORT_ENABLE_ALL at load (saved at EXTENDED)",
-                "onnxruntime": ort.__version__}
+                "disabled_optimizers": disabled, "onnxruntime": ort.__version__}
     write_json_atomic(out_dir / f"{name}.session.json", settings)
     return describe(optimized) | {"session": settings}
 
 
 def load(out_dir: Path, name: str):
     settings = json.loads((out_dir / f"{name}.session.json").read_text())
-    return session(out_dir / settings["file"], settings["intra_op_num_threads"])
+    return session(out_dir / settings["file"], settings["intra_op_num_threads"],
+                   tuple(settings.get("disabled_optimizers", ())))
 
 
 def run(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,8 +83,9 @@ def describe(path: Path) -> dict:
 class OrtScorer:
     """A ranking + retrieval pair of onnxruntime sessions behind the Scorer protocol."""
 
-    def __init__(self, ranking: Path, retrieval: Path, item_table: np.ndarray, threads: int = 2):
-        self.ranking, self.retrieval = session(ranking, threads), session(retrieval, threads)
+    def __init__(self, ranking: Path, retrieval: Path, item_table: np.ndarray, threads: int = 2, quantized: bool = False):
+        disabled = QDQ_DISABLED_OPTIMIZERS if quantized else ()
+        self.ranking, self.retrieval = session(ranking, threads, disabled), session(retrieval, threads, disabled)
         self.table = item_table
 
     def rank(self, batch: PaddedBatch) -> np.ndarray:

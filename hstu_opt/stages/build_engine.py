@@ -32,7 +32,7 @@ def check_profile(recipe, limits: dict) -> None:
 
 class BuildEngine(Stage):
     name = "build-engine"
-    version = 1
+    version = 2  # 2: Q/DQ engines keep MatMulAddFusion off
     sections = ("engine",)
     inputs = ("export-onnx", "fuse", "calibrate-int8")
 
@@ -75,7 +75,8 @@ class BuildEngine(Stage):
         for precision in ("fp32", "int8"):
             for kind, path in sources.get(precision, {}).items():
                 out[f"{kind}.{precision}"] = ort_backend.build(path, ctx.out_dir / "onnxruntime", f"{kind}.{precision}",
-                                                               ctx.recipe.engine.intra_op_threads)
+                                                               ctx.recipe.engine.intra_op_threads,
+                                                               quantized=precision == "int8")
         return out
 
     @staticmethod

@@ -84,7 +84,7 @@ def train(model: HstuModel, seqs: Sequences, recipe: Recipe, ctx: StageContext) 
 
 class TrainStub(Stage):
     name = "train-stub"
-    version = 3  # 2, 3: hstu_output sums three 2-D GEMMs (same math, other rounding)
+    version = 4  # 2-4: projections as plain matmuls, output as three GEMMs (same math, other rounding)
     sections = ("model", "data", "train")
 
     def run(self, ctx: StageContext) -> dict:

@@ -63,5 +63,9 @@ def test_int8_accuracy_within_bar_and_sensitivity_reported(tiny_build):
     sens = json.loads((path / "calibrate-int8" / "sensitivity.json").read_text())
     for graph in sens.values():
         for s in graph["sensitivity"]:
-            assert s["quantized"] == (s["rel_error"] <= 0.005)
-            assert s["quantized"] or "threshold" in s["why"]
+            if s["quantized"]:
+                assert s["rel_error"] <= 0.005
+            elif s["rel_error"] > 0.005:
+                assert "threshold" in s["why"]
+            else:  # returned to float to meet the accuracy bar
+                assert "kept float" in s["why"] and "bar" in s["why"]

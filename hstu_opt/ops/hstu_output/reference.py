@@ -15,12 +15,10 @@ def hstu_output(
     if dropout > 0:
         parts = list(F.dropout(torch.cat(parts, dim=-1), p=dropout, training=True).chunk(3, dim=-1))
     # y @ W_out as three GEMMs over W_out's row blocks: the same sum without materializing the concat, and
-    # each block's input (u ~ 1, a ~ 1/N) gets its own scale when the graph is quantized. Each is a 2-D
-    # addmm with a zero bias because that exports as Gemm, which onnxruntime fuses into QGemm with a float
-    # output; a quantized MatMul becomes QLinearMatMul with an int8 output and an extra dequantize.
-    # (Slices, not chunk: the exporter folds a Slice of a weight into an initializer, a Split it does not.)
-    hv, D = u.shape[-1], x.shape[-1]
+    # each block's input (u ~ 1, a ~ 1/N) gets its own scale when the graph is quantized (a quantized MatMul
+    # becomes onnxruntime's MatMulIntegerToFloat). Slices, not chunk: the exporter folds a Slice of a weight
+    # into an initializer, a Split it does not.
+    hv = u.shape[-1]
     w = output_weight.to(u.dtype)
-    zero = w.new_zeros(D)
-    y = sum(torch.addmm(zero, p.reshape(-1, hv), w[i * hv : (i + 1) * hv]) for i, p in enumerate(parts))
+    y = sum(p.reshape(-1, hv) @ w[i * hv : (i + 1) * hv] for i, p in enumerate(parts))
     return x + y.reshape(x.shape)

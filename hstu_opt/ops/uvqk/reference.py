@@ -20,7 +20,10 @@ def uvqk(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n = layer_norm(x, norm_weight, norm_bias, eps)
-    proj = torch.addmm(uvqk_bias.to(n.dtype), n.reshape(-1, n.shape[-1]), uvqk_weight.to(n.dtype))
+    # matmul + add rather than addmm: a quantized MatMul fuses into onnxruntime's MatMulIntegerToFloat with
+    # the add folded in, while a Gemm with a float bias stays dequantize + float Gemm (and TensorRT rejects
+    # the int32 bias that onnxruntime's QGemm would need).
+    proj = n.reshape(-1, n.shape[-1]) @ uvqk_weight.to(n.dtype) + uvqk_bias.to(n.dtype)
     proj = proj.reshape(*x.shape[:-1], proj.shape[-1])
     hv, hqk = num_heads * linear_dim, num_heads * attention_dim
     u, v, q, k = torch.split(proj, [hv, hv, hqk, hqk], dim=-1)
