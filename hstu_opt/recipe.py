@@ -81,7 +81,7 @@ class DataSection(Section):
 class TrainSection(Section):
     seed: int = 0
     epochs: int = Field(20, ge=1)
-    max_seconds: float = Field(120.0, gt=0, description="wall-clock bound on training")
+    max_seconds: float = Field(3600.0, gt=0, description="safety bound on training time; epochs should end it")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -126,7 +126,7 @@ class ProfileSection(Section):
 
 
 class EngineSection(Section):
-    backends: tuple[Literal["onnxruntime", "tensorrt"], ...] = ("onnxruntime",)
+    backends: tuple[Literal["onnxruntime", "tensorrt", "aoti"], ...] = ("onnxruntime",)
     tensorrt_target_cc: str = Field("8.9", pattern=r"^\d+\.\d+$")
     tensorrt_hardware_compatibility: Literal["none", "ampere_plus", "same_cc"] = "none"
     profile: ProfileSection = ProfileSection()

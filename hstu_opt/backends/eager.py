@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hstu_opt.data.batching import RANKING_INPUTS, RETRIEVAL_INPUTS
+from hstu_opt.data.requests import random_requests
 from hstu_opt.model.hstu import HstuModel
 from hstu_opt.model.scoring import to_tensors
 
@@ -87,3 +89,29 @@ class EagerRunner:
                 return OrderedDict(out)
 
         return _Runner()
+
+
+# ---- the graph contract: input names, dynamic dims, example feeds (shared by every exporter) ----
+def input_names(kind: str, contextual_len: int) -> list[str]:
+    names = list(RANKING_INPUTS if kind == "ranking" else RETRIEVAL_INPUTS)
+    return names + (["contextual_ids"] if contextual_len > 0 else [])
+
+
+def example_feed(model: HstuModel, kind: str, rng: np.random.Generator, batch: int, hist: int, cand: int,
+          exact: bool = False) -> dict[str, np.ndarray]:
+    cfg = model.cfg
+    req = random_requests(rng, batch, hist, cand, num_items=cfg.num_items, contextual_len=cfg.contextual_len,
+                          contextual_cardinality=cfg.contextual_cardinality, exact=exact)
+    return req.ranking_feed() if kind == "ranking" else req.retrieval_feed()
+
+
+def dynamic_shapes(kind: str, model: HstuModel, max_batch: int) -> dict:
+    cfg = model.cfg
+    Dim = torch.export.Dim
+    b = Dim("batch", min=1, max=max_batch)
+    h = Dim("hist", min=1, max=cfg.max_history_len)
+    c = Dim("cand", min=1, max=cfg.max_targets)
+    shapes = {"hist_ids": {0: b, 1: h}, "hist_ratings": {0: b, 1: h}, "hist_timestamps": {0: b, 1: h},
+              "hist_lengths": {0: b}, "cand_ids": {0: b, 1: c}, "num_candidates": {0: b}, "query_time": {0: b},
+              "contextual_ids": {0: b}}
+    return {n: shapes[n] for n in input_names(kind, cfg.contextual_len)}

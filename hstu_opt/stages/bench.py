@@ -149,6 +149,10 @@ class Bench(Stage):
             if name.startswith("ranking."):
                 sess = ort_backend.load(ctx.inputs["build-engine"] / "onnxruntime", name)
                 runners[f"onnxruntime.{name.split('.', 1)[1]}"] = lambda feed, s=sess: s.run(None, feed)
+        if "ranking" in engines.get("aoti", {}):
+            from hstu_opt.backends import aoti
+
+            runners["aoti"] = aoti.load(ctx.inputs["build-engine"] / "aoti", "ranking").run
         for name, desc in engines.get("tensorrt", {}).items():
             skipped[f"tensorrt.{name}"] = desc.get("skipped") or (
                 f"plan for {desc['target']} built; running it needs a GPU of that compute capability, which this "

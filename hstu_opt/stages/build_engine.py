@@ -3,6 +3,7 @@
   onnxruntime  fp32 (from export-onnx) and int8 (from calibrate-int8), ranking and retrieval
   tensorrt     plans from the unfused fp32 graph and the Q/DQ graph; the fused graph only when an
                HstuAttention plugin is registered (otherwise the record says why it was skipped)
+  aoti         AOTInductor packages of the checkpoint's graphs (torch.export, dynamic shapes)
 Outputs: <backend>/... and engines.json.
 """
 
@@ -34,10 +35,11 @@ class BuildEngine(Stage):
     name = "build-engine"
     version = 2  # 2: Q/DQ engines keep MatMulAddFusion off
     sections = ("engine",)
-    inputs = ("export-onnx", "fuse", "calibrate-int8")
+    inputs = ("train-stub", "export-onnx", "fuse", "calibrate-int8")
 
     def input_stages(self, recipe) -> tuple[str, ...]:
-        optional = {"fuse": recipe.fuse.attention_plugin, "calibrate-int8": recipe.quantize.enabled}
+        optional = {"fuse": recipe.fuse.attention_plugin, "calibrate-int8": recipe.quantize.enabled,
+                    "train-stub": "aoti" in recipe.engine.backends}  # aoti compiles the checkpoint itself
         return tuple(s for s in self.inputs if optional.get(s, True))
 
     def run(self, ctx: StageContext) -> dict:
@@ -49,7 +51,7 @@ class BuildEngine(Stage):
         engines: dict[str, dict] = {}
         with ctx.reporter.task("build-engine", len(recipe.engine.backends)) as advance:
             for backend in recipe.engine.backends:
-                build = {"onnxruntime": self._onnxruntime, "tensorrt": self._tensorrt}[backend]
+                build = {"onnxruntime": self._onnxruntime, "tensorrt": self._tensorrt, "aoti": self._aoti}[backend]
                 engines[backend] = build(ctx, sources, contract)
                 advance(1)
         write_json_atomic(ctx.out_dir / "engines.json", engines)
@@ -78,6 +80,14 @@ class BuildEngine(Stage):
                                                                ctx.recipe.engine.intra_op_threads,
                                                                quantized=precision == "int8")
         return out
+
+    @staticmethod
+    def _aoti(ctx: StageContext, sources: dict, contract: dict) -> dict:
+        from hstu_opt.backends import aoti
+        from hstu_opt.model.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(ctx.inputs["train-stub"] / "checkpoint", expect=ctx.recipe.model)
+        return {kind: aoti.build(model, kind, ctx.out_dir / "aoti", ctx.recipe.export.max_batch) for kind in contract["graphs"]}
 
     @staticmethod
     def _tensorrt(ctx: StageContext, sources: dict, contract: dict) -> dict:

@@ -17,9 +17,7 @@ import torch
 
 from hstu_opt._lazy import require
 from hstu_opt.backends import polygraphy_compare
-from hstu_opt.backends.eager import EagerRunner, graph_module, output_names
-from hstu_opt.data.batching import RANKING_INPUTS, RETRIEVAL_INPUTS
-from hstu_opt.data.requests import random_requests
+from hstu_opt.backends.eager import EagerRunner, dynamic_shapes, example_feed, graph_module, input_names, output_names
 from hstu_opt.errors import StageError
 from hstu_opt.fsutil import write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint
@@ -28,31 +26,6 @@ from hstu_opt.model.scoring import to_tensors
 from hstu_opt.stages.base import Stage, StageContext
 
 GRAPH_FILES = {"ranking": "model.onnx", "retrieval": "retrieval.onnx"}
-
-
-def input_names(kind: str, contextual_len: int) -> list[str]:
-    names = list(RANKING_INPUTS if kind == "ranking" else RETRIEVAL_INPUTS)
-    return names + (["contextual_ids"] if contextual_len > 0 else [])
-
-
-def _feed(model: HstuModel, kind: str, rng: np.random.Generator, batch: int, hist: int, cand: int,
-          exact: bool = False) -> dict[str, np.ndarray]:
-    cfg = model.cfg
-    req = random_requests(rng, batch, hist, cand, num_items=cfg.num_items, contextual_len=cfg.contextual_len,
-                          contextual_cardinality=cfg.contextual_cardinality, exact=exact)
-    return req.ranking_feed() if kind == "ranking" else req.retrieval_feed()
-
-
-def dynamic_shapes(kind: str, model: HstuModel, max_batch: int) -> dict:
-    cfg = model.cfg
-    Dim = torch.export.Dim
-    b = Dim("batch", min=1, max=max_batch)
-    h = Dim("hist", min=1, max=cfg.max_history_len)
-    c = Dim("cand", min=1, max=cfg.max_targets)
-    shapes = {"hist_ids": {0: b, 1: h}, "hist_ratings": {0: b, 1: h}, "hist_timestamps": {0: b, 1: h},
-              "hist_lengths": {0: b}, "cand_ids": {0: b, 1: c}, "num_candidates": {0: b}, "query_time": {0: b},
-              "contextual_ids": {0: b}}
-    return {n: shapes[n] for n in input_names(kind, cfg.contextual_len)}
 
 
 @contextlib.contextmanager
@@ -70,7 +43,7 @@ def _quiet(logger: str):
 def export_graph(model: HstuModel, kind: str, path: Path, opset: int, max_batch: int) -> None:
     cfg = model.cfg
     # Example sizes >= 2 on every dynamic dim, so torch.export does not specialize them to 1.
-    example = _feed(model, kind, np.random.default_rng(0), 2, min(3, cfg.max_history_len), min(2, cfg.max_targets),
+    example = example_feed(model, kind, np.random.default_rng(0), 2, min(3, cfg.max_history_len), min(2, cfg.max_targets),
                     exact=True)
     with warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.simplefilter("ignore")
@@ -106,7 +79,7 @@ def parity_shapes(model: HstuModel) -> list[tuple[int, int, int]]:
 
 def check_parity(model: HstuModel, kind: str, path: Path, rtol: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    feeds = [_feed(model, kind, rng, *shape) for shape in parity_shapes(model)]
+    feeds = [example_feed(model, kind, rng, *shape) for shape in parity_shapes(model)]
     runners = [EagerRunner(graph_module(model, kind), kind).as_polygraphy(path),
                polygraphy_compare.onnxrt_runner(path, "onnxruntime")]
     return polygraphy_compare.compare(runners, feeds, rtol=rtol, atol=1e-7)

@@ -74,11 +74,13 @@ def train(model: HstuModel, seqs: Sequences, recipe: Recipe, ctx: StageContext) 
                 step += 1
                 advance(1)
             epochs_done += 1
-            if time.perf_counter() - t0 > tr.max_seconds:
-                ctx.reporter.log(f"train-stub: stopped after {epochs_done} epochs at train.max_seconds={tr.max_seconds}")
+            if time.perf_counter() - t0 > tr.max_seconds and epochs_done < tr.epochs:
+                ctx.reporter.log(f"train-stub: stopped after {epochs_done}/{tr.epochs} epochs at train.max_seconds="
+                                 f"{tr.max_seconds}: this checkpoint depends on machine speed (raise max_seconds)")
                 break
     model.eval()
-    return {"epochs": epochs_done, "steps": step, "seconds": round(time.perf_counter() - t0, 2),
+    return {"epochs": epochs_done, "epochs_planned": tr.epochs, "stopped_by_time": epochs_done < tr.epochs,
+            "steps": step, "seconds": round(time.perf_counter() - t0, 2),
             "final_loss": {k: round(v, 4) for k, v in last.items()}}
 
 

@@ -9,6 +9,7 @@ def test_tiny_recipe_beats_popularity_on_ml100k(tiny_build):
     path, results = tiny_build
     m = results["train-stub"].record["metrics"]
     model, pop = m["test"], m["popularity_test"]
+    assert not results["train-stub"].record["train"]["stopped_by_time"]  # epochs, not the clock, ended training
     assert results["train-stub"].record["data"]["num_users"] == 943
     assert results["train-stub"].record["data"]["num_items"] == 1682
     assert model["hr@10"] > pop["hr@10"]
