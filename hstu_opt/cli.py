@@ -90,6 +90,10 @@ def _build(recipe_path: Path, out: Path, until: Optional[str], force: list[str])
         train = next((r for r in results if r.stage.name == "train-stub"), None)
         if train is not None:
             console.print(_metrics_table(train.record))
+        for r in results:  # the tables of stages that ran now (INT8 accuracy, benchmarks); inspect shows all
+            if not r.cached:
+                for table in r.record.get("tables", []):
+                    console.print(_record_table(table))
 
 
 @app.command()
@@ -171,6 +175,7 @@ def _record_table(spec: dict) -> Table:
         table.add_column(col)
     for row in spec["rows"]:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    table.columns[0].no_wrap = True
     return table
 
 

@@ -23,9 +23,6 @@ from hstu_opt.fsutil import write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint
 from hstu_opt.stages.base import Stage, StageContext
 
-ROW_KEYS = ("backend", "batch", "history", "candidates", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-            "users_per_s", "candidates_per_s", "repeats")
-
 
 def check_grid(grid: list[tuple[int, int, int]], limits: dict) -> None:
     for axis, i in (("batch_sizes", 0), ("history_lengths", 1), ("candidates", 2)):
@@ -61,14 +58,18 @@ def machine_info() -> dict:
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "toolchain": toolchain.toolchain()}
 
 
+def _eager(rows: list[dict], r: dict) -> float:
+    return next(e["users_per_s"] for e in rows if e["backend"] == "eager" and
+                (e["batch"], e["history"], e["candidates"]) == (r["batch"], r["history"], r["candidates"]))
+
+
 def markdown(rows: list[dict], skipped: dict[str, str], machine: dict) -> str:
     lines = [f"# Benchmark ({machine['date_utc']})", "", f"CPU: {machine['cpu']} ({machine['cores']} cores); "
              f"torch {machine['toolchain']['torch']}, onnxruntime {machine['toolchain']['onnxruntime']}", "",
              "| backend | batch | history | candidates | p50 ms | p95 ms | p99 ms | users/s | x eager |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    eager = {(r["batch"], r["history"], r["candidates"]): r["users_per_s"] for r in rows if r["backend"] == "eager"}
     for r in rows:
-        ratio = r["users_per_s"] / eager[(r["batch"], r["history"], r["candidates"])]
+        ratio = r["users_per_s"] / _eager(rows, r)
         lines.append(f"| {r['backend']} | {r['batch']} | {r['history']} | {r['candidates']} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['users_per_s']:.1f} | {ratio:.2f} |")
     for name, why in skipped.items():
@@ -109,7 +110,7 @@ def plot(rows: list[dict], out: Path) -> list[str]:
 
 class Bench(Stage):
     name = "bench"
-    version = 1
+    version = 2  # 2: compact terminal table
     sections = ("bench",)
     inputs = ("train-stub", "export-onnx", "build-engine")
 
@@ -137,8 +138,11 @@ class Bench(Stage):
         (ctx.out_dir / "bench.md").write_text(markdown(rows, skipped, machine))
         plots = plot(rows, ctx.out_dir)
         return {"rows": rows, "skipped": skipped, "plots": plots, "headline": self._headline(rows),
-                "tables": [{"title": "bench: ranking latency and throughput", "columns": list(ROW_KEYS[:8]),
-                            "rows": [[r[k] for k in ROW_KEYS[:8]] for r in rows]}]}
+                "tables": [{"title": "bench: ranking latency and throughput (full table: bench.md)",
+                            "columns": ["backend", "B", "hist", "cand", "p50 ms", "p99 ms", "users/s", "x eager"],
+                            "rows": [[r["backend"], r["batch"], r["history"], r["candidates"], round(r["p50_ms"], 2),
+                                      round(r["p99_ms"], 2), round(r["users_per_s"], 1),
+                                      round(r["users_per_s"] / _eager(rows, r), 2)] for r in rows]}]}
 
     @staticmethod
     def _runners(ctx: StageContext, model) -> tuple[dict[str, Callable], dict[str, str]]:
