@@ -3,6 +3,7 @@ it, writes its files into `ctx.out_dir`, and returns a JSON-able record (metrics
 
 from __future__ import annotations
 
+import abc
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ class StageContext:
     reporter: Reporter
 
 
-class Stage:
+class Stage(abc.ABC):
     name: ClassVar[str]
     version: ClassVar[int] = 1
     sections: ClassVar[tuple[str, ...]]  # recipe sections that change this stage's output
@@ -41,5 +42,6 @@ class Stage:
         """Upstream stages read with this recipe (a stage may use an optional one only when it is enabled)."""
         return self.inputs
 
+    @abc.abstractmethod
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        raise NotImplementedError  # each stage module overrides this
+        """Write the outputs into ctx.out_dir; return a JSON-able record (metrics, a `headline`, `tables`)."""

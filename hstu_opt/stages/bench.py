@@ -5,6 +5,7 @@ that can run on this machine. Writes bench.json (rows + machine info), bench.md 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -51,10 +52,18 @@ def summarize(backend: str, batch: int, hist: int, cand: int, ms: np.ndarray) ->
             "users_per_s": batch / p50 * 1e3, "candidates_per_s": batch * cand / p50 * 1e3, "repeats": len(ms)}
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def machine_info() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cores": torch.get_num_threads() and __import__("os").cpu_count(), "platform": platform.platform(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "toolchain": toolchain.toolchain()}
 
 

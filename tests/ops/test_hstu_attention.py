@@ -58,7 +58,6 @@ def test_targets_do_not_see_each_other():
 @pytest.mark.parametrize("C,window", [(0, 0), (2, 0), (0, 3), (1, 4)])
 def test_cached_equals_target_rows_of_full(C, window):
     cache_len, delta_len = [9, 1 + C, 17], [3, 1, 5]
-    g = torch.Generator().manual_seed(7)
     H, d = 2, 16
     full_len = [c + d_ for c, d_ in zip(cache_len, delta_len)]
     q, k, v, offsets, nt = random_jagged(full_len, delta_len, H, d, d, seed=11)
@@ -71,7 +70,6 @@ def test_cached_equals_target_rows_of_full(C, window):
                                     v[cache_rows], cache_offsets, max_seq_len=30, alpha=0.25, contextual_len=C,
                                     max_attn_len=window)
     torch.testing.assert_close(got, full[delta_rows])
-    del g
 
 
 def test_batched_equals_each_user_alone():
