@@ -37,10 +37,14 @@ def session_options(threads: int, optimized_path: Path | None = None):
     return so
 
 
-def session(path: Path, threads: int = 2, disabled_optimizers: tuple[str, ...] = ()):
+def disabled_optimizers(quantized: bool) -> list[str]:
+    return list(QDQ_DISABLED_OPTIMIZERS if quantized else ())
+
+
+def session(path: Path, threads: int = 2, quantized: bool = False):
     ort = _ort()
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(disabled_optimizers))
+                                disabled_optimizers=disabled_optimizers(quantized))
 
 
 def build(src: Path, out_dir: Path, name: str, threads: int, quantized: bool = False) -> dict:
@@ -48,20 +52,19 @@ def build(src: Path, out_dir: Path, name: str, threads: int, quantized: bool = F
     ort = _ort()
     out_dir.mkdir(parents=True, exist_ok=True)
     optimized = out_dir / f"{name}.ort.onnx"
-    disabled = list(QDQ_DISABLED_OPTIMIZERS if quantized else ())
     ort.InferenceSession(str(src), session_options(threads, optimized), providers=["CPUExecutionProvider"],
-                         disabled_optimizers=disabled)
+                         disabled_optimizers=disabled_optimizers(quantized))
     settings = {"file": optimized.name, "providers": ["CPUExecutionProvider"], "intra_op_num_threads": threads,
                 "inter_op_num_threads": 1, "graph_optimization_level": "ORT_ENABLE_ALL at load (saved at EXTENDED)",
-                "disabled_optimizers": disabled, "onnxruntime": ort.__version__}
+                "quantized": quantized, "disabled_optimizers": disabled_optimizers(quantized),
+                "onnxruntime": ort.__version__}
     write_json_atomic(out_dir / f"{name}.session.json", settings)
     return describe(optimized) | {"session": settings}
 
 
 def load(out_dir: Path, name: str):
     settings = json.loads((out_dir / f"{name}.session.json").read_text())
-    return session(out_dir / settings["file"], settings["intra_op_num_threads"],
-                   tuple(settings.get("disabled_optimizers", ())))
+    return session(out_dir / settings["file"], settings["intra_op_num_threads"], settings["quantized"])
 
 
 def run(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -84,8 +87,7 @@ class OrtScorer:
     """A ranking + retrieval pair of onnxruntime sessions behind the Scorer protocol."""
 
     def __init__(self, ranking: Path, retrieval: Path, item_table: np.ndarray, threads: int = 2, quantized: bool = False):
-        disabled = QDQ_DISABLED_OPTIMIZERS if quantized else ()
-        self.ranking, self.retrieval = session(ranking, threads, disabled), session(retrieval, threads, disabled)
+        self.ranking, self.retrieval = session(ranking, threads, quantized), session(retrieval, threads, quantized)
         self.table = item_table
 
     def rank(self, batch: PaddedBatch) -> np.ndarray:

@@ -19,11 +19,10 @@ def onnxrt_runner(path: Path, name: str, threads: int = 2):
 def compare(runners: list, feeds: list[dict[str, np.ndarray]], rtol: float, atol: float) -> dict:
     """Run every runner on every feed; compare each runner to the first. Returns a JSON-able summary with the
     max elementwise relative error (|a-b| / max(|b|, atol/rtol)) and polygraphy's pass/fail."""
-    polygraphy = require("polygraphy", backend="polygraphy", extra="onnx")
+    require("polygraphy", backend="polygraphy", extra="onnx")
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
-    del polygraphy
     G_LOGGER.module_severity = G_LOGGER.ERROR
     G_LOGGER.colors = False
     results = Comparator.run(runners, data_loader=feeds)

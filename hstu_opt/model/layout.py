@@ -65,8 +65,6 @@ class Padded:
         self.hist_end = C + hl
         self.ids, self.is_target = row_ids(self.pos, self.seq_len, nc, C)
         self.mask = attention_mask(self.ids, self.is_target, self.valid, cfg.max_attn_len)  # [B, n, n], shared by all layers
-        self.hist_lengths = hist_lengths
-        self.contextual_len = C
         self.n_cand_start = C + n_hist
 
     def per_row(self, per_user: Tensor) -> Tensor:

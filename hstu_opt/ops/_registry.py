@@ -52,6 +52,3 @@ class OpTable:
         if (impl, entry) not in self._impls:
             return self._impls[(Impl.REFERENCE, entry)]
         return self._impls[(impl, entry)]
-
-    def implementations(self) -> list[Impl]:
-        return sorted({impl for impl, _ in self._impls}, key=lambda i: i.value)

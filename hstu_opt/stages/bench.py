@@ -26,8 +26,8 @@ from hstu_opt.stages.base import Stage, StageContext
 
 
 def check_grid(grid: list[tuple[int, int, int]], limits: dict) -> None:
-    for axis, i in (("batch_sizes", 0), ("history_lengths", 1), ("candidates", 2)):
-        key = {"batch_sizes": "batch", "history_lengths": "history", "candidates": "candidates"}[axis]
+    for i, (axis, key) in enumerate((("batch_sizes", "batch"), ("history_lengths", "history"),
+                                     ("candidates", "candidates"))):
         lo, hi = limits[key]
         bad = sorted({g[i] for g in grid if not lo <= g[i] <= hi})
         if bad:
@@ -161,7 +161,7 @@ class Bench(Stage):
         for name in engines.get("onnxruntime", {}):
             if name.startswith("ranking."):
                 sess = ort_backend.load(ctx.inputs["build-engine"] / "onnxruntime", name)
-                runners[f"onnxruntime.{name.split('.', 1)[1]}"] = lambda feed, s=sess: s.run(None, feed)
+                runners[f"onnxruntime.{name.split('.', 1)[1]}"] = lambda feed, s=sess: ort_backend.run(s, feed)
         if "ranking" in engines.get("aoti", {}):
             from hstu_opt.backends import aoti
 

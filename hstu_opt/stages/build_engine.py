@@ -33,7 +33,7 @@ def check_profile(recipe, limits: dict) -> None:
 
 class BuildEngine(Stage):
     name = "build-engine"
-    version = 2  # 2: Q/DQ engines keep MatMulAddFusion off
+    version = 3  # 2: Q/DQ engines keep MatMulAddFusion off; 3: session.json records `quantized`
     sections = ("engine",)
     inputs = ("train-stub", "export-onnx", "fuse", "calibrate-int8")
 

@@ -70,14 +70,14 @@ def _quantize_static(q, src, dst, reader, method, percentile, cache, nodes) -> N
         nodes_to_quantize=nodes, per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
         calibrate_method=method, calibration_cache_path=str(cache),
         # Bias stays float (TensorRT rejects int32 DequantizeLinear inputs); MatMul/Gemm outputs stay float
-        # (Q/DQ on inputs only, as TensorRT wants; onnxruntime then fuses into QGemm with a float output).
+        # (Q/DQ on inputs only, as TensorRT wants; onnxruntime then fuses into MatMulIntegerToFloat).
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": percentile,
                        "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS},
     )
 
 
 def _outputs(path: Path, feeds: list[dict], quantized: bool = False) -> list[np.ndarray]:
-    sess = ort_backend.session(path, disabled_optimizers=ort_backend.QDQ_DISABLED_OPTIMIZERS if quantized else ())
+    sess = ort_backend.session(path, quantized=quantized)
     return [sess.run(None, f)[0] for f in feeds]
 
 
@@ -98,11 +98,12 @@ def matmul_nodes(path: Path, activation_matmuls: bool) -> list[str]:
             and (activation_matmuls or any(i in weights for i in n.input[:2]))]
 
 
-def measure_sensitivity(src: Path, feeds: list[dict], section, cache: Path, work: Path) -> list[dict]:
-    """Calibrate once (fills `cache`), then quantize each candidate MatMul alone and measure the output."""
+def measure_sensitivity(src: Path, feeds: list[dict], reference: list[np.ndarray], section, cache: Path,
+                        work: Path) -> list[dict]:
+    """Calibrate once (fills `cache`), then quantize each candidate MatMul alone and measure the output
+    against `reference` (the float graph's outputs on the probe batches)."""
     _quantize(src, work / "all.onnx", feeds, section.method, section.percentile, cache)
     probe = feeds[:SENSITIVITY_BATCHES]
-    reference = _outputs(src, probe)
     rows = []
     for name in matmul_nodes(src, section.activation_matmuls):
         _quantize(src, work / "one.onnx", feeds, section.method, section.percentile, cache, nodes=[name])
@@ -113,15 +114,15 @@ def measure_sensitivity(src: Path, feeds: list[dict], section, cache: Path, work
     return rows
 
 
-def write_int8(src: Path, dst: Path, feeds: list[dict], section, cache: Path, sensitivity: list[dict]) -> float:
+def write_int8(src: Path, dst: Path, feeds: list[dict], reference: list[np.ndarray], section, cache: Path,
+               sensitivity: list[dict]) -> float:
     """Quantize the MatMuls marked quantized; returns the output's relative error on the probe batches."""
     chosen = [s["node"] for s in sensitivity if s["quantized"]]
     if chosen:
         _quantize(src, dst, feeds, section.method, section.percentile, cache, nodes=chosen)
     else:  # every MatMul stays float: the "int8" graph is the float one
         shutil.copyfile(src, dst)
-    probe = feeds[:SENSITIVITY_BATCHES]
-    return _rel_error(_outputs(dst, probe, quantized=True), _outputs(src, probe))
+    return _rel_error(_outputs(dst, feeds[:SENSITIVITY_BATCHES], quantized=True), reference)
 
 
 def relative_drop(fp32: float, int8: float) -> float:
@@ -165,9 +166,12 @@ class CalibrateInt8(Stage):
         with tempfile.TemporaryDirectory() as work, \
                 ctx.reporter.task("calibrate-int8: calibrating, sensitivity, accuracy", None):
             caches = {k: Path(work) / f"{k}.calibration.json" for k in paths}
+            reference = {k: _outputs(paths[k][0], feeds[k][:SENSITIVITY_BATCHES]) for k in paths}
             for kind, (fp32_path, int8_path) in paths.items():
-                sensitivity[kind] = measure_sensitivity(fp32_path, feeds[kind], section, caches[kind], Path(work))
-                rel_err[kind] = write_int8(fp32_path, int8_path, feeds[kind], section, caches[kind], sensitivity[kind])
+                sensitivity[kind] = measure_sensitivity(fp32_path, feeds[kind], reference[kind], section, caches[kind],
+                                                        Path(work))
+                rel_err[kind] = write_int8(fp32_path, int8_path, feeds[kind], reference[kind], section, caches[kind],
+                                           sensitivity[kind])
             fp32, int8 = evaluate(test, scorer(0), tasks), evaluate(test, scorer(1), tasks)
             drops = _drops(fp32, int8)
             # The accuracy bar is the recipe's: while a metric drops too far, the most sensitive quantized
@@ -181,7 +185,8 @@ class CalibrateInt8(Stage):
                 victim = max(quantized, key=lambda r: r["rel_error"])
                 victim.update(quantized=False, why=f"kept float: {worst} dropped {drops[worst]:.2%} with it quantized "
                                                    f"(bar {section.max_relative_drop:.0%})")
-                rel_err[kind] = write_int8(*paths[kind], feeds[kind], section, caches[kind], sensitivity[kind])
+                rel_err[kind] = write_int8(*paths[kind], feeds[kind], reference[kind], section, caches[kind],
+                                           sensitivity[kind])
                 int8 = evaluate(test, scorer(1), tasks)
                 drops = _drops(fp32, int8)
         report = {k: {"sensitivity": sensitivity[k], "quantized": sum(r["quantized"] for r in sensitivity[k]),
