@@ -126,7 +126,7 @@ class ProfileSection(Section):
 
 
 class EngineSection(Section):
-    backends: tuple[Literal["onnxruntime", "tensorrt", "aoti"], ...] = ("onnxruntime",)
+    backends: tuple[Literal["onnxruntime", "tensorrt", "aoti", "compiled"], ...] = ("onnxruntime",)
     tensorrt_target_cc: str = Field("8.9", pattern=r"^\d+\.\d+$")
     tensorrt_hardware_compatibility: Literal["none", "ampere_plus", "same_cc"] = "none"
     profile: ProfileSection = ProfileSection()

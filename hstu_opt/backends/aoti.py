@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hstu_opt.backends.eager import dynamic_shapes, example_feed, graph_module, input_names, output_names
+from hstu_opt.backends.eager import (ShapeOutOfRange, check_feed, dynamic_shapes, engine_limits, example_feed, graph_module,
+                                     input_names, output_names)
 from hstu_opt.errors import HstuOptError
 from hstu_opt.fsutil import write_json_atomic
 from hstu_opt.model.hstu import HstuModel
@@ -27,10 +28,6 @@ NAME = "aoti"
 # Measured on a 2-core CPU: skipping precompiled headers and -O0 for the wrapper saves ~15 s of build
 # and does not change run time (the kernels themselves are still optimized).
 INDUCTOR_CONFIGS = {"aot_inductor.precompile_headers": False, "aot_inductor.compile_wrapper_opt_level": "O0"}
-
-
-class ShapeOutOfRange(HstuOptError):
-    """A request is outside the shapes the engine was built for."""
 
 
 def build(model: HstuModel, kind: str, out_dir: Path, max_batch: int) -> dict:
@@ -44,8 +41,7 @@ def build(model: HstuModel, kind: str, out_dir: Path, max_batch: int) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         package = out_dir / f"{kind}.pt2"
         torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=INDUCTOR_CONFIGS)
-    limits = {"batch": [1, max_batch], "history": [1, cfg.max_history_len], "candidates": [1, cfg.max_targets],
-              "contextual_len": cfg.contextual_len}
+    limits = engine_limits(cfg, max_batch)
     meta = {"package": package.name, "inputs": input_names(kind, cfg.contextual_len), "outputs": list(output_names(kind)),
             "limits": limits, "torch": torch.__version__, "device": "cpu"}
     write_json_atomic(out_dir / f"{kind}.aoti.json", meta)
@@ -60,23 +56,9 @@ class AotiRunner:
                                f"{torch.__version__}: rebuild the engine (hstu-opt build-engine) with this torch")
         self.package = torch._inductor.aoti_load_package(str(out_dir / self.meta["package"]))
 
-    def check(self, feed: dict[str, np.ndarray]) -> None:
-        lim = self.meta["limits"]
-        dims = {"batch": feed["hist_ids"].shape[0], "history": feed["hist_ids"].shape[1]}
-        if "cand_ids" in feed:
-            dims["candidates"] = feed["cand_ids"].shape[1]
-        for axis, size in dims.items():
-            lo, hi = lim[axis]
-            if not lo <= size <= hi:
-                raise ShapeOutOfRange(f"{axis} = {size} is outside this engine's range [{lo}, {hi}]: split or truncate "
-                                      "the request, or rebuild with larger limits in the recipe")
-        missing = set(self.meta["inputs"]) - set(feed)
-        if missing:
-            raise ShapeOutOfRange(f"request lacks inputs {sorted(missing)}: this engine takes {self.meta['inputs']}")
-
     @torch.no_grad()
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.check(feed)
+        check_feed(feed, self.meta["limits"], self.meta["inputs"])
         out = self.package(**to_tensors({k: feed[k] for k in self.meta["inputs"]}))
         out = out[0] if isinstance(out, (list, tuple)) else out
         return {self.meta["outputs"][0]: out.float().numpy()}

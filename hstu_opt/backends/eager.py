@@ -11,6 +11,7 @@ from torch import nn
 
 from hstu_opt.data.batching import RANKING_INPUTS, RETRIEVAL_INPUTS
 from hstu_opt.data.requests import random_requests
+from hstu_opt.errors import HstuOptError
 from hstu_opt.model.hstu import HstuModel
 from hstu_opt.model.scoring import to_tensors
 
@@ -115,3 +116,28 @@ def dynamic_shapes(kind: str, model: HstuModel, max_batch: int) -> dict:
               "hist_lengths": {0: b}, "cand_ids": {0: b, 1: c}, "num_candidates": {0: b}, "query_time": {0: b},
               "contextual_ids": {0: b}}
     return {n: shapes[n] for n in input_names(kind, cfg.contextual_len)}
+
+
+class ShapeOutOfRange(HstuOptError):
+    """A request is outside the shapes the engine was built for."""
+
+
+def engine_limits(cfg, max_batch: int) -> dict:
+    return {"batch": [1, max_batch], "history": [1, cfg.max_history_len], "candidates": [1, cfg.max_targets],
+            "contextual_len": cfg.contextual_len}
+
+
+def check_feed(feed: dict[str, np.ndarray], limits: dict, inputs: list[str]) -> None:
+    """Engines without their own shape checks (AOTInductor, torch.compile) call this before running: an
+    out-of-range request would otherwise run silently (and read past the model's tables)."""
+    dims = {"batch": feed["hist_ids"].shape[0], "history": feed["hist_ids"].shape[1]}
+    if "cand_ids" in feed:
+        dims["candidates"] = feed["cand_ids"].shape[1]
+    for axis, size in dims.items():
+        lo, hi = limits[axis]
+        if not lo <= size <= hi:
+            raise ShapeOutOfRange(f"{axis} = {size} is outside this engine's range [{lo}, {hi}]: split or truncate "
+                                  "the request, or rebuild with larger limits in the recipe")
+    missing = set(inputs) - set(feed)
+    if missing:
+        raise ShapeOutOfRange(f"request lacks inputs {sorted(missing)}: this engine takes {inputs}")

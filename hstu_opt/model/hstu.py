@@ -66,6 +66,26 @@ class HstuModel(nn.Module):
         states, _, _ = self.trunk(x, layout)
         return states, layout
 
+    @torch.no_grad()
+    def rank_jagged(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, offsets: Tensor, num_targets: Tensor,
+                    query_time: Tensor, target_rows: Tensor, history_rows: Tensor) -> Tensor:
+        """Serving form of ranking: probabilities [Lt, T] of the target rows (`target_rows`, in order;
+        `history_rows` are the others, contextual rows included). Equals the ranking head over
+        forward_jagged's target rows, but the last layer runs for the target rows only: nothing reads
+        its other rows. Those attend to the history's K/V as cached scoring does, so the last layer
+        costs a projection of every row plus Lt (not L) rows of attention and output projection.
+        The row index lists come from the caller (the host knows them) so nothing here syncs."""
+        layout = Jagged(offsets, num_targets, self.cfg.contextual_len, num_rows=ids.shape[0])
+        x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
+        for layer in self.layers[:-1]:
+            x, _, _ = layer(x, layout, impl=self.impl)
+        delta_offsets = torch.nn.functional.pad(num_targets.cumsum(0), (1, 0))
+        cache_offsets = offsets - delta_offsets
+        last = self.layers[-1]
+        _, _, k, v = last.project(x.index_select(0, history_rows), self.impl)
+        x = last.forward_cached(x.index_select(0, target_rows), delta_offsets, k, v, cache_offsets, self.impl)
+        return torch.sigmoid(self.ranking_logits(x, ids.index_select(0, target_rows)))
+
     def ranking_logits(self, target_states: Tensor, cand_ids: Tensor) -> Tensor:
         # The head runs in its own parameters' dtype (float32 when training a bf16 trunk); logits in float32.
         dt = self.ranking.mlp[0].weight.dtype

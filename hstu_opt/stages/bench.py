@@ -166,6 +166,10 @@ class Bench(Stage):
             from hstu_opt.backends import aoti
 
             runners["aoti"] = aoti.load(ctx.inputs["build-engine"] / "aoti", "ranking").run
+        if "ranking" in engines.get("compiled", {}):
+            from hstu_opt.backends import compiled
+
+            runners["compiled"] = compiled.load(ctx.inputs["build-engine"] / "compiled").run
         for name, desc in engines.get("tensorrt", {}).items():
             skipped[f"tensorrt.{name}"] = desc.get("skipped") or (
                 f"plan for {desc['target']} built; running it needs a GPU of that compute capability, which this "

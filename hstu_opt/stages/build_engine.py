@@ -4,6 +4,8 @@
   tensorrt     plans from the unfused fp32 graph and the Q/DQ graph; the fused graph only when an
                HstuAttention plugin is registered (otherwise the record says why it was skipped)
   aoti         AOTInductor packages of the checkpoint's graphs (torch.export, dynamic shapes)
+  compiled     the checkpoint's jagged ranking graph under torch.compile (Triton ops and CUDA graphs on a
+               GPU, reference ops on a CPU) with Inductor's cache artifacts; cold and warm start measured
 Outputs: <backend>/... and engines.json.
 """
 
@@ -33,13 +35,13 @@ def check_profile(recipe, limits: dict) -> None:
 
 class BuildEngine(Stage):
     name = "build-engine"
-    version = 3  # 2: Q/DQ engines keep MatMulAddFusion off; 3: session.json records `quantized`
+    version = 4  # 2: Q/DQ engines keep MatMulAddFusion off; 3: session.json records `quantized`; 4: compiled
     sections = ("engine",)
     inputs = ("train-stub", "export-onnx", "fuse", "calibrate-int8")
 
     def input_stages(self, recipe) -> tuple[str, ...]:
         optional = {"fuse": recipe.fuse.attention_plugin, "calibrate-int8": recipe.quantize.enabled,
-                    "train-stub": "aoti" in recipe.engine.backends}  # aoti compiles the checkpoint itself
+                    "train-stub": bool({"aoti", "compiled"} & set(recipe.engine.backends))}  # these compile the checkpoint
         return tuple(s for s in self.inputs if optional.get(s, True))
 
     def run(self, ctx: StageContext) -> dict:
@@ -51,7 +53,8 @@ class BuildEngine(Stage):
         engines: dict[str, dict] = {}
         with ctx.reporter.task("build-engine", len(recipe.engine.backends)) as advance:
             for backend in recipe.engine.backends:
-                build = {"onnxruntime": self._onnxruntime, "tensorrt": self._tensorrt, "aoti": self._aoti}[backend]
+                build = {"onnxruntime": self._onnxruntime, "tensorrt": self._tensorrt, "aoti": self._aoti,
+                         "compiled": self._compiled}[backend]
                 engines[backend] = build(ctx, sources, contract)
                 advance(1)
         write_json_atomic(ctx.out_dir / "engines.json", engines)
@@ -88,6 +91,17 @@ class BuildEngine(Stage):
 
         model, _ = load_checkpoint(ctx.inputs["train-stub"] / "checkpoint", expect=ctx.recipe.model)
         return {kind: aoti.build(model, kind, ctx.out_dir / "aoti", ctx.recipe.export.max_batch) for kind in contract["graphs"]}
+
+    @staticmethod
+    def _compiled(ctx: StageContext, sources: dict, contract: dict) -> dict:
+        from hstu_opt.backends import compiled
+        from hstu_opt.model.checkpoint import load_checkpoint
+
+        recipe = ctx.recipe
+        model, _ = load_checkpoint(ctx.inputs["train-stub"] / "checkpoint", expect=recipe.model)
+        shapes = [(b, h, c) for b in recipe.bench.batch_sizes for h in recipe.bench.history_lengths
+                  for c in recipe.bench.candidates]
+        return {"ranking": compiled.build(model, ctx.out_dir / "compiled", recipe.export.max_batch, shapes)}
 
     @staticmethod
     def _tensorrt(ctx: StageContext, sources: dict, contract: dict) -> dict:

@@ -54,15 +54,17 @@ def hstu_attention_dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, max_seq_
     return torch.matmul(weights * scaled_mask, vt).transpose(1, 2).to(q.dtype)  # [B, n, H, dv]
 
 
-def _jagged_index(offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _jagged_index(offsets: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """(user of each row [L], position of each row in its sequence [L], lengths [B])."""
     lengths = offsets[1:] - offsets[:-1]
-    user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths)
+    user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=num_rows)
     pos = torch.arange(user.numel(), device=offsets.device) - offsets[user]
     return user, pos, lengths
 
 
 def _check_jagged(q: Tensor, offsets: Tensor, num_targets: Tensor, contextual_len: int) -> None:
+    if torch.compiler.is_compiling():  # host syncs; a compiled engine checks its requests before it runs
+        return
     lengths = offsets[1:] - offsets[:-1]
     assert int(offsets[0]) == 0 and int(offsets[-1]) == q.shape[0], "offsets must start at 0 and end at L"
     assert bool((lengths >= 0).all()), "offsets must be non-decreasing"
@@ -76,12 +78,15 @@ def hstu_attention(
     q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor | None, max_seq_len: int, alpha: float,
     contextual_len: int, max_attn_len: int,
 ) -> Tensor:
-    user, pos, lengths = _jagged_index(offsets)
+    user, pos, lengths = _jagged_index(offsets, q.shape[0])
     B = lengths.numel()
     if num_targets is None:
         num_targets = torch.zeros_like(lengths)
     _check_jagged(q, offsets, num_targets, contextual_len)
-    n = int(lengths.max()) if B > 0 and q.shape[0] > 0 else 0
+    if torch.compiler.is_compiling():  # pad to a bound known from shapes (no host sync, no recompiles)
+        n = torch.sym_min(max_seq_len, q.shape[0])
+    else:
+        n = int(lengths.max()) if B > 0 and q.shape[0] > 0 else 0
     if n == 0:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
 
@@ -106,13 +111,13 @@ def cached_hstu_attention(
     # The definition: interleave [cache rows][new rows] per user, run the full attention with the new
     # rows as targets, keep the new rows. Cached rows need no query (their outputs are dropped).
     full_offsets = cache_offsets + delta_offsets
-    c_user, c_pos, _ = _jagged_index(cache_offsets)
-    d_user, d_pos, d_len = _jagged_index(delta_offsets)
+    c_user, c_pos, _ = _jagged_index(cache_offsets, k_cache.shape[0])
+    d_user, d_pos, d_len = _jagged_index(delta_offsets, q.shape[0])
     c_rows = full_offsets[c_user] + c_pos
     d_rows = full_offsets[d_user] + (cache_offsets[d_user + 1] - cache_offsets[d_user]) + d_pos
 
     def interleave(cached: Tensor | None, new: Tensor) -> Tensor:
-        out = new.new_zeros(int(full_offsets[-1]), *new.shape[1:])
+        out = new.new_zeros(q.shape[0] + k_cache.shape[0], *new.shape[1:])  # from shapes: no host sync
         if cached is not None:
             out[c_rows] = cached.to(new.dtype)
         out[d_rows] = new

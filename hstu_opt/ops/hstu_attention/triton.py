@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
+from hstu_opt.ops._triton import interpreting, mma
 from hstu_opt.ops.hstu_attention import TABLE
 
 
@@ -29,14 +30,15 @@ def _row_ids(pos, hist_end, C: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:  # exact fp32 (the fp32 path is for checking, not speed); otherwise tensor cores (tf32/bf16/fp16)
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _pointwise(s, alpha, inv_n):
+def _pointwise(s, alpha, inv_n, FAST: tl.constexpr):
+    """SiLU(alpha * s) / N. FAST (16-bit on a GPU): silu(x) = h + h * tanh(h) with h = x / 2, one
+    tanh.approx.f32 (max relative error ~2^-11, below bf16/fp16 rounding) instead of exp + a full
+    division: the pointwise part, not the tensor cores, bounds this kernel."""
+    if FAST:
+        h = s * (0.5 * alpha)
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1)
+        hn = h * inv_n
+        return hn + hn * t
     s = s * alpha
     return s * tl.sigmoid(s) * inv_n
 
@@ -46,7 +48,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
               stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_ol, stride_oh,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              IEEE: tl.constexpr):
+              IEEE: tl.constexpr, FAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -76,10 +78,10 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :],
                     mask=offs_dqk[None, :] < DQK, other=0.0)  # [BLOCK_N, BLOCK_DQK]
-        p = _pointwise(_dot(q, tl.trans(k), IEEE), alpha, inv_n)
+        p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
         v = tl.load(V + (seq_start + offs_n)[:, None] * stride_vl + h * stride_vh + offs_dv[None, :],
                     mask=offs_dv[None, :] < DV, other=0.0)
-        acc += _dot(p.to(v.dtype), v, IEEE)
+        acc += mma(p.to(v.dtype), v, IEEE)
     end_n = tl.minimum(seq_len, start_m + BLOCK_M)
     if start_m < C:
         end_n = tl.maximum(end_n, hist_end)
@@ -88,7 +90,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
         n_valid = offs_n < seq_len
         k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :],
                     mask=n_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-        p = _pointwise(_dot(q, tl.trans(k), IEEE), alpha, inv_n)
+        p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
         id_n = _row_ids(offs_n, hist_end, C)
         earlier = id_m[:, None] > id_n[None, :]
         if WINDOW > 0:
@@ -97,7 +99,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
         p = tl.where(sees & m_valid[:, None] & n_valid[None, :], p, 0.0)
         v = tl.load(V + (seq_start + offs_n)[:, None] * stride_vl + h * stride_vh + offs_dv[None, :],
                     mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc += _dot(p.to(v.dtype), v, IEEE)
+        acc += mma(p.to(v.dtype), v, IEEE)
     tl.store(Out + (seq_start + offs_m)[:, None] * stride_ol + h * stride_oh + offs_dv[None, :],
              acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
 
@@ -108,7 +110,7 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
                      stride_kcl, stride_kch, stride_vcl, stride_vch, stride_os, stride_ol, stride_oh,
                      H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     IEEE: tl.constexpr):
+                     IEEE: tl.constexpr, FAST: tl.constexpr):
     """Program (m, b*H+h, s) adds the contribution of cache keys [s*split_len, (s+1)*split_len) to a float32
     partial Out[s]; split 0 also adds each row's own (diagonal) term. No softmax: partials just add."""
     pid_m = tl.program_id(0)
@@ -133,7 +135,7 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
     # Its own row (the diagonal): a row-wise dot, no cache involved.
     k_self = tl.load(K + (d_start + offs_m)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :], mask=qmask, other=0.0)
     v_self = tl.load(V + (d_start + offs_m)[:, None] * stride_vl + h * stride_vh + offs_dv[None, :], mask=vmask, other=0.0)
-    p_self = _pointwise(tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1), alpha, inv_n)
+    p_self = _pointwise(tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1), alpha, inv_n, FAST)
     acc = tl.where(pid_s == 0, p_self[:, None] * v_self.to(tl.float32), 0.0)
     id_m = c_len - C + 1  # every target's id
     lo = pid_s * split_len
@@ -143,7 +145,7 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
         n_valid = offs_n < hi
         k = tl.load(KC + (c_start + offs_n)[:, None] * stride_kcl + h * stride_kch + offs_dqk[None, :],
                     mask=n_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-        p = _pointwise(_dot(q, tl.trans(k), IEEE), alpha, inv_n)
+        p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
         sees = n_valid[None, :] & m_valid[:, None]
         if WINDOW > 0:
             id_n = tl.where(offs_n < C, 0, offs_n - C + 1)
@@ -151,7 +153,7 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
         p = tl.where(sees, p, 0.0)
         v = tl.load(VC + (c_start + offs_n)[:, None] * stride_vcl + h * stride_vch + offs_dv[None, :],
                     mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc += _dot(p.to(v.dtype), v, IEEE)
+        acc += mma(p.to(v.dtype), v, IEEE)
     tl.store(Out + pid_s * stride_os + (d_start + offs_m)[:, None] * stride_ol + h * stride_oh + offs_dv[None, :],
              acc, mask=vmask)
 
@@ -165,7 +167,8 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     else:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return {**tiles, "BLOCK_DQK": bdqk, "BLOCK_DV": bdv, "IEEE": dtype == torch.float32}
+    return {**tiles, "BLOCK_DQK": bdqk, "BLOCK_DV": bdv, "IEEE": dtype == torch.float32,
+            "FAST": dtype != torch.float32 and not interpreting()}
 
 
 def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, out: Tensor, max_seq_len: int,
@@ -247,17 +250,23 @@ def _(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alph
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
+def _rows(t: Tensor) -> Tensor:
+    """The kernels take any row and head strides, unit stride within a head: the strided q/k/v views
+    of the fused uvqk output pass as they are, anything else is copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 @TABLE.register(Impl.TRITON, "hstu_attention")
 def _hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len):
     if num_targets is None:
         num_targets = torch.zeros(offsets.shape[0] - 1, dtype=offsets.dtype, device=offsets.device)
-    return hstu_attention_triton(q.contiguous(), k.contiguous(), v.contiguous(), offsets, num_targets, max_seq_len,
+    return hstu_attention_triton(_rows(q), _rows(k), _rows(v), offsets, num_targets, max_seq_len,
                                  alpha, contextual_len, max_attn_len)
 
 
 @TABLE.register(Impl.TRITON, "cached_hstu_attention")
 def _cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
             max_delta_len):
-    return cached_hstu_attention_triton(q.contiguous(), k.contiguous(), v.contiguous(), delta_offsets,
-                                        k_cache.contiguous(), v_cache.contiguous(), cache_offsets, max_seq_len, alpha,
+    return cached_hstu_attention_triton(_rows(q), _rows(k), _rows(v), delta_offsets, _rows(k_cache), _rows(v_cache),
+                                        cache_offsets, max_seq_len, alpha,
                                         contextual_len, max_attn_len, max_delta_len)
