@@ -442,7 +442,7 @@ def main() -> None:
         save()
     if not args.skip_bench:
         result["sweep"] = [] if args.skip_sweep else sweep(gen, result["ceilings"]["matmul_bf16_tflops"])
-        result["gemm_sweep"] = [] if args.skip_sweep else gemm_sweep(gen)
+        result["gemm_sweep"] = gemm_sweep(gen)
         for r in result["sweep"] + result["gemm_sweep"]:
             print("sweep", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         save()

@@ -1,9 +1,11 @@
-"""Triton pieces shared by the fused projection kernels (uvqk, hstu_output): per-row LayerNorm
-statistics, and GEMM tiling with grouped program order.
+"""Triton pieces shared by the fused projections (uvqk, hstu_output): a row-wise LayerNorm (optionally
+gated: u * LN(a)) and a GEMM over up to three A operands (the K dimension concatenated, never
+materialized) with a bias / SiLU / residual epilogue.
 
-LayerNorm is folded into the GEMMs that consume it: a small kernel writes each row's mean and 1/std
-(float32, 8 bytes a row), and the GEMM normalizes its A tiles as it loads them. The statistics are
-computed once per row, not once per output-column block.
+Why LayerNorm is its own small kernel and not folded into the GEMM's A tiles: normalizing A in
+registers keeps the GEMM off the shared-memory wgmma path. Measured on the H200 at dlrm-v3 size
+(69,632 x 512 -> 2048, bf16): folded 200-280 TFLOP/s, against 644 for cuBLAS on the bare matmul
+(benchmarks/results/gpu_hstu_2026-11-29_run6.json). A memory-bound normalize pass costs a few percent.
 """
 
 from __future__ import annotations
@@ -20,54 +22,103 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def row_stats_kernel(X, MEAN, RSTD, M, K, stride_xm, eps, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Mean and 1/sqrt(var + eps) of rows [pid*ROWS, (pid+1)*ROWS) of X [M, K], two-pass in float32
-    (the same numerics as F.layer_norm, no E[x^2] - E[x]^2 cancellation)."""
-    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / K
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
-    tl.store(MEAN + offs_m, mean, mask=offs_m < M)
-    tl.store(RSTD + offs_m, rstd, mask=offs_m < M)
-
-
-def launch_row_stats(x2d: torch.Tensor, eps: float, launcher) -> tuple[torch.Tensor, torch.Tensor]:
-    M, K = x2d.shape
-    mean = x2d.new_empty(M, dtype=torch.float32)
-    rstd = x2d.new_empty(M, dtype=torch.float32)
-    block_k = triton.next_power_of_2(K)
-    rows = max(1, min(64, 4096 // block_k))
-    launcher(row_stats_kernel)[(triton.cdiv(M, rows),)](x2d, mean, rstd, M, K, x2d.stride(0), eps, ROWS=rows,
-                                                        BLOCK_K=block_k, num_warps=4)
-    return mean, rstd
-
-
-@triton.jit
-def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(m block, n block) of this program, GROUP_M row blocks at a time so neighbouring programs share
-    A rows and B columns in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
-
-
-@triton.jit
 def mma(a, b, IEEE: tl.constexpr):
     if IEEE:  # exact fp32 (the fp32 path is for checking, not speed); otherwise tensor cores
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 
+@triton.jit
+def _layer_norm_kernel(X, NW, NB, U, OUT, M, K, stride_xm, stride_um, stride_om, eps,
+                       GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT = LN(X) (GATE: U * LN(X)) for rows [pid*ROWS, (pid+1)*ROWS): two-pass float32 statistics,
+    rounded to the output dtype where the reference rounds (LN's output, then the product)."""
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    mask = (offs_m < M)[:, None] & k_ok[None, :]
+    x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / K
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
+    nw = tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    nb = tl.load(NB + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    y = (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(OUT.dtype.element_ty)
+    if GATE:
+        u = tl.load(U + offs_m[:, None] * stride_um + offs_k[None, :], mask=mask, other=0.0)
+        y = (u.to(tl.float32) * y.to(tl.float32)).to(OUT.dtype.element_ty)
+    tl.store(OUT + offs_m[:, None] * stride_om + offs_k[None, :], y, mask=mask)
+
+
+def launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, launcher,
+                      gate: torch.Tensor | None = None) -> torch.Tensor:
+    """LN(x) of a [M, K] x with unit column stride (gate given: gate * LN(x)), as a new [M, K] tensor."""
+    M, K = x.shape
+    out = x.new_empty(M, K)
+    block_k = triton.next_power_of_2(K)
+    rows = max(1, min(64, 4096 // block_k))
+    u = gate if gate is not None else x
+    launcher(_layer_norm_kernel)[(triton.cdiv(M, rows),)](
+        x, weight, bias, u, out, M, K, x.stride(0), u.stride(0), out.stride(0), eps,
+        GATE=gate is not None, ROWS=rows, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(m block, n block) of this program, GROUP_M row blocks at a time so neighbouring programs share
+    A rows and B columns in L2."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def _accumulate(acc, A, stride_am, W, stride_wk, offs_m, offs_n, m_ok, n_ok, K,
+                BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(A + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + offs_k[:, None] * stride_wk + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += mma(a, w, IEEE)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
+                 stride_a0, stride_a1, stride_a2, stride_wk, stride_res, stride_om,
+                 NUM_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """OUT = [A0 | A1 | A2] @ W (+ BIAS) (SiLU on columns < SILU_N) (+ RES); each A is [M, K], W [NUM_A*K, N]."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _accumulate(acc, A0, stride_a0, W, stride_wk, offs_m, offs_n, m_ok, n_ok, K, BLOCK_K, IEEE)
+    if NUM_A > 1:
+        acc = _accumulate(acc, A1, stride_a1, W + K * stride_wk, stride_wk, offs_m, offs_n, m_ok, n_ok, K, BLOCK_K, IEEE)
+    if NUM_A > 2:
+        acc = _accumulate(acc, A2, stride_a2, W + 2 * K * stride_wk, stride_wk, offs_m, offs_n, m_ok, n_ok, K,
+                          BLOCK_K, IEEE)
+    mn = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = tl.where((offs_n < SILU_N)[None, :], acc * tl.sigmoid(acc), acc)
+    if HAS_RES:
+        acc += tl.load(RES + offs_m[:, None] * stride_res + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
+    tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=mn)
+
+
 def gemm_config(dtype: torch.dtype, config: dict | None = None) -> dict:
-    """Tiles for the fused projections: 128x128x64, 8 warps for 16-bit (a standard Hopper GEMM tile);
-    smaller for fp32, the exact checking path. `config` overrides (the GPU benchmark sweeps it)."""
+    """128x128x64 tiles, 8 warps for 16-bit (a standard Hopper tile); smaller for fp32, the exact
+    checking path. `config` overrides (the GPU benchmark sweeps it)."""
     if dtype == torch.float32:
         base = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
     else:
@@ -75,5 +126,17 @@ def gemm_config(dtype: torch.dtype, config: dict | None = None) -> dict:
     return base | (config or {}) | {"IEEE": dtype == torch.float32}
 
 
-def gemm_grid(M: int, N: int, cfg: dict) -> tuple[int]:
-    return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, launcher, *, bias=None, residual=None,
+                silu_cols: int = 0, config: dict | None = None) -> torch.Tensor:
+    """out [M, N] = concat(a, dim=1) @ weight (+ bias) (SiLU on the first silu_cols columns) (+ residual)."""
+    M, K = a[0].shape
+    N = weight.shape[1]
+    cfg = gemm_config(a[0].dtype, config)
+    a3 = a + [a[0]] * (3 - len(a))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    launcher(_gemm_kernel)[grid](
+        a3[0], a3[1], a3[2], weight, bias if bias is not None else weight, residual if residual is not None else out,
+        out, M, K, N, silu_cols, a3[0].stride(0), a3[1].stride(0), a3[2].stride(0), weight.stride(0),
+        (residual if residual is not None else out).stride(0), out.stride(0),
+        NUM_A=len(a), HAS_BIAS=bias is not None, HAS_RES=residual is not None, **cfg)
+    return out
