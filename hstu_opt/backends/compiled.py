@@ -45,11 +45,17 @@ CACHE = "ranking.cache.bin"
 JAGGED_INPUTS = ("ids", "ratings", "timestamps", "offsets", "num_targets", "query_time", "target_rows", "history_rows")
 
 
-def device_plan() -> dict:
+def device_plan(impl: str | dict | None = None) -> dict:
+    """What to compile on this machine. `impl` (default: Triton for every op on CUDA, the reference on a
+    CPU) may map op names to implementations, e.g. Triton attention with Inductor-fused projections."""
     if torch.cuda.is_available():
-        return {"device": "cuda", "impl": Impl.TRITON.value, "mode": "reduce-overhead",
+        return {"device": "cuda", "impl": impl or Impl.TRITON.value, "mode": "reduce-overhead",
                 "gpu": torch.cuda.get_device_name()}
-    return {"device": "cpu", "impl": Impl.REFERENCE.value, "mode": "default", "gpu": None}
+    return {"device": "cpu", "impl": impl or Impl.REFERENCE.value, "mode": "default", "gpu": None}
+
+
+def _impl(spec: str | dict) -> Impl | dict:
+    return {op: Impl(v) for op, v in spec.items()} if isinstance(spec, dict) else Impl(spec)
 
 
 def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -80,7 +86,11 @@ def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int) -> tuple[dict[
 
 
 class CompiledRunner:
-    def __init__(self, out_dir: Path, load_cache: bool = True):
+    def __init__(self, out_dir: Path, load_cache: bool = True, warmup: bool = True):
+        """Loads the weights and the cache artifacts, then (warmup) runs the shipped shapes in the build's
+        order: the graphs torch.compile makes depend on the order shapes arrive in (the first compiles
+        static, a later one dynamic), so replaying it finds every graph in the artifacts, and the first
+        real request, whatever its shape, finds compiled code."""
         self.out_dir = out_dir
         self.meta = json.loads((out_dir / META).read_text())
         meta = self.meta
@@ -91,12 +101,19 @@ class CompiledRunner:
         if load_cache:  # (not when compiling the engine cold)
             torch.compiler.load_cache_artifacts((out_dir / CACHE).read_bytes())
         model, _ = load_checkpoint(out_dir / "checkpoint")
-        model.impl = Impl(meta["impl"])
+        model.impl = _impl(meta["impl"])
         self.device = torch.device(meta["device"])
         self.model = model.to(self.device, model.cfg.torch_dtype).eval()
         mode = None if meta["mode"] == "default" else meta["mode"]
-        self.fn = torch.compile(self.model.rank_jagged, dynamic=True, mode=mode)
+        # Automatic dynamic shapes: the first shape compiles static, a second one recompiles once with the
+        # changing sizes symbolic. Not dynamic=True: that also makes the config's ints (N, the 1/N scale)
+        # symbolic, and the Triton launch then got a float grid size on the H200 (torch 2.11).
+        self.fn = torch.compile(self.model.rank_jagged, dynamic=None, mode=mode)
         self._pinned: torch.Tensor | None = None
+        if warmup:
+            for feed in _example_feeds(self.model, meta["shapes"]):
+                self.run(feed)
+                self.run(feed)  # CUDA graphs record on the second call
         self.load_s = time.perf_counter() - t0
 
     def _to_device(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -129,13 +146,13 @@ def load(out_dir: Path, kind: str = "ranking") -> CompiledRunner:
 
 
 def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[int, int, int]],
-          timeout_s: int = 3600) -> dict:
+          timeout_s: int = 3600, impl: str | dict | None = None) -> dict:
     """Write the engine directory and compile it (cold) and load it (warm) in two fresh processes.
     `shapes` (batch, history, candidates) are compiled ahead and shipped in the cache artifacts."""
     cfg = model.cfg
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out_dir / "checkpoint", model, {"note": "weights of the compiled engine"})
-    meta = {**device_plan(), "dtype": cfg.dtype, "limits": engine_limits(cfg, max_batch),
+    meta = {**device_plan(impl), "dtype": cfg.dtype, "limits": engine_limits(cfg, max_batch),
             "inputs": input_names("ranking", cfg.contextual_len), "outputs": ["probs"], "cache": CACHE,
             "shapes": [list(s) for s in shapes], "torch": torch.__version__, "triton": _triton_version()}
     write_json_atomic(out_dir / META, meta)
@@ -196,7 +213,7 @@ def _inductor_counters() -> dict:
 
 
 def _main(step: str, out_dir: Path, tmp: Path) -> dict:
-    runner = CompiledRunner(out_dir, load_cache=step != "compile")
+    runner = CompiledRunner(out_dir, load_cache=step != "compile", warmup=False)
     feeds = _example_feeds(runner.model, runner.meta["shapes"])
     t0 = time.perf_counter()
     times, outs = _timed_first_calls(runner, feeds)

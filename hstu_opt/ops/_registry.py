@@ -36,11 +36,12 @@ class OpTable:
 
         return deco
 
-    def get(self, impl: Impl | str, entry: str) -> Callable:
+    def get(self, impl: Impl | str | dict, entry: str) -> Callable:
         """The `impl` implementation of `entry`. An op that has no such implementation (no file
-        `<op>/<impl>.py`, e.g. no Triton uvqk yet) runs its reference, so a model can ask for Triton
-        everywhere; an implementation that exists but cannot import (Triton not installed) raises."""
-        impl = Impl(impl)
+        `<op>/<impl>.py`) runs its reference, so a model can ask for Triton everywhere; an
+        implementation that exists but cannot import (Triton not installed) raises. `impl` may also map
+        op names to implementations ({"hstu_attention": "triton"}: the others run their reference)."""
+        impl = Impl(impl.get(self.op, Impl.REFERENCE) if isinstance(impl, dict) else impl)
         if (impl, entry) not in self._impls:
             module = f"{self._package}.{impl.value}"
             if importlib.util.find_spec(module) is None:
