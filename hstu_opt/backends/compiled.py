@@ -158,6 +158,11 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
     write_json_atomic(out_dir / META, meta)
     with tempfile.TemporaryDirectory(prefix="hstu-opt-compiled-") as tmp:
         cold = _fresh_process("compile", out_dir, Path(tmp), timeout_s)
+        if cold["nonfinite"]:
+            raise StageError(
+                f"compiled engine: the compiled model gave {cold['nonfinite']} non-finite probabilities on the warm-up "
+                "requests, so it is not shipped. Seen on the H200 (torch 2.11): Inductor mis-runs the Triton attention "
+                "(benchmarks/compile_debug.py); use the model's eager Triton path there")
         warm = _fresh_process("warm", out_dir, Path(tmp), timeout_s)
     meta |= {"cold_start": cold, "warm_start": warm}
     write_json_atomic(out_dir / META, meta)
@@ -218,7 +223,7 @@ def _main(step: str, out_dir: Path, tmp: Path) -> dict:
     t0 = time.perf_counter()
     times, outs = _timed_first_calls(runner, feeds)
     total = time.perf_counter() - t0 + runner.load_s
-    result = {"seconds": round(total, 3), "load_s": round(runner.load_s, 3), "first_call_s": [round(t, 3) for t in times],
+    result = {"nonfinite": int(sum((~np.isfinite(o)).sum() for o in outs)), "seconds": round(total, 3), "load_s": round(runner.load_s, 3), "first_call_s": [round(t, 3) for t in times],
               "inductor_cache": _inductor_counters()}
     if step == "compile":
         artifacts = torch.compiler.save_cache_artifacts()

@@ -100,31 +100,3 @@ def test_fake_op_gives_shapes_under_fake_tensors():
         out = hstu_attention_triton(q, q, v, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
                                     16, 0.1, 0, 0)
     assert out.shape == (11, 2, 24)
-
-
-def test_under_torch_compile_the_attention_is_one_opaque_node_with_the_same_result():
-    """torch.compile (not export) routes the Triton attention through an opaque custom op: Inductor
-    miscompiles the decomposed triton_op on the H200 (see triton.py). Full and cached, vs eager."""
-    q, k, v, offsets, nt = random_jagged([5, 9, 1], [1, 2, 0], 2, 16, 16, seed=3)
-    kw = dict(max_seq_len=20, alpha=0.25, impl=Impl.TRITON)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    def full(q, k, v):
-        return ops.hstu_attention(q, k, v, offsets, nt, **kw)
-
-    def cached(q, k, v):
-        d_off, c_off = torch.tensor([0, 1, 3, 3]), torch.tensor([0, 4, 11, 12])
-        rows_d, rows_c = [4, 12, 13], [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 14]
-        return ops.cached_hstu_attention(q[rows_d], k[rows_d], v[rows_d], d_off, k[rows_c], v[rows_c], c_off,
-                                         max_delta_len=2, **kw)
-
-    for fn, name in ((full, "hstu_attention_opaque"), (cached, "cached_hstu_attention_opaque")):
-        graphs.clear()
-        got = torch.compile(fn, backend=backend, fullgraph=True)(q, k, v)
-        torch.testing.assert_close(got, fn(q, k, v), atol=0, rtol=0)
-        targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-        assert any(name in t for t in targets), targets

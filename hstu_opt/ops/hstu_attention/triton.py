@@ -256,49 +256,17 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# Under torch.compile (not export) the attention runs as an opaque custom op that launches the same
-# kernels. Inductor in torch 2.11 miscompiles the decomposed triton_op of both attention kernels on the
-# H200: outputs come back NaN in most rows, while eager launches and the projections' triton_ops are
-# exact (benchmarks/compile_debug.py, benchmarks/results/compile_debug_h200_2026-11-29.json). torch.export
-# keeps the triton_op, so AOTInductor packages still carry the kernels.
-@torch.library.custom_op("hstu_opt::hstu_attention_opaque", mutates_args=())
-def hstu_attention_opaque(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, max_seq_len: int,
-                          alpha: float, contextual_len: int, max_attn_len: int) -> Tensor:
-    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-    return launch_fwd(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len, max_attn_len)
-
-
-hstu_attention_opaque.register_fake(hstu_attention_triton._abstract_fn)
-
-
-@torch.library.custom_op("hstu_opt::cached_hstu_attention_opaque", mutates_args=())
-def cached_hstu_attention_opaque(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor,
-                                 v_cache: Tensor, cache_offsets: Tensor, max_seq_len: int, alpha: float,
-                                 contextual_len: int, max_attn_len: int, max_delta_len: int) -> Tensor:
-    partials = q.new_empty(cached_partials_shape(q, v, delta_offsets, max_seq_len, max_delta_len), dtype=torch.float32)
-    launch_cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, partials, max_seq_len, alpha,
-                  contextual_len, max_attn_len, max_delta_len)
-    return partials.sum(0).to(q.dtype)
-
-
-cached_hstu_attention_opaque.register_fake(cached_hstu_attention_triton._abstract_fn)
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-
-
 @TABLE.register(Impl.TRITON, "hstu_attention")
 def _hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len):
     if num_targets is None:
         num_targets = torch.zeros(offsets.shape[0] - 1, dtype=offsets.dtype, device=offsets.device)
-    op = hstu_attention_opaque if _compiling() else hstu_attention_triton
-    return op(_rows(q), _rows(k), _rows(v), offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len)
+    return hstu_attention_triton(_rows(q), _rows(k), _rows(v), offsets, num_targets, max_seq_len,
+                                 alpha, contextual_len, max_attn_len)
 
 
 @TABLE.register(Impl.TRITON, "cached_hstu_attention")
 def _cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
             max_delta_len):
-    op = cached_hstu_attention_opaque if _compiling() else cached_hstu_attention_triton
-    return op(_rows(q), _rows(k), _rows(v), delta_offsets, _rows(k_cache), _rows(v_cache), cache_offsets, max_seq_len,
-              alpha, contextual_len, max_attn_len, max_delta_len)
+    return cached_hstu_attention_triton(_rows(q), _rows(k), _rows(v), delta_offsets, _rows(k_cache), _rows(v_cache),
+                                        cache_offsets, max_seq_len, alpha,
+                                        contextual_len, max_attn_len, max_delta_len)
