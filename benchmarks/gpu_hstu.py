@@ -307,16 +307,20 @@ def wall_ms(fn, reps: int = 30) -> dict:
 
 
 @torch.no_grad()
-def bench_model(out_dir: Path) -> dict:
+def bench_model(out_dir: Path, quick: bool = False) -> dict:
     cfg = dlrm_config()
     tri, ref = dlrm_model(cfg, Impl.TRITON), dlrm_model(cfg, Impl.REFERENCE)
     mix = dlrm_model(cfg, {"hstu_attention": Impl.TRITON})  # Inductor fuses the norms/pointwise around cuBLAS
     result = {"config": cfg.to_dict(), "end_to_end": [], "cached": [], "profiles": {}}
     engine_dir = out_dir / "engine"
     t0 = time.time()
-    result["engine_build"] = compiled.build(tri, engine_dir, max_batch=16, shapes=[(1, 4096, 256), (16, 4096, 256)])
-    result["engine_build"]["build_s"] = time.time() - t0
-    print("engine build:", {k: result["engine_build"][k] for k in ("cold_start", "warm_start")}, flush=True)
+    try:
+        result["engine_build"] = compiled.build(tri, engine_dir, max_batch=16, shapes=[(1, 4096, 256), (16, 4096, 256)])
+        result["engine_build"]["build_s"] = time.time() - t0
+        print("engine build:", {k: result["engine_build"][k] for k in ("cold_start", "warm_start")}, flush=True)
+    except Exception as exc:  # e.g. the build's own refusal of non-finite outputs: record it, measure the rest
+        result["engine_build_error"] = str(exc)[-3000:]
+        print("engine build failed:", str(exc)[-3000:], flush=True)
     for B in (1, 16):
         feed = dlrm_feed(cfg, B)
         t = device_rows(cfg, feed)
@@ -336,12 +340,14 @@ def bench_model(out_dir: Path) -> dict:
                                      "ms": do_bench(replay, warmup=3, rep=50), "gpu_busy_ms": busy, **wall_ms(replay)})
         outs["graph"] = graph_out.float().clone()
         t1 = time.time()
-        ref_c = torch.compile(ref.rank_jagged, mode="reduce-overhead", dynamic=False)
-        for _ in range(3):
-            got = ref_c(**t).float().clone()
-        result["end_to_end"].append({"B": B, "variant": "torch.compile(reference rank_jagged, reduce-overhead)",
-                                     "compile_s": time.time() - t1, "ms": do_bench(lambda: ref_c(**t), warmup=3, rep=30),
-                                     "max_abs_diff_vs_eager_reference": float((got - outs[next(iter(variants))]).abs().max())})
+        if not quick:  # (--quick: measured in run 9, 7.3 ms at batch 1 and 95 ms at batch 16)
+            ref_c = torch.compile(ref.rank_jagged, mode="reduce-overhead", dynamic=False)
+            for _ in range(3):
+                got = ref_c(**t).float().clone()
+            result["end_to_end"].append({
+                "B": B, "variant": "torch.compile(reference rank_jagged, reduce-overhead)", "compile_s": time.time() - t1,
+                "ms": do_bench(lambda: ref_c(**t), warmup=3, rep=30),
+                "max_abs_diff_vs_eager_reference": float((got - outs[next(iter(variants))]).abs().max())})
         t1 = time.time()
         mix_c = torch.compile(mix.rank_jagged, mode="reduce-overhead", dynamic=False)
         for _ in range(3):
@@ -376,6 +382,8 @@ def bench_model(out_dir: Path) -> dict:
                                  "graphs": "both CUDA-graph replays, outputs cloned"})
         del replay_full, replay_cached, cache
     # the engine: a fresh process that loads the bundle's compiled engine (warm start) and serves
+    if "engine_build" not in result:
+        return result
     env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(out_dir / "serve-cache" / "inductor"),
                         "TRITON_CACHE_DIR": str(out_dir / "serve-cache" / "triton")}
     proc = subprocess.run([sys.executable, __file__, "--serve-engine", str(engine_dir), "--out", str(out_dir)], env=env,
@@ -426,6 +434,7 @@ def main() -> None:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="model part without torch.compile of the reference")
     ap.add_argument("--serve-engine", type=Path, help="(internal) serve this engine dir in this fresh process")
     args = ap.parse_args()
     if args.serve_engine:
@@ -462,7 +471,7 @@ def main() -> None:
                   f"ratio {r['ratio_to_matmul']:.3f}", flush=True)
         save()
     if not args.skip_model:
-        result["model"] = bench_model(args.out)
+        result["model"] = bench_model(args.out, args.quick)
         save()
         for r in result["model"]["end_to_end"]:
             print(f"e2e B={r['B']:2} {r['variant'][:60]:60} " + " ".join(

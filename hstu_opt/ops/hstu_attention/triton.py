@@ -34,6 +34,8 @@ def _pointwise(s, alpha, inv_n, FAST: tl.constexpr):
     """SiLU(alpha * s) / N. FAST (16-bit on a GPU): silu(x) = h + h * tanh(h) with h = x / 2, one
     tanh.approx.f32 (max relative error ~2^-11, below bf16/fp16 rounding) instead of exp + a full
     division: the pointwise part, not the tensor cores, bounds this kernel."""
+    alpha = tl.cast(alpha, tl.float32)  # Inductor passes Python floats as fp64 (eager Triton as fp32): fp64
+    inv_n = tl.cast(inv_n, tl.float32)  # here turned the inline asm's input and the bf16 casts into NaN
     if FAST:
         h = s * (0.5 * alpha)
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1)
