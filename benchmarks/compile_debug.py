@@ -1,14 +1,15 @@
-"""Why the `compiled` engine gives NaN on the H200: each Triton op alone, eager vs torch.compile with the
-eager, aot_eager and inductor backends, realistic shapes, strided and contiguous inputs.
+"""Why the `compiled` engine first gave NaN on the H200: each Triton op alone, eager vs torch.compile
+with the eager, aot_eager and inductor backends, realistic shapes, strided and contiguous inputs.
 
     python benchmarks/compile_debug.py OUT.json
 
 Findings (results/compile_debug_h200_2026-11-29*.json, torch 2.11.0+cu130, triton 3.6.0):
-- uvqk and hstu_output triton_ops under inductor: exact to one bf16 ulp.
-- both attention triton_ops under inductor: NaN in most rows (1860 of 2000), with or without the tanh
-  SiLU; under the eager and aot_eager backends: bit-identical to eager. So it is Inductor's part.
-- wrapping the attention in an opaque torch.library.custom_op (Inductor then calls the same Python
-  launch as eager) still gives NaN under inductor only. Not resolved; the engine refuses to ship NaN.
+- uvqk and hstu_output under inductor: exact to one bf16 ulp; both attention kernels: NaN in most rows
+  (1860 of 2000), with or without the tanh SiLU, also when wrapped in an opaque custom op; under the
+  eager and aot_eager backends bit-identical to eager. So it was Inductor's part.
+- Cause (from TORCH_LOGS=output_code): Inductor types a kernel's Python-float arguments fp64 (eager
+  Triton: fp32), so alpha * s ran in fp64 and fed the fp32 tanh asm and the bf16 casts. Fix: the
+  kernels cast alpha and 1/N to fp32; after it the engine matches eager (results/gpu_hstu_*_run10.json).
 """
 import json
 import sys
