@@ -104,3 +104,16 @@ def test_a_corrupted_cache_entry_is_rebuilt(micro_recipe, tmp_path, reporter):
     reporter.events.clear()
     pipeline.build(recipe, root, reporter, until="train-stub")
     assert reporter.ran() == ["train-stub"]
+
+
+def test_compiled_engine_through_the_pipeline(micro_recipe, tmp_path, reporter):
+    """build-engine's `compiled` backend: built from the checkpoint for the bench grid's shapes, warm-started
+    in a fresh process, listed in engines.json and benchmarked next to eager."""
+    _edit(micro_recipe, "engine", "backends", ["onnxruntime", "compiled"])
+    path, _ = pipeline.build(load_recipe(micro_recipe), tmp_path / "out", reporter)
+    engine = json.loads((path / "build-engine" / "engines.json").read_text())["compiled"]["ranking"]
+    assert engine["shapes"] == [[1, 24, 4], [4, 24, 4]] and engine["device"] == "cpu"
+    assert engine["warm_start"]["max_abs_diff_vs_cold"] == 0.0 and engine["warm_start"]["nonfinite"] == 0
+    assert not engine["warm_start"]["inductor_cache"].get("fxgraph_cache_miss")
+    bench = json.loads((path / "bench" / "bench.json").read_text())
+    assert {r["backend"] for r in bench["rows"]} == {"eager", "onnxruntime.fp32", "onnxruntime.int8", "compiled"}
