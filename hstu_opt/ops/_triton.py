@@ -21,6 +21,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row (and head) strides but need unit stride along the last dim: strided
+    views such as the fused uvqk's q/k/v pass as they are, anything else is copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 @triton.jit
 def mma(a, b, IEEE: tl.constexpr):
     if IEEE:  # exact fp32 (the fp32 path is for checking, not speed); otherwise tensor cores

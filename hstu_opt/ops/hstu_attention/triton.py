@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import interpreting, mma
+from hstu_opt.ops._triton import interpreting, mma, unit_stride
 from hstu_opt.ops.hstu_attention import TABLE
 
 
@@ -162,8 +162,9 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
 
 def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
     """Block sizes. 16-bit, head dim <= 128: 64x64 tiles, 4 warps, 3 stages measured best on the H200
-    (benchmarks/results/gpu_hstu_2026-11-29_run2.json sweep: 0.43 of the matmul rate at N=4096 vs 0.39
-    for 128x64 / 8 warps). Wider heads and fp32 (the checking path) take smaller tiles to fit."""
+    (benchmarks/results/gpu_hstu_2026-11-29_run6.json sweep, tanh SiLU: 0.675 of the matmul rate at
+    N=4096 vs 0.666 for 128x64 / 8 warps; 0.296 vs 0.248 at N=512). Wider heads and fp32 (the checking
+    path) take smaller tiles to fit."""
     bdqk, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
     if max(bdqk, bdv) >= 256 or dtype == torch.float32:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -252,23 +253,17 @@ def _(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alph
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
-def _rows(t: Tensor) -> Tensor:
-    """The kernels take any row and head strides, unit stride within a head: the strided q/k/v views
-    of the fused uvqk output pass as they are, anything else is copied."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @TABLE.register(Impl.TRITON, "hstu_attention")
 def _hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len):
     if num_targets is None:
         num_targets = torch.zeros(offsets.shape[0] - 1, dtype=offsets.dtype, device=offsets.device)
-    return hstu_attention_triton(_rows(q), _rows(k), _rows(v), offsets, num_targets, max_seq_len,
-                                 alpha, contextual_len, max_attn_len)
+    q, k, v = (unit_stride(t) for t in (q, k, v))
+    return hstu_attention_triton(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len)
 
 
 @TABLE.register(Impl.TRITON, "cached_hstu_attention")
 def _cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
             max_delta_len):
-    return cached_hstu_attention_triton(_rows(q), _rows(k), _rows(v), delta_offsets, _rows(k_cache), _rows(v_cache),
-                                        cache_offsets, max_seq_len, alpha,
+    q, k, v, k_cache, v_cache = (unit_stride(t) for t in (q, k, v, k_cache, v_cache))
+    return cached_hstu_attention_triton(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha,
                                         contextual_len, max_attn_len, max_delta_len)

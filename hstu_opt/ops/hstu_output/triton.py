@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import launch_gemm, launch_layer_norm
+from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride
 from hstu_opt.ops.hstu_output import TABLE
 from hstu_opt.ops.hstu_output import reference
 
@@ -36,8 +36,7 @@ def _(u, a, x, norm_weight, norm_bias, weight, eps):
 
 
 def _rows(t: Tensor) -> Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return unit_stride(t.reshape(-1, t.shape[-1]))
 
 
 @TABLE.register(Impl.TRITON, "hstu_output")

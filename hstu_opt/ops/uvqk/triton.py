@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import launch_gemm, launch_layer_norm
+from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride
 from hstu_opt.ops.uvqk import TABLE
 
 
@@ -40,9 +40,7 @@ def _(x, norm_weight, norm_bias, weight, bias, silu_cols, eps):
 @TABLE.register(Impl.TRITON, "uvqk")
 def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps):
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = unit_stride(x.reshape(-1, x.shape[-1]))
     hv, hqk = num_heads * linear_dim, num_heads * attention_dim
     proj = uvqk_triton(x2d, norm_weight, norm_bias, uvqk_weight.to(x.dtype).contiguous(), uvqk_bias, hv, eps)
     u, v, q, k = torch.split(proj, [hv, hv, hqk, hqk], dim=-1)
