@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hstu_opt.backends.eager import check_feed, engine_limits, input_names
+from hstu_opt import toolchain
+from hstu_opt.backends.eager import check_feed, engine_limits, example_feed, input_names
 from hstu_opt.errors import HstuOptError, StageError
 from hstu_opt.fsutil import write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
@@ -91,7 +92,6 @@ class CompiledRunner:
         order: the graphs torch.compile makes depend on the order shapes arrive in (the first compiles
         static, a later one dynamic), so replaying it finds every graph in the artifacts, and the first
         real request, whatever its shape, finds compiled code."""
-        self.out_dir = out_dir
         self.meta = json.loads((out_dir / META).read_text())
         meta = self.meta
         if meta["device"] == "cuda" and not torch.cuda.is_available():
@@ -111,10 +111,21 @@ class CompiledRunner:
         self.fn = torch.compile(self.model.rank_jagged, dynamic=None, mode=mode)
         self._pinned: torch.Tensor | None = None
         if warmup:
-            for feed in _example_feeds(self.model, meta["shapes"]):
-                self.run(feed)
-                self.run(feed)  # CUDA graphs record on the second call
+            self.warm_up()
         self.load_s = time.perf_counter() - t0
+
+    def warm_up(self) -> tuple[list[float], list[np.ndarray]]:
+        """Run a random request of each shipped shape, twice (CUDA graphs record on the second call), in
+        the build's order; returns each shape's first-call seconds and first outputs."""
+        rng = np.random.default_rng(0)
+        times, outs = [], []
+        for b, h, c in self.meta["shapes"]:
+            feed = example_feed(self.model, "ranking", rng, b, h, c, exact=True)
+            t0 = time.perf_counter()
+            outs.append(self.run(feed)["probs"])
+            times.append(time.perf_counter() - t0)
+            self.run(feed)
+        return times, outs
 
     def _to_device(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """One host-to-device copy of every input (through a reused pinned buffer on CUDA)."""
@@ -154,27 +165,19 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
     save_checkpoint(out_dir / "checkpoint", model, {"note": "weights of the compiled engine"})
     meta = {**device_plan(impl), "dtype": cfg.dtype, "limits": engine_limits(cfg, max_batch),
             "inputs": input_names("ranking", cfg.contextual_len), "outputs": ["probs"], "cache": CACHE,
-            "shapes": [list(s) for s in shapes], "torch": torch.__version__, "triton": _triton_version()}
+            "shapes": [list(s) for s in shapes], "torch": torch.__version__, "triton": toolchain.toolchain()["triton"]}
     write_json_atomic(out_dir / META, meta)
     with tempfile.TemporaryDirectory(prefix="hstu-opt-compiled-") as tmp:
         cold = _fresh_process("compile", out_dir, Path(tmp), timeout_s)
         if cold["nonfinite"]:
             raise StageError(
                 f"compiled engine: the compiled model gave {cold['nonfinite']} non-finite probabilities on the warm-up "
-                "requests, so it is not shipped. Seen on the H200 (torch 2.11): Inductor mis-runs the Triton attention "
-                "(benchmarks/compile_debug.py); use the model's eager Triton path there")
+                "requests, so it is not shipped: compare it with eager (benchmarks/compile_debug.py shows how; the "
+                "last such case was a kernel argument Inductor typed fp64)")
         warm = _fresh_process("warm", out_dir, Path(tmp), timeout_s)
     meta |= {"cold_start": cold, "warm_start": warm}
     write_json_atomic(out_dir / META, meta)
     return {"backend": NAME, "bytes": (out_dir / CACHE).stat().st_size, **meta}
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def _fresh_process(step: str, out_dir: Path, tmp: Path, timeout_s: int) -> dict:
@@ -192,25 +195,6 @@ def _fresh_process(step: str, out_dir: Path, tmp: Path, timeout_s: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _example_feeds(model: HstuModel, shapes: list) -> list[dict[str, np.ndarray]]:
-    from hstu_opt.data.requests import random_requests
-
-    cfg, rng = model.cfg, np.random.default_rng(0)
-    return [random_requests(rng, b, h, c, num_items=cfg.num_items, contextual_len=cfg.contextual_len,
-                            contextual_cardinality=cfg.contextual_cardinality, exact=True).ranking_feed()
-            for b, h, c in shapes]
-
-
-def _timed_first_calls(runner: CompiledRunner, feeds: list[dict]) -> tuple[list[float], list[np.ndarray]]:
-    times, outs = [], []
-    for feed in feeds:
-        t0 = time.perf_counter()
-        outs.append(runner.run(feed)["probs"])
-        times.append(time.perf_counter() - t0)
-        runner.run(feed)  # CUDA graphs record on the second call
-    return times, outs
-
-
 def _inductor_counters() -> dict:
     from torch._dynamo.utils import counters
 
@@ -219,11 +203,11 @@ def _inductor_counters() -> dict:
 
 def _main(step: str, out_dir: Path, tmp: Path) -> dict:
     runner = CompiledRunner(out_dir, load_cache=step != "compile", warmup=False)
-    feeds = _example_feeds(runner.model, runner.meta["shapes"])
     t0 = time.perf_counter()
-    times, outs = _timed_first_calls(runner, feeds)
+    times, outs = runner.warm_up()
     total = time.perf_counter() - t0 + runner.load_s
-    result = {"nonfinite": int(sum((~np.isfinite(o)).sum() for o in outs)), "seconds": round(total, 3), "load_s": round(runner.load_s, 3), "first_call_s": [round(t, 3) for t in times],
+    result = {"nonfinite": int(sum((~np.isfinite(o)).sum() for o in outs)), "seconds": round(total, 3),
+              "load_s": round(runner.load_s, 3), "first_call_s": [round(t, 3) for t in times],
               "inductor_cache": _inductor_counters()}
     if step == "compile":
         artifacts = torch.compiler.save_cache_artifacts()
