@@ -60,7 +60,7 @@ def cache_key(stage: Stage, recipe: Recipe, input_digests: dict[str, str]) -> st
     parts = {
         "stage": stage.name,
         "version": stage.version,
-        "sections": {name: recipe.section(name).digest() for name in stage.sections},
+        "sections": {name: recipe.section(name).digest() for name in stage.key_sections(recipe)},
         "inputs": input_digests,
         "toolchain": toolchain.fingerprint(),
     }

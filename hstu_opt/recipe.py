@@ -140,6 +140,10 @@ class BenchSection(Section):
     warmup: int = Field(3, ge=0)
     repeats: int = Field(20, ge=1)
 
+    def grid(self) -> list[tuple[int, int, int]]:
+        """(batch, history, candidates) for every combination of the lists."""
+        return [(b, h, c) for b in self.batch_sizes for h in self.history_lengths for c in self.candidates]
+
 
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")

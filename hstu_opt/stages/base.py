@@ -38,6 +38,11 @@ class Stage(abc.ABC):
     def enabled(self, recipe: Recipe) -> bool:
         return True
 
+    def key_sections(self, recipe: Recipe) -> tuple[str, ...]:
+        """Recipe sections in this stage's cache key with this recipe (`sections` unless a stage's output
+        depends on another section only for some recipes)."""
+        return self.sections
+
     def input_stages(self, recipe: Recipe) -> tuple[str, ...]:
         """Upstream stages read with this recipe (a stage may use an optional one only when it is enabled)."""
         return self.inputs

@@ -129,7 +129,7 @@ class Bench(Stage):
         torch.set_num_threads(threads)
         model, _ = load_checkpoint(ctx.inputs["train-stub"] / "checkpoint", expect=recipe.model)
         runners, skipped = self._runners(ctx, model)
-        grid = [(b, h, c) for b in section.batch_sizes for h in section.history_lengths for c in section.candidates]
+        grid = section.grid()
         check_grid(grid, json.loads((ctx.inputs["export-onnx"] / "contract.json").read_text())["limits"])
         rng = np.random.default_rng(recipe.train.seed)
         rows = []

@@ -36,8 +36,13 @@ def check_profile(recipe, limits: dict) -> None:
 class BuildEngine(Stage):
     name = "build-engine"
     version = 4  # 2: Q/DQ engines keep MatMulAddFusion off; 3: session.json records `quantized`; 4: compiled
+    # (keyed on `bench` too when it builds the compiled engine: key_sections)
     sections = ("engine",)
     inputs = ("train-stub", "export-onnx", "fuse", "calibrate-int8")
+
+    def key_sections(self, recipe) -> tuple[str, ...]:
+        # the compiled engine is compiled ahead for the bench grid's shapes (see _compiled)
+        return self.sections + (("bench",) if "compiled" in recipe.engine.backends else ())
 
     def input_stages(self, recipe) -> tuple[str, ...]:
         optional = {"fuse": recipe.fuse.attention_plugin, "calibrate-int8": recipe.quantize.enabled,
@@ -99,9 +104,7 @@ class BuildEngine(Stage):
 
         recipe = ctx.recipe
         model, _ = load_checkpoint(ctx.inputs["train-stub"] / "checkpoint", expect=recipe.model)
-        shapes = [(b, h, c) for b in recipe.bench.batch_sizes for h in recipe.bench.history_lengths
-                  for c in recipe.bench.candidates]
-        return {"ranking": compiled.build(model, ctx.out_dir / "compiled", recipe.export.max_batch, shapes)}
+        return {"ranking": compiled.build(model, ctx.out_dir / "compiled", recipe.export.max_batch, recipe.bench.grid())}
 
     @staticmethod
     def _tensorrt(ctx: StageContext, sources: dict, contract: dict) -> dict:

@@ -117,3 +117,11 @@ def test_compiled_engine_through_the_pipeline(micro_recipe, tmp_path, reporter):
     assert not engine["warm_start"]["inductor_cache"].get("fxgraph_cache_miss")
     bench = json.loads((path / "bench" / "bench.json").read_text())
     assert {r["backend"] for r in bench["rows"]} == {"eager", "onnxruntime.fp32", "onnxruntime.int8", "compiled"}
+
+    # its warmed shapes come from the bench grid, so a bench edit rebuilds the engines (and only those)
+    reporter.events.clear()
+    _edit(micro_recipe, "bench", "batch_sizes", [2])
+    path, _ = pipeline.build(load_recipe(micro_recipe), tmp_path / "out", reporter)
+    assert reporter.ran() == ["build-engine", "bench"]
+    engine = json.loads((path / "build-engine" / "engines.json").read_text())["compiled"]["ranking"]
+    assert engine["shapes"] == [[2, 24, 4]]
