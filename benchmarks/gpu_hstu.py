@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from hstu_opt import ops  # noqa: E402
 from hstu_opt.backends import compiled  # noqa: E402
+from hstu_opt.backends.eager import example_feed  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.ops.hstu_attention.triton import cached_partials_shape, launch_cached, launch_fwd  # noqa: E402
@@ -202,7 +203,7 @@ def check_projections(gen) -> list[dict]:
     return rows
 
 
-def gemm_sweep(gen) -> list[dict]:
+def gemm_sweep() -> list[dict]:
     """Tiles for the fused projections at dlrm-v3 size (16 users x 4352 rows, D=512 -> 2048)."""
     M, D, width = 16 * 4352, 512, 2048
     x = torch.randn(M, D, device=DEV, dtype=torch.bfloat16)
@@ -228,7 +229,7 @@ GEMM_CONFIGS = [{}, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_
                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4)]
 
 
-def dlrm_config(contextual: bool = True) -> HstuConfig:
+def dlrm_config() -> HstuConfig:
     from hstu_opt.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "dlrm-v3-ranking.yaml")
@@ -241,12 +242,9 @@ def dlrm_model(cfg: HstuConfig, impl: Impl | dict) -> HstuModel:
     return HstuModel(cfg, impl=impl).eval().to(DEV, cfg.torch_dtype)
 
 
-def dlrm_feed(cfg: HstuConfig, B: int) -> dict:
-    from hstu_opt.data.requests import random_requests
-
-    return random_requests(np.random.default_rng(B), B, 4096, 256, num_items=cfg.num_items,
-                           contextual_len=cfg.contextual_len, contextual_cardinality=cfg.contextual_cardinality,
-                           exact=True).ranking_feed()
+def dlrm_feed(model: HstuModel, B: int) -> dict:
+    """B users, each 4096 history rows and 256 candidates (plus the recipe's contextual rows)."""
+    return example_feed(model, "ranking", np.random.default_rng(B), B, 4096, 256, exact=True)
 
 
 def device_rows(cfg: HstuConfig, feed: dict) -> dict[str, torch.Tensor]:
@@ -322,7 +320,7 @@ def bench_model(out_dir: Path, quick: bool = False) -> dict:
         result["engine_build_error"] = str(exc)[-3000:]
         print("engine build failed:", str(exc)[-3000:], flush=True)
     for B in (1, 16):
-        feed = dlrm_feed(cfg, B)
+        feed = dlrm_feed(tri, B)
         t = device_rows(cfg, feed)
         variants = {
             "eager reference (all rows, every layer)": lambda: full_forward(ref, t),
@@ -408,10 +406,9 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     runner = compiled.load(engine_dir)
     load_s = time.perf_counter() - t0
-    cfg = runner.model.cfg
     rows, first = [], {}
     for B in (1, 16):
-        feed = dlrm_feed(cfg, B)
+        feed = dlrm_feed(runner.model, B)
         t1 = time.perf_counter()
         got = runner.run(feed)["probs"]
         first[B] = time.perf_counter() - t1
@@ -461,7 +458,7 @@ def main() -> None:
         save()
     if not args.skip_bench:
         result["sweep"] = [] if args.skip_sweep else sweep(gen, result["ceilings"]["matmul_bf16_tflops"])
-        result["gemm_sweep"] = gemm_sweep(gen)
+        result["gemm_sweep"] = gemm_sweep()
         for r in result["sweep"] + result["gemm_sweep"]:
             print("sweep", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         save()
