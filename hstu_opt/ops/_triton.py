@@ -28,6 +28,28 @@ def unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def tanh_approx(x):
+    """tanh.approx.f32: one MUFU op, max relative error ~2^-11 (below bf16/fp16 rounding). GPU only."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def silu(x, FAST: tl.constexpr):
+    """SiLU of float32 x. FAST (16-bit outputs on a GPU): x/2 + x/2 * tanh(x/2), one tanh.approx instead of
+    exp + a full division; the special-function unit, not the tensor cores, bounds the epilogues."""
+    if FAST:
+        h = x * 0.5
+        return h + h * tanh_approx(h)
+    return x * tl.sigmoid(x)
+
+
+def fast_math(dtype: torch.dtype) -> bool:
+    """Whether kernels take the approximate SiLU: 16-bit outputs on a GPU (not fp32, the checking path,
+    and not Triton's interpreter, which cannot run inline PTX)."""
+    return dtype != torch.float32 and not interpreting()
+
+
+@triton.jit
 def mma(a, b, IEEE: tl.constexpr):
     if IEEE:  # exact fp32 (the fp32 path is for checking, not speed); otherwise tensor cores
         return tl.dot(a, b, input_precision="ieee")
@@ -99,8 +121,9 @@ def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
                  stride_a0, stride_a1, stride_a2, stride_wk, stride_res, stride_om,
                  NUM_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """OUT = [A0 | A1 | A2] @ W (+ BIAS) (SiLU on columns < SILU_N) (+ RES); each A is [M, K], W [NUM_A*K, N]."""
+                 IEEE: tl.constexpr, FAST: tl.constexpr):
+    """OUT = [A0 | A1 | A2] @ W (+ BIAS) (SiLU on columns < SILU_N) (+ RES); each A is [M, K], W [NUM_A*K, N].
+    SiLU runs only in tiles that hold such columns (in uvqk a quarter of them, in hstu_output none)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,20 +139,30 @@ def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
     mn = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc = tl.where((offs_n < SILU_N)[None, :], acc * tl.sigmoid(acc), acc)
+    if pid_n * BLOCK_N < SILU_N:
+        acc = tl.where((offs_n < SILU_N)[None, :], silu(acc, FAST), acc)
     if HAS_RES:
         acc += tl.load(RES + offs_m[:, None] * stride_res + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
     tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=mn)
 
 
-def gemm_config(dtype: torch.dtype, config: dict | None = None) -> dict:
-    """128x128x64 tiles, 8 warps for 16-bit (a standard Hopper tile); smaller for fp32, the exact
-    checking path. `config` overrides (the GPU benchmark sweeps it)."""
+WAVE = 132  # SMs of an H200: a launch of fewer tiles than this leaves SMs idle
+
+
+def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict | None = None) -> dict:
+    """Tiles for 16-bit: 128x256x64, 8 warps, 3 stages (H200 sweep, benchmarks/results/gpu_hstu_2026-11-29_run11.json:
+    uvqk 418 vs 388 TFLOP/s for 128x128, hstu_output 392 vs 327); when that gives under two waves of tiles
+    (a batch-1 output projection, cached scoring's few rows) 64x128 tiles, 4 warps, so more SMs work. M is
+    only looked at when it is a plain int: under torch.compile's dynamic shapes it is symbolic and the
+    large tiles stand. fp32, the exact checking path, takes small tiles. `config` overrides (the GPU
+    benchmark sweeps it)."""
     if dtype == torch.float32:
         base = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
+    elif isinstance(M, int) and N is not None and triton.cdiv(M, 128) * triton.cdiv(N, 256) < 2 * WAVE:
+        base = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     else:
-        base = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return base | (config or {}) | {"IEEE": dtype == torch.float32}
+        base = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return base | (config or {}) | {"IEEE": dtype == torch.float32, "FAST": fast_math(dtype)}
 
 
 def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, launcher, *, bias=None, residual=None,
@@ -137,7 +170,7 @@ def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, 
     """out [M, N] = concat(a, dim=1) @ weight (+ bias) (SiLU on the first silu_cols columns) (+ residual)."""
     M, K = a[0].shape
     N = weight.shape[1]
-    cfg = gemm_config(a[0].dtype, config)
+    cfg = gemm_config(a[0].dtype, M, N, config)
     a3 = a + [a[0]] * (3 - len(a))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     launcher(_gemm_kernel)[grid](
