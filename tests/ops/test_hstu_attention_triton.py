@@ -49,6 +49,37 @@ def test_triton_matches_reference(lengths, num_targets, C, window, dtype, H, dqk
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("lengths,num_targets,C,window", [
+    ([150, 5, 17], [7, 1, 2], 3, 0),  # splits that start past a short sequence's end (they store zeros)
+    ([150, 3, 130], [20, 0, 4], 2, 9),  # window: every block masked
+    ([200], [0], 0, 0),  # one user, history only: the batch-1 case the splits exist for
+])
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_key_splits_match_reference(lengths, num_targets, C, window, splits, dtype):
+    """The full kernel with its keys split across programs (float32 partials, summed) equals the reference."""
+    from hstu_opt.ops.hstu_attention.triton import attention_fwd
+
+    H, d = 2, 32
+    q, k, v, offsets, nt = random_jagged(lengths, num_targets, H, d, d, dtype=dtype, seed=splits + len(lengths))
+    N = max(lengths) + 3
+    kw = dict(max_seq_len=N, alpha=d ** -0.5, contextual_len=C, max_attn_len=window)
+    want = ops.hstu_attention(q.float(), k.float(), v.float(), offsets, nt, **kw)
+    got = attention_fwd(q, k, v, offsets, nt, **kw, splits=splits)
+    atol, rtol = TOLERANCES[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+
+
+def test_key_splits_only_where_the_launch_is_small():
+    from hstu_opt.ops.hstu_attention.triton import fwd_splits
+
+    assert fwd_splits(1 * 4, 4352, 64, 64) == 2  # dlrm-v3 at batch 1: 272 programs, the longest 68 blocks
+    assert fwd_splits(16 * 4, 4352, 64, 64) == 1  # batch 16: thousands of programs
+    assert fwd_splits(512 * 4, 512, 64, 64) == 1
+    assert fwd_splits(1, 100, 64, 64) == 1  # never below 4 key blocks per split
+
+
 @pytest.mark.parametrize("C,window,N,cache_len", [
     (0, 0, 100, [9, 1, 70]), (2, 0, 100, [9, 3, 70]), (1, 4, 100, [9, 2, 70]),
     (0, 0, 2000, [600, 5, 300]),  # several key splits per user (see triton.cache_splits)

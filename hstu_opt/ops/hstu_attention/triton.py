@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import interpreting, mma, unit_stride
+from hstu_opt.ops._triton import fast_math, mma, silu, tanh_approx, unit_stride
 from hstu_opt.ops.hstu_attention import TABLE
 
 
@@ -31,28 +31,31 @@ def _row_ids(pos, hist_end, C: tl.constexpr):
 
 @triton.jit
 def _pointwise(s, alpha, inv_n, FAST: tl.constexpr):
-    """SiLU(alpha * s) / N. FAST (16-bit on a GPU): silu(x) = h + h * tanh(h) with h = x / 2, one
-    tanh.approx.f32 (max relative error ~2^-11, below bf16/fp16 rounding) instead of exp + a full
-    division: the pointwise part, not the tensor cores, bounds this kernel."""
+    """SiLU(alpha * s) / N (FAST: the one-tanh.approx SiLU of ops/_triton.py, with 1/N folded in before
+    the last multiply-add): the pointwise part, not the tensor cores, bounds this kernel."""
     alpha = tl.cast(alpha, tl.float32)  # Inductor passes Python floats as fp64 (eager Triton as fp32): fp64
     inv_n = tl.cast(inv_n, tl.float32)  # here turned the inline asm's input and the bf16 casts into NaN
     if FAST:
         h = s * (0.5 * alpha)
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32, is_pure=True, pack=1)
+        t = tanh_approx(h)
         hn = h * inv_n
         return hn + hn * t
-    s = s * alpha
-    return s * tl.sigmoid(s) * inv_n
+    return silu(s * alpha, False) * inv_n
 
 
 @triton.jit
-def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
-              stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_ol, stride_oh,
+def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
+              stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_os, stride_ol, stride_oh,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+    """Program (m, b*H+h, s): query block m of user b, head h, over keys [s*split_len, (s+1)*split_len)
+    into Out[s] (one split: Out is the output; more: float32 partials that add up, no softmax to rescale).
+    Query blocks run last-first: causal blocks near a sequence's end carry the most keys, and starting
+    those first keeps them off the tail of the launch."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     seq_start = tl.load(offsets + b)
@@ -76,7 +79,9 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
     free_n = 0
     if WINDOW == 0:
         free_n = (tl.minimum(start_m, hist_end) // BLOCK_N) * BLOCK_N
-    for start_n in range(0, free_n, BLOCK_N):
+    lo = pid_s * split_len
+    hi = lo + split_len
+    for start_n in range(lo, tl.minimum(free_n, hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :],
                     mask=offs_dqk[None, :] < DQK, other=0.0)  # [BLOCK_N, BLOCK_DQK]
@@ -87,7 +92,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
     end_n = tl.minimum(seq_len, start_m + BLOCK_M)
     if start_m < C:
         end_n = tl.maximum(end_n, hist_end)
-    for start_n in range(free_n, end_n, BLOCK_N):
+    for start_n in range(tl.maximum(free_n, lo), tl.minimum(end_n, hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < seq_len
         k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :],
@@ -102,7 +107,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n,
         v = tl.load(V + (seq_start + offs_n)[:, None] * stride_vl + h * stride_vh + offs_dv[None, :],
                     mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc += mma(p.to(v.dtype), v, IEEE)
-    tl.store(Out + (seq_start + offs_m)[:, None] * stride_ol + h * stride_oh + offs_dv[None, :],
+    tl.store(Out + pid_s * stride_os + (seq_start + offs_m)[:, None] * stride_ol + h * stride_oh + offs_dv[None, :],
              acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -171,31 +176,64 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
     else:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     return {**tiles, "BLOCK_DQK": bdqk, "BLOCK_DV": bdv, "IEEE": dtype == torch.float32,
-            "FAST": dtype != torch.float32 and not interpreting()}
+            "FAST": fast_math(dtype)}
+
+
+SLOTS = 264  # resident 64x64 attention programs on an H200 (132 SMs x 2); sizes the key splits
+
+
+def fwd_splits(batch_heads: int, max_seq_len: int, block_m: int, block_n: int) -> int:
+    """Key splits of the full kernel: one when the launch has many programs; more when a few users' long
+    causal rows would leave most of the GPU idle behind the longest query blocks (batch 1 at N=4352:
+    68 query blocks x 4 heads, the last one 68 key blocks long, the average 35). Chosen so the longest
+    program is about as long as the average load of a slot, with at least 4 key blocks per split.
+    Static in the shapes, so the op still exports."""
+    nb = triton.cdiv(max_seq_len, block_m)
+    work = batch_heads * nb * (nb + 1) // 2  # key blocks over all programs (causal, every row full length)
+    return max(1, min(triton.cdiv(max_seq_len, 4 * block_n), triton.cdiv(SLOTS * nb, max(work, 1))))
 
 
 def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, out: Tensor, max_seq_len: int,
                alpha: float, contextual_len: int, max_attn_len: int, launcher=lambda kernel: kernel,
                config: dict | None = None) -> Tensor:
-    """Launch the full kernel into `out` (the GPU check passes a NaN-poisoned one; the benchmark sweeps
-    `config`: BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    """Launch the full kernel into `out`: [L, H, dv] for one key split, float32 partials [S, L, H, dv]
+    for S splits (their sum is the result). The GPU check passes a NaN-poisoned out; the benchmark
+    sweeps `config` (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     L, H, dqk = q.shape
     dv = v.shape[-1]
     cfg = _blocks(dqk, dv, q.dtype) | (config or {})
-    grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H)
+    splits = out.shape[0] if out.dim() == 4 else 1
+    split_len = triton.cdiv(triton.cdiv(max_seq_len, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    so, sl, sh = (out.stride(0), out.stride(1), out.stride(2)) if out.dim() == 4 else (0, out.stride(0), out.stride(1))
+    grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H, splits)
     launcher(_hstu_fwd)[grid](
-        q, k, v, out, offsets, num_targets, alpha, 1.0 / max_seq_len,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q, k, v, out, offsets, num_targets, alpha, 1.0 / max_seq_len, split_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), so, sl, sh,
         H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, **cfg,
     )
     return out
 
 
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, max_seq_len: int, alpha: float,
+                  contextual_len: int, max_attn_len: int, launcher=lambda kernel: kernel,
+                  splits: int | None = None) -> Tensor:
+    """The full attention: one launch straight into the output, or (`splits` > 1, by default
+    fwd_splits) into float32 partials summed after."""
+    cfg = _blocks(q.shape[-1], v.shape[-1], q.dtype)
+    if splits is None:
+        splits = fwd_splits((offsets.shape[0] - 1) * q.shape[1], max_seq_len, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    if splits == 1:
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        return launch_fwd(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len, max_attn_len, launcher)
+    partials = q.new_empty(splits, q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32)
+    launch_fwd(q, k, v, offsets, num_targets, partials, max_seq_len, alpha, contextual_len, max_attn_len, launcher)
+    return partials.sum(0).to(q.dtype)
+
+
 @triton_op("hstu_opt::hstu_attention_triton", mutates_args=())
 def hstu_attention_triton(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, max_seq_len: int,
                           alpha: float, contextual_len: int, max_attn_len: int) -> Tensor:
-    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-    return launch_fwd(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len, max_attn_len, wrap_triton)
+    return attention_fwd(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len, wrap_triton)
 
 
 @hstu_attention_triton.register_fake
@@ -207,7 +245,7 @@ def cache_splits(max_seq_len: int, programs: int, block_n: int) -> tuple[int, in
     """(splits, keys per split): enough programs to fill a large GPU (~264) even for one user, never
     fewer than 4 key blocks per split. Static in the shapes, so the op still exports."""
     most = max(1, triton.cdiv(max_seq_len, 4 * block_n))
-    splits = max(1, min(most, triton.cdiv(264, max(programs, 1))))
+    splits = max(1, min(most, triton.cdiv(SLOTS, max(programs, 1))))
     return splits, triton.cdiv(triton.cdiv(max_seq_len, splits), block_n) * block_n
 
 
