@@ -73,7 +73,8 @@ class HstuModel(nn.Module):
         `history_rows` are the others, contextual rows included). Equals the ranking head over
         forward_jagged's target rows, but the last layer runs for the target rows only: nothing reads
         its other rows. Those attend to the history's K/V as cached scoring does, so the last layer
-        costs a projection of every row plus Lt (not L) rows of attention and output projection.
+        costs the k/v half of the projection for the history rows plus Lt (not L) rows of the full
+        projection, attention and output projection.
         The row index lists come from the caller (the host knows them) so nothing here syncs."""
         layout = Jagged(offsets, num_targets, self.cfg.contextual_len, num_rows=ids.shape[0])
         x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
@@ -82,7 +83,7 @@ class HstuModel(nn.Module):
         delta_offsets = torch.nn.functional.pad(num_targets.cumsum(0), (1, 0))
         cache_offsets = offsets - delta_offsets
         last = self.layers[-1]
-        _, _, k, v = last.project(x.index_select(0, history_rows), self.impl)
+        k, v = last.project_kv(x.index_select(0, history_rows), self.impl)  # (their u and q are never read)
         x = last.forward_cached(x.index_select(0, target_rows), delta_offsets, k, v, cache_offsets, self.impl)
         return torch.sigmoid(self.ranking_logits(x, ids.index_select(0, target_rows)))
 

@@ -13,7 +13,7 @@ from hstu_opt.ops.hstu_attention import (
 )
 from hstu_opt.ops.hstu_output import hstu_output
 from hstu_opt.ops.layer_norm import layer_norm
-from hstu_opt.ops.uvqk import uvqk
+from hstu_opt.ops.uvqk import uvqk, uvqk_kv
 
 __all__ = [
     "Impl",
@@ -24,4 +24,5 @@ __all__ = [
     "hstu_output",
     "layer_norm",
     "uvqk",
+    "uvqk_kv",
 ]

@@ -54,3 +54,15 @@ def test_uvqk_split_order_and_silu_on_u_only():
     torch.testing.assert_close(v.reshape(4, -1).double(), proj[:, hv : 2 * hv], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(q.reshape(4, -1).double(), proj[:, 2 * hv : 2 * hv + hqk], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k.reshape(4, -1).double(), proj[:, 2 * hv + hqk :], atol=1e-5, rtol=1e-5)
+
+
+def test_uvqk_kv_equals_uvqk_k_and_v():
+    D, H, dqk, dv = 6, 2, 3, 2
+    x = torch.randn(4, D)
+    W = torch.randn(D, H * (2 * dv + 2 * dqk))
+    beta = torch.randn(W.shape[1])
+    kw = dict(num_heads=H, attention_dim=dqk, linear_dim=dv)
+    _, _, k, v = ops.uvqk(x, torch.ones(D), torch.zeros(D), W, beta, **kw)
+    k2, v2 = ops.uvqk_kv(x, torch.ones(D), torch.zeros(D), W, beta, **kw)
+    torch.testing.assert_close(k2, k)
+    torch.testing.assert_close(v2, v)

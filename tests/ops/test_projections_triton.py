@@ -56,6 +56,21 @@ def test_uvqk_matches_reference(dtype, M, D, H, dqk, dv):
         torch.testing.assert_close(g.float(), w, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,D,H,dqk,dv", [(1, 16, 1, 8, 8), (37, 50, 2, 16, 24)])
+def test_uvqk_kv_is_the_k_and_v_of_uvqk(dtype, M, D, H, dqk, dv):
+    p = _params(D, H, dqk, dv, dtype, seed=M + D + 1)
+    x = (torch.randn(M, D, generator=torch.Generator().manual_seed(M)) * 2 + 3).to(dtype)
+    kw = dict(num_heads=H, attention_dim=dqk, linear_dim=dv)
+    args = (p["norm_weight"], p["norm_bias"], p["uvqk_weight"], p["uvqk_bias"])
+    _, _, k_want, v_want = ops.uvqk(x.float(), *(a.float() for a in args), **kw)
+    k, v = ops.uvqk_kv(x, *args, impl=Impl.TRITON, **kw)
+    atol, rtol = TOLERANCES[dtype]
+    assert k.shape == k_want.shape and v.shape == v_want.shape and k.dtype == v.dtype == dtype
+    torch.testing.assert_close(k.float(), k_want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(v.float(), v_want, atol=atol, rtol=rtol)
+
+
 def test_uvqk_outputs_are_strided_views_the_attention_reads_as_they_are():
     p = _params(16, 2, 8, 8, torch.float32, seed=1)
     u, q, k, v = ops.uvqk(torch.randn(5, 16), *p.values(), num_heads=2, attention_dim=8, linear_dim=8, impl=Impl.TRITON)

@@ -1,5 +1,6 @@
 """uvqk: input LayerNorm + UVQK projection + split + SiLU(u)."""
 
+import torch
 from torch import Tensor
 
 from hstu_opt.ops._registry import Impl, OpTable
@@ -22,6 +23,33 @@ def uvqk(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: [..., D] -> u [..., H*dv] (after SiLU), q [..., H, dqk], k [..., H, dqk], v [..., H, dv]."""
     fn = TABLE.get(impl, "uvqk")
+    return fn(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps)
+
+
+def kv_columns(uvqk_weight: Tensor, uvqk_bias: Tensor, num_heads: int, attention_dim: int,
+               linear_dim: int) -> tuple[Tensor, Tensor]:
+    """The [v | k] columns of the [u | v | q | k] projection (weight [D, H*dv + H*dqk], bias)."""
+    hv, hqk = num_heads * linear_dim, num_heads * attention_dim
+    cols = [slice(hv, 2 * hv), slice(2 * hv + hqk, 2 * hv + 2 * hqk)]
+    return (torch.cat([uvqk_weight[:, c] for c in cols], dim=1), torch.cat([uvqk_bias[c] for c in cols]))
+
+
+def uvqk_kv(
+    x: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    uvqk_weight: Tensor,
+    uvqk_bias: Tensor,
+    *,
+    num_heads: int,
+    attention_dim: int,
+    linear_dim: int,
+    eps: float = 1e-6,
+    impl: Impl = Impl.REFERENCE,
+) -> tuple[Tensor, Tensor]:
+    """Only k [..., H, dqk] and v [..., H, dv] of uvqk (half its columns): rows whose u and q nothing
+    reads, such as the history rows of the last layer when only the candidates are scored."""
+    fn = TABLE.get(impl, "uvqk_kv")
     return fn(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps)
 
 

@@ -4,7 +4,7 @@ from torch import Tensor
 
 from hstu_opt.ops._registry import Impl
 from hstu_opt.ops.layer_norm import layer_norm
-from hstu_opt.ops.uvqk import TABLE
+from hstu_opt.ops.uvqk import TABLE, kv_columns
 
 
 @TABLE.register(Impl.REFERENCE)
@@ -34,3 +34,14 @@ def uvqk(
         k.reshape(*lead, num_heads, attention_dim),
         v.reshape(*lead, num_heads, linear_dim),
     )
+
+
+@TABLE.register(Impl.REFERENCE)
+def uvqk_kv(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, uvqk_weight: Tensor, uvqk_bias: Tensor, num_heads: int,
+            attention_dim: int, linear_dim: int, eps: float) -> tuple[Tensor, Tensor]:
+    n = layer_norm(x, norm_weight, norm_bias, eps)
+    w, b = kv_columns(uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim)
+    proj = n.reshape(-1, n.shape[-1]) @ w.to(n.dtype) + b.to(n.dtype)
+    v, k = torch.split(proj.reshape(*x.shape[:-1], proj.shape[-1]), [num_heads * linear_dim, num_heads * attention_dim], -1)
+    lead = x.shape[:-1]
+    return k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim)
