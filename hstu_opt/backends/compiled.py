@@ -2,9 +2,9 @@
 
 The GPU engine where AOTInductor packages cannot load (ENVIRONMENT.md: on the H200 image loading any
 AOTInductor artifact segfaults). It compiles HstuModel.rank_jagged (the last layer runs for the
-candidate rows only): on CUDA with the Triton ops, in the recipe's dtype, with CUDA graphs
-(mode="reduce-overhead"); on a CPU machine with the reference ops through Inductor's C++ codegen,
-which is what CI builds, loads and runs.
+candidate rows only): on CUDA with the Triton ops, in the recipe's dtype, replayed from CUDA graphs
+the runner captures itself (below); on a CPU machine with the reference ops through Inductor's C++
+codegen, which is what CI builds, loads and runs.
 
 The engine directory stands alone:
   checkpoint/              the weights (safetensors) and config
@@ -17,6 +17,14 @@ checks its outputs against the cold one's.
 
 The runner takes the padded feed every engine takes, turns it into jagged rows on the host (one
 host-to-device copy) and scatters the candidates' probabilities back to [B, Nc, T] (padding slots 0).
+
+CUDA graphs: on the second request of a given jagged size the runner captures the compiled graph
+into a torch.cuda.CUDAGraph over static input buffers (one memory pool shared by all graphs), and from
+then on a request is one pinned host-to-device copy, a replay and one device-to-host copy. That skips
+what torch.compile's own CUDA graphs (mode="reduce-overhead") cost on every call: Dynamo's guards and
+the graph tree's input copies and checks, 0.9 ms of the 1.85 ms batch-1 wall time measured on the
+H200 (benchmarks/results/gpu_hstu_2026-11-29_run10.json). At most MAX_GRAPHS sizes are captured;
+requests of further sizes run the compiled graph directly.
 """
 
 from __future__ import annotations
@@ -44,46 +52,58 @@ NAME = "compiled"
 META = "ranking.compiled.json"
 CACHE = "ranking.cache.bin"
 JAGGED_INPUTS = ("ids", "ratings", "timestamps", "offsets", "num_targets", "query_time", "target_rows", "history_rows")
+MAX_GRAPHS = 16
 
 
 def device_plan(impl: str | dict | None = None) -> dict:
     """What to compile on this machine. `impl` (default: Triton for every op on CUDA, the reference on a
     CPU) may map op names to implementations, e.g. Triton attention with Inductor-fused projections."""
     if torch.cuda.is_available():
-        return {"device": "cuda", "impl": impl or Impl.TRITON.value, "mode": "reduce-overhead",
+        return {"device": "cuda", "impl": impl or Impl.TRITON.value, "mode": "default", "cuda_graphs": True,
                 "gpu": torch.cuda.get_device_name()}
-    return {"device": "cpu", "impl": impl or Impl.REFERENCE.value, "mode": "default", "gpu": None}
+    return {"device": "cpu", "impl": impl or Impl.REFERENCE.value, "mode": "default", "cuda_graphs": False, "gpu": None}
 
 
 def _impl(spec: str | dict) -> Impl | dict:
     return {op: Impl(v) for op, v in spec.items()} if isinstance(spec, dict) else Impl(spec)
 
 
-def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int,
+                buffer: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Padded engine feed -> jagged rows [contextual][history][candidates] per user (what rank_jagged
-    takes) and the [B, Nc] mask of real candidate slots (row-major order = target_rows order)."""
+    takes, as int64 views of one flat array: `buffer` when it is large enough, e.g. the runner's pinned
+    staging buffer, so the rows go to the GPU in one copy) and the [B, Nc] mask of real candidate slots
+    (row-major order = target_rows order). Per-user slice copies: no padded concatenation, no mask
+    indexing (those took 1 ms per batch-16 request at dlrm-v3 size)."""
     hist_ids = feed["hist_ids"]
-    B, Nh = hist_ids.shape
+    B = hist_ids.shape[0]
     Nc = feed["cand_ids"].shape[1]
     C = contextual_len
-    hl, nc, qt = feed["hist_lengths"], feed["num_candidates"], feed["query_time"]
-    cand_mask = np.arange(Nc)[None] < nc[:, None]
-    valid = np.concatenate([np.ones((B, C), bool), np.arange(Nh)[None] < hl[:, None], cand_mask], axis=1)
-    ctx = feed["contextual_ids"] if C > 0 else np.zeros((B, 0), np.int64)
-    zeros = np.zeros((B, C), np.int64)
-    target = np.concatenate([np.zeros((B, C + Nh), bool), np.ones((B, Nc), bool)], axis=1)[valid]
-    rows = {
-        "ids": np.concatenate([ctx, hist_ids, feed["cand_ids"]], axis=1)[valid],
-        "ratings": np.concatenate([zeros, feed["hist_ratings"], np.zeros((B, Nc), np.int64)], axis=1)[valid],
-        "timestamps": np.concatenate([np.repeat(qt[:, None], C, 1), feed["hist_timestamps"],
-                                      np.repeat(qt[:, None], Nc, 1)], axis=1)[valid],
-        "offsets": np.concatenate([[0], np.cumsum(C + hl + nc)]),
-        "num_targets": nc,
-        "query_time": qt,
-        "target_rows": np.flatnonzero(target),
-        "history_rows": np.flatnonzero(~target),
-    }
-    return {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in rows.items()}, cand_mask
+    hl, nc = feed["hist_lengths"].astype(np.int64), feed["num_candidates"].astype(np.int64)
+    qt = feed["query_time"].astype(np.int64)
+    offsets = np.zeros(B + 1, np.int64)
+    np.cumsum(C + hl + nc, out=offsets[1:])
+    L, T = int(offsets[-1]), int(nc.sum())
+    sizes = (L, L, L, B + 1, B, B, T, L - T)
+    total = sum(sizes)
+    flat = buffer[:total] if buffer is not None and buffer.size >= total else np.empty(total, np.int64)
+    rows = dict(zip(JAGGED_INPUTS, np.split(flat, np.cumsum(sizes)[:-1])))
+    ids, ratings, ts = rows["ids"], rows["ratings"], rows["timestamps"]
+    rows["offsets"][:], rows["num_targets"][:], rows["query_time"][:] = offsets, nc, qt
+    ctx = feed["contextual_ids"] if C > 0 else None
+    t = h = 0
+    for b in range(B):
+        s, n_h, n_c = int(offsets[b]), int(hl[b]), int(nc[b])
+        hs, cs, e = s + C, s + C + n_h, s + C + n_h + n_c  # history, candidates, end
+        if C:
+            ids[s:hs] = ctx[b]
+        ids[hs:cs], ids[cs:e] = hist_ids[b, :n_h], feed["cand_ids"][b, :n_c]
+        ratings[s:hs], ratings[hs:cs], ratings[cs:e] = 0, feed["hist_ratings"][b, :n_h], 0
+        ts[s:hs], ts[hs:cs], ts[cs:e] = qt[b], feed["hist_timestamps"][b, :n_h], qt[b]
+        rows["history_rows"][h:h + C + n_h] = np.arange(s, cs)
+        rows["target_rows"][t:t + n_c] = np.arange(cs, e)
+        h, t = h + C + n_h, t + n_c
+    return rows, np.arange(Nc)[None] < nc[:, None]
 
 
 class CompiledRunner:
@@ -110,13 +130,17 @@ class CompiledRunner:
         # symbolic, and the Triton launch then got a float grid size on the H200 (torch 2.11).
         self.fn = torch.compile(self.model.rank_jagged, dynamic=None, mode=mode)
         self._pinned: torch.Tensor | None = None
+        self._graphs: dict[tuple, _Graph] = {}
+        self._seen: set[tuple] = set()
+        self._pool = torch.cuda.graph_pool_handle() if meta.get("cuda_graphs") else None
+        self.stats = {"captures": 0, "replays": 0, "direct": 0}  # requests by path (CUDA graphs or not)
         if warmup:
             self.warm_up()
         self.load_s = time.perf_counter() - t0
 
     def warm_up(self) -> tuple[list[float], list[np.ndarray]]:
-        """Run a random request of each shipped shape, twice (CUDA graphs record on the second call), in
-        the build's order; returns each shape's first-call seconds and first outputs."""
+        """Run a random request of each shipped shape, twice (the second captures its CUDA graph), in the
+        build's order; returns each shape's first-call seconds and first outputs."""
         rng = np.random.default_rng(0)
         times, outs = [], []
         for b, h, c in self.meta["shapes"]:
@@ -127,27 +151,66 @@ class CompiledRunner:
             self.run(feed)
         return times, outs
 
-    def _to_device(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """One host-to-device copy of every input (through a reused pinned buffer on CUDA)."""
-        sizes = [rows[k].size for k in JAGGED_INPUTS]
-        total = sum(sizes)
+    def _staging(self, feed: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The reused pinned host buffer the jagged rows are written into (CUDA), large enough for any
+        request within the limits; None on a CPU (no copy to make)."""
         if self.device.type == "cpu":
-            flat = torch.from_numpy(np.concatenate([rows[k] for k in JAGGED_INPUTS]))
-        else:
-            if self._pinned is None or self._pinned.numel() < total:
-                self._pinned = torch.empty(max(total, 1 << 16), dtype=torch.int64, pin_memory=True)
-            np.concatenate([rows[k] for k in JAGGED_INPUTS], out=self._pinned[:total].numpy())
-            flat = self._pinned[:total].to(self.device, non_blocking=True)
-        return dict(zip(JAGGED_INPUTS, torch.split(flat, sizes)))
+            return None
+        B, Nh = feed["hist_ids"].shape
+        need = 4 * B * (self.meta["limits"]["contextual_len"] + Nh + feed["cand_ids"].shape[1]) + 3 * B + 1
+        if self._pinned is None or self._pinned.numel() < need:
+            self._pinned = torch.empty(max(need, 1 << 16), dtype=torch.int64, pin_memory=True)
+        return self._pinned.numpy()
+
+    @staticmethod
+    def _inputs(flat: torch.Tensor, sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        return dict(zip(JAGGED_INPUTS, torch.split(flat, list(sizes))))
 
     @torch.no_grad()
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(feed, self.meta["limits"], self.meta["inputs"])
-        rows, cand_mask = jagged_feed(feed, self.meta["limits"]["contextual_len"])
-        probs = self.fn(**self._to_device(rows)).float().cpu().numpy()
+        rows, cand_mask = jagged_feed(feed, self.meta["limits"]["contextual_len"], self._staging(feed))
+        sizes = tuple(rows[k].size for k in JAGGED_INPUTS)
+        host = torch.from_numpy(self._pinned.numpy()[:sum(sizes)] if self._pinned is not None
+                                else np.concatenate([rows[k] for k in JAGGED_INPUTS]))
+        graph = self._graphs.get(sizes)
+        if graph is None and self._pool is not None and sizes in self._seen and len(self._graphs) < MAX_GRAPHS:
+            graph = self._graphs[sizes] = _Graph(self.fn, host, sizes, self._pool)
+            self.stats["captures"] += 1
+        if graph is not None:
+            probs = graph.replay(host)
+            self.stats["replays"] += 1
+        else:
+            self._seen.add(sizes)
+            probs = self.fn(**self._inputs(host.to(self.device, non_blocking=True), sizes)).float().cpu().numpy()
+            self.stats["direct"] += 1
         out = np.zeros((*cand_mask.shape, probs.shape[-1]), np.float32)
         out[cand_mask] = probs
         return {"probs": out}
+
+
+class _Graph:
+    """The compiled graph captured for one jagged input size, over static device inputs."""
+
+    def __init__(self, fn, host: torch.Tensor, sizes: tuple[int, ...], pool):
+        self.flat = host.to("cuda")
+        inputs = CompiledRunner._inputs(self.flat, sizes)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # one run off the capture: lazy initialization must not be captured
+            fn(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = fn(**inputs).float()
+        self.host_out = torch.empty(self.out.shape, dtype=torch.float32, pin_memory=True)
+
+    def replay(self, host: torch.Tensor) -> np.ndarray:
+        self.flat.copy_(host, non_blocking=True)
+        self.graph.replay()
+        self.host_out.copy_(self.out, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return self.host_out.numpy()
 
 
 def load(out_dir: Path, kind: str = "ranking") -> CompiledRunner:

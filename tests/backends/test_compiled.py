@@ -12,7 +12,7 @@ from hstu_opt.backends import compiled
 from hstu_opt.backends.eager import EagerRunner, ShapeOutOfRange, example_feed, graph_module
 from hstu_opt.model.checkpoint import load_checkpoint
 from hstu_opt.model.scoring import to_tensors
-from tests.model.helpers import random_requests, tiny_model
+from tests.model.helpers import jagged_from_padded, random_requests, tiny_model
 
 
 def _valid(feed):
@@ -31,6 +31,31 @@ def test_rank_jagged_equals_padded_rank_on_real_slots(C, window):
     assert cand_mask.sum() == got.shape[0] == len(rows["target_rows"])
     torch.testing.assert_close(got, want[torch.from_numpy(cand_mask)], atol=1e-5, rtol=1e-4)
     assert len(rows["history_rows"]) == C * 5 + feed["hist_lengths"].sum()
+
+
+@pytest.mark.parametrize("C", [0, 3])
+def test_jagged_feed_rows(C):
+    """The conversion equals the test helpers' own padded -> jagged construction; the target and history
+    row lists partition the rows; writing into a caller's (larger, dirty) buffer gives the same rows."""
+    batch = random_requests(7, C, np.random.default_rng(11 + C))
+    batch.num_candidates[2] = 0  # a user with no candidates
+    feed = batch.ranking_feed()
+    rows, cand_mask = compiled.jagged_feed(feed, C)
+    ids, ratings, ts, offsets, nt, qt = (t.numpy() for t in jagged_from_padded(batch, C))
+    for name, want in (("ids", ids), ("ratings", ratings), ("timestamps", ts), ("offsets", offsets),
+                       ("num_targets", nt), ("query_time", qt)):
+        np.testing.assert_array_equal(rows[name], want, err_msg=name)
+    is_target = np.zeros(len(ids), bool)
+    is_target[rows["target_rows"]] = True
+    np.testing.assert_array_equal(np.sort(np.r_[rows["target_rows"], rows["history_rows"]]), np.arange(len(ids)))
+    assert is_target.sum() == cand_mask.sum() == nt.sum()
+    for b in range(7):  # each user's targets are its last num_candidates rows
+        assert is_target[offsets[b]:offsets[b + 1]].tolist() == [False] * (offsets[b + 1] - offsets[b] - nt[b]) + [True] * nt[b]
+    buffer = np.full(10_000, -7, np.int64)
+    again, _ = compiled.jagged_feed(feed, C, buffer)
+    for name in compiled.JAGGED_INPUTS:
+        np.testing.assert_array_equal(again[name], rows[name], err_msg=name)
+        assert np.shares_memory(again[name], buffer)
 
 
 @pytest.fixture(scope="module")
