@@ -26,6 +26,7 @@ CASES = [
     ([13, 5, 33], [3, 0, 4], 2, 0),  # contextual rows
     ([40, 9], [2, 1], 0, 6),  # window
     ([150, 5, 17], [7, 1, 2], 3, 9),  # long next to short, everything on
+    ([200, 90, 75], [7, 2, 0], 70, 0),  # contextual rows in two query blocks, history past both
 ]
 
 
