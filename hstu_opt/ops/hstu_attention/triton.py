@@ -48,14 +48,21 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
               stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_os, stride_ol, stride_oh,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              IEEE: tl.constexpr, FAST: tl.constexpr):
+              IEEE: tl.constexpr, FAST: tl.constexpr, LONGEST_FIRST: tl.constexpr):
     """Program (m, b*H+h, s): query block m of user b, head h, over keys [s*split_len, (s+1)*split_len)
     into Out[s] (one split: Out is the output; more: float32 partials that add up, no softmax to rescale).
-    Query blocks run last-first: causal blocks near a sequence's end carry the most keys, and starting
-    those first keeps them off the tail of the launch. Tried and reverted (H200 run 13): scheduling a
-    contextual block 0 first and giving its look-ahead over the history a row-only mask loop; no gain
-    at C=4 (0.73 vs 0.74 ms at dlrm-v3 batch 16), and the extra loop cost 12% at C=0."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    LONGEST_FIRST (the default): query blocks run last-first, since causal blocks near a sequence's end
+    carry the most keys and starting those first keeps them off the launch's tail (what a batch-1 launch
+    with key splits needs). On the H200 (runs 11-12, this order and the split bounds) batch 1 went
+    0.535 -> 0.32 ms for 4 layers, but N=4096 measured 460 TFLOP/s against 479-492 in runs 6-9 and
+    batch 16 gained nothing; benchmarks/attention_order_ab.py is the A/B (False: natural order) that
+    tells whether the order costs that, not yet run for lack of device time.
+    Tried and reverted (run 13): a contextual block 0 scheduled first, with a row-mask loop for its
+    look-ahead over the history: no gain at C=4 (0.73 vs 0.74 ms at dlrm-v3 batch 16), 12% slower at C=0."""
+    if LONGEST_FIRST:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
     b = pid_bh // H
@@ -203,8 +210,8 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     sweeps `config` (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     L, H, dqk = q.shape
     dv = v.shape[-1]
-    cfg = _blocks(dqk, dv, q.dtype) | (config or {})
     splits = out.shape[0] if out.dim() == 4 else 1
+    cfg = _blocks(dqk, dv, q.dtype) | {"LONGEST_FIRST": True} | (config or {})
     split_len = triton.cdiv(triton.cdiv(max_seq_len, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     so, sl, sh = (out.stride(0), out.stride(1), out.stride(2)) if out.dim() == 4 else (0, out.stride(0), out.stride(1))
     grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H, splits)
