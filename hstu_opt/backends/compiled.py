@@ -129,7 +129,7 @@ class CompiledRunner:
         # changing sizes symbolic. Not dynamic=True: that also makes the config's ints (N, the 1/N scale)
         # symbolic, and the Triton launch then got a float grid size on the H200 (torch 2.11).
         self.fn = torch.compile(self.model.rank_jagged, dynamic=None, mode=mode)
-        self._pinned: torch.Tensor | None = None
+        self._staged: torch.Tensor | None = None
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: set[tuple] = set()
         self._pool = torch.cuda.graph_pool_handle() if meta.get("cuda_graphs") else None
@@ -151,16 +151,14 @@ class CompiledRunner:
             self.run(feed)
         return times, outs
 
-    def _staging(self, feed: dict[str, np.ndarray]) -> np.ndarray | None:
-        """The reused pinned host buffer the jagged rows are written into (CUDA), large enough for any
-        request within the limits; None on a CPU (no copy to make)."""
-        if self.device.type == "cpu":
-            return None
+    def _staging(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """The reused host buffer the jagged rows are written into (pinned on CUDA, so the rows go to the
+        GPU in one copy), large enough for this request's padded shape."""
         B, Nh = feed["hist_ids"].shape
         need = 4 * B * (self.meta["limits"]["contextual_len"] + Nh + feed["cand_ids"].shape[1]) + 3 * B + 1
-        if self._pinned is None or self._pinned.numel() < need:
-            self._pinned = torch.empty(max(need, 1 << 16), dtype=torch.int64, pin_memory=True)
-        return self._pinned.numpy()
+        if self._staged is None or self._staged.numel() < need:
+            self._staged = torch.empty(max(need, 1 << 16), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return self._staged.numpy()
 
     @staticmethod
     def _inputs(flat: torch.Tensor, sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -169,10 +167,10 @@ class CompiledRunner:
     @torch.no_grad()
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(feed, self.meta["limits"], self.meta["inputs"])
-        rows, cand_mask = jagged_feed(feed, self.meta["limits"]["contextual_len"], self._staging(feed))
+        staged = self._staging(feed)
+        rows, cand_mask = jagged_feed(feed, self.meta["limits"]["contextual_len"], staged)
         sizes = tuple(rows[k].size for k in JAGGED_INPUTS)
-        host = torch.from_numpy(self._pinned.numpy()[:sum(sizes)] if self._pinned is not None
-                                else np.concatenate([rows[k] for k in JAGGED_INPUTS]))
+        host = torch.from_numpy(staged[:sum(sizes)])  # every row, as jagged_feed laid them out in `staged`
         graph = self._graphs.get(sizes)
         if graph is None and self._pool is not None and sizes in self._seen and len(self._graphs) < MAX_GRAPHS:
             graph = self._graphs[sizes] = _Graph(self.fn, host, sizes, self._pool)
