@@ -36,10 +36,21 @@ def _interpret():
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+@pytest.fixture(params=["tma", "pointers"])
+def loads(request, monkeypatch):
+    """Both ways the kernel reads q/k/v: TMA descriptors (real launches of 16-bit power-of-two heads) and
+    masked pointer loads (every other launch, and every traced one: what the compiled engine runs)."""
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    monkeypatch.setitem(tri.FWD_FLAGS, "TMA", request.param == "tma")
+    return request.param
+
+
 @pytest.mark.parametrize("lengths,num_targets,C,window", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("H,dqk,dv", [(2, 16, 16), (1, 50, 50), (3, 24, 40)])
 def test_triton_matches_reference(lengths, num_targets, C, window, dtype, H, dqk, dv):
+    """Default choice of loads: TMA for fp16 d=16, pointers for fp32 and the odd head dims."""
     q, k, v, offsets, nt = random_jagged(lengths, num_targets, H, dqk, dv, dtype=dtype, seed=sum(lengths) + H)
     N = max(lengths) + 5
     kw = dict(max_seq_len=N, alpha=dqk ** -0.5, contextual_len=C, max_attn_len=window)
@@ -50,6 +61,15 @@ def test_triton_matches_reference(lengths, num_targets, C, window, dtype, H, dqk
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("lengths,num_targets,C,window", CASES)
+def test_pointer_kernel_on_tma_eligible_heads(lengths, num_targets, C, window, monkeypatch):
+    """The compiled engine's path: 16-bit power-of-two heads read through pointers (traced launches)."""
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    monkeypatch.setitem(tri.FWD_FLAGS, "TMA", False)
+    test_triton_matches_reference(lengths, num_targets, C, window, torch.float16, 2, 16, 16)
+
+
 @pytest.mark.parametrize("lengths,num_targets,C,window", [
     ([150, 5, 17], [7, 1, 2], 3, 0),  # splits that start past a short sequence's end (they store zeros)
     ([150, 3, 130], [20, 0, 4], 2, 9),  # window: every block masked
@@ -57,7 +77,7 @@ def test_triton_matches_reference(lengths, num_targets, C, window, dtype, H, dqk
 ])
 @pytest.mark.parametrize("splits", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_key_splits_match_reference(lengths, num_targets, C, window, splits, dtype):
+def test_key_splits_match_reference(lengths, num_targets, C, window, splits, dtype, loads):
     """The full kernel with its keys split across programs (float32 partials, summed) equals the reference."""
     from hstu_opt.ops.hstu_attention.triton import attention_fwd
 
@@ -70,6 +90,41 @@ def test_key_splits_match_reference(lengths, num_targets, C, window, splits, dty
     atol, rtol = TOLERANCES[dtype]
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+
+
+def test_tma_only_where_a_tile_is_exactly_one_head():
+    from hstu_opt.ops.hstu_attention.triton import tma_ok
+
+    x = torch.empty(10, 2, 16, dtype=torch.float16)
+    assert tma_ok(x.dtype, x, x, x)
+    assert not tma_ok(torch.float32, *(x.float(),) * 3)  # the checking path keeps exact pointer loads
+    for bad in (torch.empty(10, 2, 50, dtype=torch.float16),  # padded tiles would read the next head
+                torch.empty(10, 1, 256, dtype=torch.float16),  # wider than one descriptor box
+                torch.empty(10, 2, 32, dtype=torch.float16)[:, :, :16],  # heads not adjacent in a row
+                torch.empty(10 * 32 + 4, dtype=torch.float16)[4:].view(10, 2, 16)):  # start not 16-byte aligned
+        assert not tma_ok(bad.dtype, x, bad, x)
+
+
+def test_traced_launches_take_the_pointer_kernel():
+    """torch.export / torch.compile trace the op with fake tensors: Inductor cannot take the host TMA
+    descriptors, so those launches must be built with pointer loads (what the compiled engine runs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hstu_opt.ops.hstu_attention.triton import launch_fwd
+
+    seen = {}
+
+    def launcher(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: seen.update(kwargs, q=args[0])
+        return Grid()
+
+    with FakeTensorMode():
+        q = torch.empty(20, 2, 16, dtype=torch.float16)
+        offsets, nt = torch.tensor([0, 20]), torch.tensor([1])
+        launch_fwd(q, q, q, offsets, nt, torch.empty_like(q), 20, 0.25, 0, 0, launcher=launcher)
+    assert seen["TMA"] is False and seen["MERGED"] is False and isinstance(seen["q"], torch.Tensor)
 
 
 def test_key_splits_only_where_the_launch_is_small():
@@ -87,7 +142,7 @@ def test_key_splits_only_where_the_launch_is_small():
     (2, 7, 2000, [600, 5, 300]),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cached_triton_matches_reference(C, window, N, cache_len, dtype):
+def test_cached_triton_matches_reference(C, window, N, cache_len, dtype, loads):
     from hstu_opt.ops.hstu_attention.triton import _blocks, cache_splits
 
     delta_len = [3, 1, 20]

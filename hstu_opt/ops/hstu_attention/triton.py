@@ -8,14 +8,32 @@ Work is scheduled by actual length: the grid covers the recipe's static N (no da
 size, so the op exports), and programs past their own sequence's end exit at once; within a sequence a
 query block only visits the key blocks its mask can reach. Head dims need not be powers of two (50,
 100, ...): the kernel pads to the next power of two with masked loads; callers never pad.
+
+Two ways to read q/k/v (FWD_FLAGS, benchmarks/variants_ab.py; H200 results in
+benchmarks/results/variants_ab_h200_2026-11-29_run14..16.json):
+- TMA: host-side tensor descriptors over the [L, H*d] matrices, one key loop that masks only past the
+  keys every row sees. For real (eager) launches of 16-bit power-of-two heads up to 128 (tma_ok).
+  Against the pointer kernel (run 16, bf16, ratio to the same run's 8192^3 matmul): N=512 0.275 ->
+  0.345, N=1024 0.406 -> 0.466, dlrm-v3 batch 16 0.740 -> 0.682 ms per call, N=4096 0.625 -> 0.615,
+  batch 1 (key splits) 0.083 -> 0.084 ms.
+- pointers: masked loads, an unmasked key loop then a masked one. Every other launch: odd head dims,
+  fp32, GPUs before Hopper and, above all, traced launches (torch.export, torch.compile): Inductor in
+  torch 2.11 takes host TMA descriptors only from kernels Dynamo traces, not from a triton_op's body
+  ("'<=' not supported between instances of 'TensorDescriptor' and 'int'", run 15), and running the
+  attention eagerly between compiled graphs cost more than it gained (dlrm-v3 batch 16: 6.39 vs 6.01
+  ms GPU-busy, run 16). So the `compiled` engine runs this path.
+The cached kernel reads the same two ways.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
@@ -44,19 +62,53 @@ def _pointwise(s, alpha, inv_n, FAST: tl.constexpr):
 
 
 @triton.jit
+def _rows(X, seq_start, start, stride_l, col, valid, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+          TMA: tl.constexpr, ROW_MASK: tl.constexpr):
+    """Rows [start, start + BLOCK) of a sequence, one head's columns [col, col + D), padded to BLOCK_D.
+    TMA: one tensor-descriptor load of the [L, H*D] matrix (no address or mask registers; rows past the
+    sequence's end are the next user's or TMA's zero fill, and every caller masks what they feed);
+    else a masked pointer load (ROW_MASK: zeros past the sequence's end)."""
+    if TMA:
+        tile = X.load([(seq_start + start).to(tl.int32), col.to(tl.int32)])
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = offs_d[None, :] < D
+        if ROW_MASK:
+            mask = mask & valid[:, None]
+        # 64-bit only in the scalar base; the tile's offsets are int32 (a sequence's rows x row stride)
+        tile = tl.load(X + seq_start * stride_l + (offs[:, None] * stride_l + col + offs_d[None, :]), mask=mask,
+                       other=0.0)
+    return tile
+
+
+@triton.jit
+def _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C: tl.constexpr, WINDOW: tl.constexpr):
+    """p where query row m sees key row n (HSTU.md's mask: itself, earlier ids within the window, and
+    contextual rows see the whole history), else 0."""
+    id_n = _row_ids(offs_n, hist_end, C)
+    earlier = id_m[:, None] > id_n[None, :]
+    if WINDOW > 0:
+        earlier = earlier & ((id_m[:, None] - id_n[None, :] <= WINDOW) | (id_n[None, :] == 0))
+    sees = (offs_m[:, None] == offs_n[None, :]) | earlier | (ctx_m[:, None] & (offs_n[None, :] < hist_end))
+    return tl.where(sees & m_valid[:, None] & n_valid[None, :], p, 0.0)
+
+
+@triton.jit
 def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
               stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_os, stride_ol, stride_oh,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              IEEE: tl.constexpr, FAST: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+              IEEE: tl.constexpr, FAST: tl.constexpr, LONGEST_FIRST: tl.constexpr, MERGED: tl.constexpr,
+              TMA: tl.constexpr):
     """Program (m, b*H+h, s): query block m of user b, head h, over keys [s*split_len, (s+1)*split_len)
     into Out[s] (one split: Out is the output; more: float32 partials that add up, no softmax to rescale).
+    Q/K/V are TMA descriptors (TMA) or pointers; MERGED: one key loop with a scalar branch for the mask,
+    else an unmasked loop then a masked one (each loop its own software pipeline).
     LONGEST_FIRST (the default): query blocks run last-first, since causal blocks near a sequence's end
-    carry the most keys and starting those first keeps them off the launch's tail (what a batch-1 launch
-    with key splits needs). On the H200 (runs 11-12, this order and the split bounds) batch 1 went
-    0.535 -> 0.32 ms for 4 layers, but N=4096 measured 460 TFLOP/s against 479-492 in runs 6-9 and
-    batch 16 gained nothing; benchmarks/attention_order_ab.py is the A/B (False: natural order) that
-    tells whether the order costs that, not yet run for lack of device time.
+    carry the most keys and starting those first keeps them off the launch's tail. The A/B (run 14):
+    N=4096 0.646 vs 0.607 in natural order, dlrm-v3 batch 16 0.727 vs 0.717 ms, batch 1 0.084 vs 0.082
+    ms, N=512 the same; the N=4096 dip of runs 11-12 (460 TFLOP/s) was not the order.
     Tried and reverted (run 13): a contextual block 0 scheduled first, with a row-mask loop for its
     look-ahead over the history: no gain at C=4 (0.73 vs 0.74 ms at dlrm-v3 batch 16), 12% slower at C=0."""
     if LONGEST_FIRST:
@@ -74,11 +126,9 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
         return
     hist_end = seq_len - tl.load(num_targets + b)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < seq_len
-    q = tl.load(Q + (seq_start + offs_m)[:, None] * stride_ql + h * stride_qh + offs_dqk[None, :],
-                mask=m_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    q = _rows(Q, seq_start, start_m, stride_ql, h * stride_qh, m_valid, BLOCK_M, BLOCK_DQK, DQK, TMA, True)
     id_m = _row_ids(offs_m, hist_end, C)
     ctx_m = offs_m < C
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -90,33 +140,36 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
         free_n = (tl.minimum(start_m, hist_end) // BLOCK_N) * BLOCK_N
     lo = pid_s * split_len
     hi = lo + split_len
-    for start_n in range(lo, tl.minimum(free_n, hi), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :],
-                    mask=offs_dqk[None, :] < DQK, other=0.0)  # [BLOCK_N, BLOCK_DQK]
-        p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
-        v = tl.load(V + (seq_start + offs_n)[:, None] * stride_vl + h * stride_vh + offs_dv[None, :],
-                    mask=offs_dv[None, :] < DV, other=0.0)
-        acc += mma(p.to(v.dtype), v, IEEE)
     end_n = tl.minimum(seq_len, start_m + BLOCK_M)
     if start_m < C:
         end_n = tl.maximum(end_n, hist_end)
-    for start_n in range(tl.maximum(free_n, lo), tl.minimum(end_n, hi), BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seq_len
-        k = tl.load(K + (seq_start + offs_n)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :],
-                    mask=n_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-        p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
-        id_n = _row_ids(offs_n, hist_end, C)
-        earlier = id_m[:, None] > id_n[None, :]
-        if WINDOW > 0:
-            earlier = earlier & ((id_m[:, None] - id_n[None, :] <= WINDOW) | (id_n[None, :] == 0))
-        sees = (offs_m[:, None] == offs_n[None, :]) | earlier | (ctx_m[:, None] & (offs_n[None, :] < hist_end))
-        p = tl.where(sees & m_valid[:, None] & n_valid[None, :], p, 0.0)
-        v = tl.load(V + (seq_start + offs_n)[:, None] * stride_vl + h * stride_vh + offs_dv[None, :],
-                    mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc += mma(p.to(v.dtype), v, IEEE)
-    tl.store(Out + pid_s * stride_os + (seq_start + offs_m)[:, None] * stride_ol + h * stride_oh + offs_dv[None, :],
+    if MERGED:  # one key loop, masking only past free_n (a scalar branch): one software pipeline per program
+        for start_n in range(lo, tl.minimum(end_n, hi), BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < seq_len
+            k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
+            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
+            if start_n >= free_n:
+                p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
+            v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
+            acc += mma(p.to(v.dtype), v, IEEE)
+    else:  # an unmasked loop up to free_n, then a masked one
+        for start_n in range(lo, tl.minimum(free_n, hi), BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, None, BLOCK_N, BLOCK_DQK, DQK, TMA, False)
+            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
+            v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, None, BLOCK_N, BLOCK_DV, DV, TMA, False)
+            acc += mma(p.to(v.dtype), v, IEEE)
+        for start_n in range(tl.maximum(free_n, lo), tl.minimum(end_n, hi), BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < seq_len
+            k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
+            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
+            p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
+            v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
+            acc += mma(p.to(v.dtype), v, IEEE)
+    out_base = Out + pid_s.to(tl.int64) * stride_os + seq_start * stride_ol
+    tl.store(out_base + (offs_m[:, None] * stride_ol + h * stride_oh + offs_dv[None, :]),
              acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -126,9 +179,11 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
                      stride_kcl, stride_kch, stride_vcl, stride_vch, stride_os, stride_ol, stride_oh,
                      H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     IEEE: tl.constexpr, FAST: tl.constexpr):
+                     IEEE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr):
     """Program (m, b*H+h, s) adds the contribution of cache keys [s*split_len, (s+1)*split_len) to a float32
-    partial Out[s]; split 0 also adds each row's own (diagonal) term. No softmax: partials just add."""
+    partial Out[s]; split 0 also adds each row's own (diagonal) term. No softmax: partials just add.
+    Only a key block that crosses the split's end (or any block, with a window) is masked: rows past the
+    user's new rows are never stored, so they need no mask. TMA as in _hstu_fwd."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -142,15 +197,12 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
     c_start = tl.load(cache_offsets + b)
     c_len = tl.load(cache_offsets + b + 1) - c_start  # = hist_end: every new row is a target
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < d_len
-    qmask = m_valid[:, None] & (offs_dqk[None, :] < DQK)
-    vmask = m_valid[:, None] & (offs_dv[None, :] < DV)
-    q = tl.load(Q + (d_start + offs_m)[:, None] * stride_ql + h * stride_qh + offs_dqk[None, :], mask=qmask, other=0.0)
+    q = _rows(Q, d_start, start_m, stride_ql, h * stride_qh, m_valid, BLOCK_M, BLOCK_DQK, DQK, TMA, True)
     # Its own row (the diagonal): a row-wise dot, no cache involved.
-    k_self = tl.load(K + (d_start + offs_m)[:, None] * stride_kl + h * stride_kh + offs_dqk[None, :], mask=qmask, other=0.0)
-    v_self = tl.load(V + (d_start + offs_m)[:, None] * stride_vl + h * stride_vh + offs_dv[None, :], mask=vmask, other=0.0)
+    k_self = _rows(K, d_start, start_m, stride_kl, h * stride_kh, m_valid, BLOCK_M, BLOCK_DQK, DQK, TMA, True)
+    v_self = _rows(V, d_start, start_m, stride_vl, h * stride_vh, m_valid, BLOCK_M, BLOCK_DV, DV, TMA, True)
     p_self = _pointwise(tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1), alpha, inv_n, FAST)
     acc = tl.where(pid_s == 0, p_self[:, None] * v_self.to(tl.float32), 0.0)
     id_m = c_len - C + 1  # every target's id
@@ -159,26 +211,26 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        k = tl.load(KC + (c_start + offs_n)[:, None] * stride_kcl + h * stride_kch + offs_dqk[None, :],
-                    mask=n_valid[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+        k = _rows(KC, c_start, start_n, stride_kcl, h * stride_kch, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
         p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
-        sees = n_valid[None, :] & m_valid[:, None]
         if WINDOW > 0:
             id_n = tl.where(offs_n < C, 0, offs_n - C + 1)
-            sees = sees & ((id_m - id_n[None, :] <= WINDOW) | (id_n[None, :] == 0))
-        p = tl.where(sees, p, 0.0)
-        v = tl.load(VC + (c_start + offs_n)[:, None] * stride_vcl + h * stride_vch + offs_dv[None, :],
-                    mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            p = tl.where(n_valid[None, :] & ((id_m - id_n[None, :] <= WINDOW) | (id_n[None, :] == 0)), p, 0.0)
+        elif start_n + BLOCK_N > hi:
+            p = tl.where(n_valid[None, :], p, 0.0)
+        v = _rows(VC, c_start, start_n, stride_vcl, h * stride_vch, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
         acc += mma(p.to(v.dtype), v, IEEE)
-    tl.store(Out + pid_s * stride_os + (d_start + offs_m)[:, None] * stride_ol + h * stride_oh + offs_dv[None, :],
-             acc, mask=vmask)
+    out_base = Out + pid_s.to(tl.int64) * stride_os + d_start * stride_ol
+    tl.store(out_base + (offs_m[:, None] * stride_ol + h * stride_oh + offs_dv[None, :]), acc,
+             mask=m_valid[:, None] & (offs_dv[None, :] < DV))
 
 
 def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
     """Block sizes. 16-bit, head dim <= 128: 64x64 tiles, 4 warps, 3 stages measured best on the H200
     (benchmarks/results/gpu_hstu_2026-11-29_run6.json sweep, tanh SiLU: 0.675 of the matmul rate at
-    N=4096 vs 0.666 for 128x64 / 8 warps; 0.296 vs 0.248 at N=512). Wider heads and fp32 (the checking
-    path) take smaller tiles to fit."""
+    N=4096 vs 0.666 for 128x64 / 8 warps; 0.296 vs 0.248 at N=512), and again with TMA loads and one key
+    loop (variants_ab run 15: 2 or 4 stages, 64x128, 128x64 and 128x128 tiles all slower at every
+    shape). Wider heads and fp32 (the checking path) take smaller tiles to fit."""
     bdqk, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
     if max(bdqk, bdv) >= 256 or dtype == torch.float32:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -186,6 +238,35 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     return {**tiles, "BLOCK_DQK": bdqk, "BLOCK_DV": bdv, "IEEE": dtype == torch.float32,
             "FAST": fast_math(dtype)}
+
+
+# _hstu_fwd's switches (benchmarks/variants_ab.py flips them). TMA where tma_ok and the launch is real;
+# MERGED None: one key loop with TMA, two with pointers (each measured best with its loads, run 16).
+FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None}
+
+
+def tma_ok(dtype: torch.dtype, *tensors: Tensor) -> bool:
+    """Whether q / k / v ([L, H, d] each) can be read through TMA descriptors of their [L, H*d] matrix:
+    16-bit, power-of-two head dims up to 128 (a tile's columns are exactly one head's; a padded tile
+    would read the next head's), heads adjacent within a row, 16-byte aligned rows and starts; a Hopper
+    or newer GPU (or Triton's interpreter) and a Triton with host-side descriptors."""
+    if dtype not in (torch.bfloat16, torch.float16) or importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
+        return False
+    dev = tensors[0].device
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
+        return False
+    for t in tensors:
+        d = t.shape[-1]
+        if d < 16 or d > 128 or d & (d - 1) or t.stride(1) != d or t.stride(0) % 8 or t.storage_offset() % 8:
+            return False
+    return True
+
+
+def _descriptor(t: Tensor, rows: int):
+    """The TMA descriptor of [rows, d] tiles (one head) over t's [L, H*d] view."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t.view(t.shape[0], t.shape[1] * t.shape[2]), [rows, t.shape[2]])
 
 
 SLOTS = 264  # resident 64x64 attention programs on an H200 (132 SMs x 2); sizes the key splits
@@ -211,12 +292,16 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     L, H, dqk = q.shape
     dv = v.shape[-1]
     splits = out.shape[0] if out.dim() == 4 else 1
-    cfg = _blocks(dqk, dv, q.dtype) | {"LONGEST_FIRST": True} | (config or {})
+    cfg = _blocks(dqk, dv, q.dtype) | FWD_FLAGS | (config or {})
     split_len = triton.cdiv(triton.cdiv(max_seq_len, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     so, sl, sh = (out.stride(0), out.stride(1), out.stride(2)) if out.dim() == 4 else (0, out.stride(0), out.stride(1))
     grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H, splits)
+    cfg["TMA"] = bool(cfg["TMA"]) and not is_fake(q) and tma_ok(q.dtype, q, k, v)
+    cfg["MERGED"] = cfg["TMA"] if cfg["MERGED"] is None else bool(cfg["MERGED"])
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    qa, ka, va = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn)) if cfg["TMA"] else (q, k, v)
     launcher(_hstu_fwd)[grid](
-        q, k, v, out, offsets, num_targets, alpha, 1.0 / max_seq_len, split_len,
+        qa, ka, va, out, offsets, num_targets, alpha, 1.0 / max_seq_len, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), so, sl, sh,
         H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, **cfg,
     )
@@ -260,20 +345,26 @@ def cache_splits(max_seq_len: int, programs: int, block_n: int) -> tuple[int, in
 
 def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor, v_cache: Tensor,
                   cache_offsets: Tensor, out: Tensor, max_seq_len: int, alpha: float, contextual_len: int,
-                  max_attn_len: int, max_delta_len: int, launcher=lambda kernel: kernel) -> Tensor:
-    """Launch into the float32 partials `out` [splits, Ld, H, dv] (see cached_partials_shape); sum(0) is the result."""
+                  max_attn_len: int, max_delta_len: int, launcher=lambda kernel: kernel, tma: bool | None = None) -> Tensor:
+    """Launch into the float32 partials `out` [splits, Ld, H, dv] (see cached_partials_shape); sum(0) is the result.
+    `tma` None: FWD_FLAGS["TMA"] (then TMA where tma_ok and the launch is real, as for the full kernel)."""
     L, H, dqk = q.shape
     dv = v.shape[-1]
     cfg = _blocks(dqk, dv, q.dtype)
     m_blocks = triton.cdiv(max_delta_len, cfg["BLOCK_M"])
     splits, split_len = cache_splits(max_seq_len, m_blocks * (delta_offsets.shape[0] - 1) * H, cfg["BLOCK_N"])
     assert out.shape[0] == splits, "allocate out with cached_partials_shape"
+    use_tma = bool(FWD_FLAGS["TMA"] if tma is None else tma) and not is_fake(q) and tma_ok(q.dtype, q, k, v, k_cache,
+                                                                                             v_cache)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]  # the new rows' own k / v come in [BLOCK_M] tiles, the cache's in [BLOCK_N]
+    qa, ka, va, kca, vca = ((_descriptor(q, bm), _descriptor(k, bm), _descriptor(v, bm), _descriptor(k_cache, bn),
+                             _descriptor(v_cache, bn)) if use_tma else (q, k, v, k_cache, v_cache))
     launcher(_hstu_cached_fwd)[(m_blocks, (delta_offsets.shape[0] - 1) * H, splits)](
-        q, k, v, k_cache, v_cache, out, delta_offsets, cache_offsets, alpha, 1.0 / max_seq_len, split_len,
+        qa, ka, va, kca, vca, out, delta_offsets, cache_offsets, alpha, 1.0 / max_seq_len, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, **cfg,
+        H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, TMA=use_tma, **cfg,
     )
     return out
 
