@@ -45,7 +45,7 @@ from hstu_opt.backends.eager import example_feed  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.ops.hstu_attention.triton import (  # noqa: E402
-    _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd)
+    _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd, tma_ok)
 from hstu_opt.ops.hstu_output.triton import launch as output_launch  # noqa: E402
 from hstu_opt.ops.uvqk.triton import launch as uvqk_launch  # noqa: E402
 
@@ -109,6 +109,13 @@ def check(gen) -> list[dict]:
             ok = bool(torch.isfinite(out).all()) and err <= BARS[dtype]
             rows.append({"kernel": "full", "case": name, "dtype": str(dtype).split(".")[-1], "rel_err": err,
                          "bar": BARS[dtype], "unwritten": int((~torch.isfinite(out)).sum()), "ok": ok})
+            if tma_ok(dtype, q, k, v):  # the pointer kernel too: what traced launches (the compiled engine) run
+                out_p = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
+                launch_fwd(q, k, v, offsets, nt, out_p, N, kw["alpha"], C, window, config={"TMA": False})
+                err_p = rel_err(out_p, want)
+                rows.append({"kernel": "full/pointers", "case": name, "dtype": str(dtype).split(".")[-1],
+                             "rel_err": err_p, "bar": BARS[dtype], "unwritten": int((~torch.isfinite(out_p)).sum()),
+                             "ok": bool(torch.isfinite(out_p).all()) and err_p <= BARS[dtype]})
             # the same with the keys split across programs (float32 partials, poisoned, then summed)
             splits = 3
             parts = torch.full((splits, q.shape[0], H, dv), float("nan"), device=DEV)
@@ -125,14 +132,16 @@ def check(gen) -> list[dict]:
             co = torch.tensor([0, *np.cumsum(c_len)], dtype=torch.int64, device=DEV)
             do = torch.tensor([0, *np.cumsum(nt.cpu().numpy())], dtype=torch.int64, device=DEV)
             qd = q[rows_d]
-            parts = torch.full(cached_partials_shape(qd, v, do, N, int(nt.max())), float("nan"), device=DEV)
-            launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, parts, N, kw["alpha"], C,
-                          window, int(nt.max()))
-            out_c = parts.sum(0).to(dtype)
-            err_c = rel_err(out_c, want[rows_d])
-            rows.append({"kernel": "cached", "case": name, "dtype": str(dtype).split(".")[-1], "rel_err": err_c,
-                         "bar": BARS[dtype], "unwritten": int((~torch.isfinite(out_c)).sum()),
-                         "ok": bool(torch.isfinite(out_c).all()) and err_c <= BARS[dtype]})
+            for tma in (True, False) if tma_ok(dtype, q, k, v) else (False,):  # pointers: the engine's traced launch
+                parts = torch.full(cached_partials_shape(qd, v, do, N, int(nt.max())), float("nan"), device=DEV)
+                launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, parts, N, kw["alpha"], C,
+                              window, int(nt.max()), tma=tma)
+                out_c = parts.sum(0).to(dtype)
+                err_c = rel_err(out_c, want[rows_d])
+                rows.append({"kernel": "cached" if tma else "cached/pointers", "case": name,
+                             "dtype": str(dtype).split(".")[-1], "rel_err": err_c, "bar": BARS[dtype],
+                             "unwritten": int((~torch.isfinite(out_c)).sum()),
+                             "ok": bool(torch.isfinite(out_c).all()) and err_c <= BARS[dtype]})
     return rows
 
 
@@ -153,8 +162,16 @@ def bench_attention(gen, matmul_tflops: float) -> list[dict]:
             fn = graphed(fn)[0]
         ms = do_bench(fn, warmup=10, rep=100)
         tflops = flops / ms / 1e9
-        rows.append({"B": B, "N": N, "H": H, "d": d, "ms": ms, "tflops": tflops, "ratio_to_matmul": tflops / matmul_tflops,
-                     "key_splits": fwd_splits(B * H, N, *(_blocks(d, d, q.dtype)[b] for b in ("BLOCK_M", "BLOCK_N")))})
+        splits = fwd_splits(B * H, N, *(_blocks(d, d, q.dtype)[b] for b in ("BLOCK_M", "BLOCK_N")))
+        loads = "tma" if tma_ok(q.dtype, q, k, v) else "pointers"
+        rows.append({"B": B, "N": N, "H": H, "d": d, "loads": loads, "ms": ms, "tflops": tflops,
+                     "ratio_to_matmul": tflops / matmul_tflops, "key_splits": splits})
+        if loads == "tma" and splits == 1 and (B, N) in ((512, 512), (128, 4096), (16, 4352)):
+            out = torch.empty_like(v)  # the pointer kernel: what the compiled engine's traced launches run
+            fn = lambda: launch_fwd(q, k, v, offsets, nt, out, N, d ** -0.5, 0, 0, config={"TMA": False})  # noqa: E731
+            ms = do_bench(graphed(fn)[0] if B <= 16 else fn, warmup=10, rep=100)
+            rows.append({"B": B, "N": N, "H": H, "d": d, "loads": "pointers", "ms": ms, "tflops": flops / ms / 1e9,
+                         "ratio_to_matmul": flops / ms / 1e9 / matmul_tflops, "key_splits": splits})
     return rows
 
 
@@ -338,6 +355,29 @@ def wall_ms(fn, reps: int = 30) -> dict:
 
 
 @torch.no_grad()
+def cached_scoring(tri: HstuModel, cfg: HstuConfig, t: dict, B: int) -> tuple[dict, list]:
+    """Prefill [contextual][history] once, then score the 256 candidates against the cache, vs recomputing
+    every row (both CUDA-graph replays): the timing row and the cached path's top kernels."""
+    C = cfg.contextual_len
+    hist_rows, tgt_rows = t["history_rows"], t["target_rows"]
+    h_off = torch.arange(B + 1, device=DEV) * (C + 4096)
+    d_off = torch.arange(B + 1, device=DEV) * 256
+    cache = tri.prefill(t["ids"][hist_rows], t["ratings"][hist_rows], t["timestamps"][hist_rows], h_off, t["query_time"])
+    cand_ids = t["ids"][tgt_rows]
+    replay_full, full = graphed(lambda: full_forward(tri, t))
+    replay_cached, scored = graphed(lambda: tri.score_cached(cache, cand_ids, d_off))
+    replay_full()
+    replay_cached()
+    torch.cuda.synchronize()
+    full_c, scored_c = full.float().clone(), scored.float().clone()
+    ms_full, ms_cached = do_bench(replay_full, warmup=3, rep=50), do_bench(replay_cached, warmup=3, rep=50)
+    busy_c, top_c = gpu_busy(replay_cached)
+    return ({"B": B, "full_ms": ms_full, "cached_ms": ms_cached, "cached_gpu_busy_ms": busy_c,
+             "speedup": ms_full / ms_cached, "max_abs_diff": float((full_c - scored_c).abs().max()),
+             "graphs": "both CUDA-graph replays, outputs cloned"}, top_c)
+
+
+@torch.no_grad()
 def bench_model(out_dir: Path, quick: bool = False) -> dict:
     cfg = dlrm_config()
     tri, ref = dlrm_model(cfg, Impl.TRITON), dlrm_model(cfg, Impl.REFERENCE)
@@ -398,26 +438,8 @@ def bench_model(out_dir: Path, quick: bool = False) -> dict:
             result["end_to_end"].append({"B": B, "variant": f"check: {name} vs eager reference",
                                          "max_abs_diff": float((outs[name] - outs[next(iter(variants))]).abs().max())})
         np.save(out_dir / f"graph_out_B{B}.npy", outs["graph"].cpu().numpy())
-        # cached scoring: prefill [contextual][history] once, then the candidates against the cache
-        C = cfg.contextual_len
-        hist_rows, tgt_rows = t["history_rows"], t["target_rows"]
-        h_off = torch.arange(B + 1, device=DEV) * (C + 4096)
-        d_off = torch.arange(B + 1, device=DEV) * 256
-        cache = tri.prefill(t["ids"][hist_rows], t["ratings"][hist_rows], t["timestamps"][hist_rows], h_off, t["query_time"])
-        cand_ids = t["ids"][tgt_rows]
-        replay_full, full = graphed(lambda: full_forward(tri, t))
-        replay_cached, scored = graphed(lambda: tri.score_cached(cache, cand_ids, d_off))
-        replay_full()
-        replay_cached()
-        torch.cuda.synchronize()
-        full_c, scored_c = full.float().clone(), scored.float().clone()
-        ms_full, ms_cached = do_bench(replay_full, warmup=3, rep=50), do_bench(replay_cached, warmup=3, rep=50)
-        busy_c, top_c = gpu_busy(replay_cached)
-        result["profiles"][f"cached B={B}"] = top_c
-        result["cached"].append({"B": B, "full_ms": ms_full, "cached_ms": ms_cached, "cached_gpu_busy_ms": busy_c,
-                                 "speedup": ms_full / ms_cached, "max_abs_diff": float((full_c - scored_c).abs().max()),
-                                 "graphs": "both CUDA-graph replays, outputs cloned"})
-        del replay_full, replay_cached, cache
+        row, result["profiles"][f"cached B={B}"] = cached_scoring(tri, cfg, t, B)
+        result["cached"].append(row)
     # the engine: a fresh process that loads the bundle's compiled engine (warm start) and serves
     if "engine_build" not in result:
         return result
@@ -471,6 +493,8 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--quick", action="store_true", help="model part without torch.compile of the reference")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="model part: only cached scoring vs full recompute (no engine, no other variants)")
     ap.add_argument("--serve-engine", type=Path, help="(internal) serve this engine dir in this fresh process")
     args = ap.parse_args()
     if args.serve_engine:
@@ -503,11 +527,20 @@ def main() -> None:
         save()
         result["attention"] = bench_attention(gen, result["ceilings"]["matmul_bf16_tflops"])
         for r in result["attention"]:
-            print(f"attn B={r['B']:4} N={r['N']:4} H={r['H']} d={r['d']:3}: {r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s "
+            print(f"attn B={r['B']:4} N={r['N']:4} H={r['H']} d={r['d']:3} {r['loads']:8}: {r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s "
                   f"ratio {r['ratio_to_matmul']:.3f}", flush=True)
         save()
     if not args.skip_model:
-        result["model"] = bench_model(args.out, args.quick)
+        if args.cached_only:
+            cfg = dlrm_config()
+            tri = dlrm_model(cfg, Impl.TRITON)
+            result["model"] = {"cached": [], "profiles": {}, "end_to_end": []}
+            for B in (1, 16):
+                row, top = cached_scoring(tri, cfg, device_rows(cfg, dlrm_feed(tri, B)), B)
+                result["model"]["cached"].append(row)
+                result["model"]["profiles"][f"cached B={B}"] = top
+        else:
+            result["model"] = bench_model(args.out, args.quick)
         save()
         for r in result["model"]["end_to_end"]:
             print(f"e2e B={r['B']:2} {r['variant'][:60]:60} " + " ".join(
