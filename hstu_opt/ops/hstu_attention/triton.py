@@ -27,6 +27,7 @@ The cached kernel reads the same two ways.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -245,19 +246,24 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None}
 
 
+@functools.cache
+def _host_descriptors() -> bool:
+    return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+
+
 def tma_ok(dtype: torch.dtype, *tensors: Tensor) -> bool:
-    """Whether q / k / v ([L, H, d] each) can be read through TMA descriptors of their [L, H*d] matrix:
+    """Whether real q / k / v ([L, H, d] each) can be read through TMA descriptors of their [L, H*d] matrix:
     16-bit, power-of-two head dims up to 128 (a tile's columns are exactly one head's; a padded tile
     would read the next head's), heads adjacent within a row, 16-byte aligned rows and starts; a Hopper
     or newer GPU (or Triton's interpreter) and a Triton with host-side descriptors."""
-    if dtype not in (torch.bfloat16, torch.float16) or importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
+    if dtype not in (torch.bfloat16, torch.float16) or not _host_descriptors():
         return False
     dev = tensors[0].device
     if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
         return False
     for t in tensors:
         d = t.shape[-1]
-        if d < 16 or d > 128 or d & (d - 1) or t.stride(1) != d or t.stride(0) % 8 or t.storage_offset() % 8:
+        if d < 16 or d > 128 or d & (d - 1) or t.stride(1) != d or t.stride(0) % 8 or t.data_ptr() % 16:
             return False
     return True
 
