@@ -96,6 +96,14 @@ CHECKS = [  # name, B, N, H, dqk, dv, C, window, fixed lengths
 ]
 
 
+def check_row(kernel: str, case: str, dtype: torch.dtype, got: torch.Tensor, want: torch.Tensor) -> dict:
+    """One check: relative error against float64 math, and no element left unwritten (outputs are NaN-poisoned)."""
+    err = rel_err(got, want)
+    unwritten = int((~torch.isfinite(got)).sum())
+    return {"kernel": kernel, "case": case, "dtype": str(dtype).split(".")[-1], "rel_err": err, "bar": BARS[dtype],
+            "unwritten": unwritten, "ok": unwritten == 0 and err <= BARS[dtype]}
+
+
 def check(gen) -> list[dict]:
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -105,26 +113,16 @@ def check(gen) -> list[dict]:
             want = ops.hstu_attention(q.double(), k.double(), v.double(), offsets, nt, **kw)
             out = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
             launch_fwd(q, k, v, offsets, nt, out, N, kw["alpha"], C, window)
-            err = rel_err(out, want)
-            ok = bool(torch.isfinite(out).all()) and err <= BARS[dtype]
-            rows.append({"kernel": "full", "case": name, "dtype": str(dtype).split(".")[-1], "rel_err": err,
-                         "bar": BARS[dtype], "unwritten": int((~torch.isfinite(out)).sum()), "ok": ok})
+            rows.append(check_row("full", name, dtype, out, want))
             if tma_ok(dtype, q, k, v):  # the pointer kernel too: what traced launches (the compiled engine) run
                 out_p = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
                 launch_fwd(q, k, v, offsets, nt, out_p, N, kw["alpha"], C, window, config={"TMA": False})
-                err_p = rel_err(out_p, want)
-                rows.append({"kernel": "full/pointers", "case": name, "dtype": str(dtype).split(".")[-1],
-                             "rel_err": err_p, "bar": BARS[dtype], "unwritten": int((~torch.isfinite(out_p)).sum()),
-                             "ok": bool(torch.isfinite(out_p).all()) and err_p <= BARS[dtype]})
+                rows.append(check_row("full/pointers", name, dtype, out_p, want))
             # the same with the keys split across programs (float32 partials, poisoned, then summed)
             splits = 3
             parts = torch.full((splits, q.shape[0], H, dv), float("nan"), device=DEV)
             launch_fwd(q, k, v, offsets, nt, parts, N, kw["alpha"], C, window)
-            out_s = parts.sum(0).to(dtype)
-            err_s = rel_err(out_s, want)
-            rows.append({"kernel": f"full/{splits} splits", "case": name, "dtype": str(dtype).split(".")[-1],
-                         "rel_err": err_s, "bar": BARS[dtype], "unwritten": int((~torch.isfinite(out_s)).sum()),
-                         "ok": bool(torch.isfinite(out_s).all()) and err_s <= BARS[dtype]})
+            rows.append(check_row(f"full/{splits} splits", name, dtype, parts.sum(0).to(dtype), want))
             # cached: the last rows of each user are new (targets), the rest is the cache
             c_len = (lengths - nt.cpu()).tolist()
             rows_c = torch.cat([torch.arange(int(offsets[b]), int(offsets[b]) + c_len[b]) for b in range(len(c_len))]).to(DEV)
@@ -136,12 +134,8 @@ def check(gen) -> list[dict]:
                 parts = torch.full(cached_partials_shape(qd, v, do, N, int(nt.max())), float("nan"), device=DEV)
                 launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, parts, N, kw["alpha"], C,
                               window, int(nt.max()), tma=tma)
-                out_c = parts.sum(0).to(dtype)
-                err_c = rel_err(out_c, want[rows_d])
-                rows.append({"kernel": "cached" if tma else "cached/pointers", "case": name,
-                             "dtype": str(dtype).split(".")[-1], "rel_err": err_c, "bar": BARS[dtype],
-                             "unwritten": int((~torch.isfinite(out_c)).sum()),
-                             "ok": bool(torch.isfinite(out_c).all()) and err_c <= BARS[dtype]})
+                rows.append(check_row("cached" if tma else "cached/pointers", name, dtype, parts.sum(0).to(dtype),
+                                      want[rows_d]))
     return rows
 
 
@@ -227,10 +221,7 @@ def check_projections(gen) -> list[dict]:
             out_o = torch.full((M, D), float("nan"), dtype=dtype, device=DEV)
             output_launch(u, a, xr, onw, onb, wo, out_o, 1e-6)
             for kernel, got, ref in (("uvqk", out, want), ("hstu_output", out_o, want_o)):
-                err = rel_err(got, ref)
-                rows.append({"kernel": kernel, "case": f"M{M}-D{D}-H{H}-{dqk}/{dv}", "dtype": str(dtype).split(".")[-1],
-                             "rel_err": err, "bar": BARS[dtype], "unwritten": int((~torch.isfinite(got)).sum()),
-                             "ok": bool(torch.isfinite(got).all()) and err <= BARS[dtype]})
+                rows.append(check_row(kernel, f"M{M}-D{D}-H{H}-{dqk}/{dv}", dtype, got, ref))
     return rows
 
 

@@ -268,6 +268,12 @@ def tma_ok(dtype: torch.dtype, *tensors: Tensor) -> bool:
     return True
 
 
+def _use_tma(flag, q: Tensor, *others: Tensor) -> bool:
+    """The TMA switch as a launch takes it: asked for, a real launch (traced ones, whose tensors are fake,
+    take pointers: Inductor cannot take host descriptors from a triton_op body), and tma_ok."""
+    return bool(flag) and not is_fake(q) and tma_ok(q.dtype, q, *others)
+
+
 def _descriptor(t: Tensor, rows: int):
     """The TMA descriptor of [rows, d] tiles (one head) over t's [L, H*d] view."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -302,7 +308,7 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     split_len = triton.cdiv(triton.cdiv(max_seq_len, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     so, sl, sh = (out.stride(0), out.stride(1), out.stride(2)) if out.dim() == 4 else (0, out.stride(0), out.stride(1))
     grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H, splits)
-    cfg["TMA"] = bool(cfg["TMA"]) and not is_fake(q) and tma_ok(q.dtype, q, k, v)
+    cfg["TMA"] = _use_tma(cfg["TMA"], q, k, v)
     cfg["MERGED"] = cfg["TMA"] if cfg["MERGED"] is None else bool(cfg["MERGED"])
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     qa, ka, va = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn)) if cfg["TMA"] else (q, k, v)
@@ -360,8 +366,7 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
     m_blocks = triton.cdiv(max_delta_len, cfg["BLOCK_M"])
     splits, split_len = cache_splits(max_seq_len, m_blocks * (delta_offsets.shape[0] - 1) * H, cfg["BLOCK_N"])
     assert out.shape[0] == splits, "allocate out with cached_partials_shape"
-    use_tma = bool(FWD_FLAGS["TMA"] if tma is None else tma) and not is_fake(q) and tma_ok(q.dtype, q, k, v, k_cache,
-                                                                                             v_cache)
+    use_tma = _use_tma(FWD_FLAGS["TMA"] if tma is None else tma, q, k, v, k_cache, v_cache)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]  # the new rows' own k / v come in [BLOCK_M] tiles, the cache's in [BLOCK_N]
     qa, ka, va, kca, vca = ((_descriptor(q, bm), _descriptor(k, bm), _descriptor(v, bm), _descriptor(k_cache, bn),
                              _descriptor(v_cache, bn)) if use_tma else (q, k, v, k_cache, v_cache))
