@@ -70,6 +70,25 @@ def test_pointer_kernel_on_tma_eligible_heads(lengths, num_targets, C, window, m
     test_triton_matches_reference(lengths, num_targets, C, window, torch.float16, 2, 16, 16)
 
 
+@pytest.mark.parametrize("lengths,num_targets,C,window", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("post_scale", [False, True], ids=["per-score", "post-scale"])
+def test_scale_placement_matches_reference(lengths, num_targets, C, window, dtype, post_scale, loads):
+    """1/N applied to every score or once to the accumulator (POST_SCALE, forced either way here; by
+    default on except in fp16), NaN-poisoned output."""
+    from hstu_opt.ops.hstu_attention.triton import launch_fwd
+
+    H, d = 2, 32
+    q, k, v, offsets, nt = random_jagged(lengths, num_targets, H, d, d, dtype=dtype, seed=len(lengths) + 3 * C)
+    N = max(lengths) + 5
+    want = ops.hstu_attention(q.float(), k.float(), v.float(), offsets, nt, max_seq_len=N, alpha=d ** -0.5,
+                              contextual_len=C, max_attn_len=window)
+    out = torch.full_like(v, float("nan"))
+    launch_fwd(q, k, v, offsets, nt, out, N, d ** -0.5, C, window, config={"POST_SCALE": post_scale})
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), want, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("lengths,num_targets,C,window", [
     ([150, 5, 17], [7, 1, 2], 3, 0),  # splits that start past a short sequence's end (they store zeros)
     ([150, 3, 130], [20, 0, 4], 2, 9),  # window: every block masked

@@ -49,16 +49,22 @@ def _row_ids(pos, hist_end, C: tl.constexpr):
 
 
 @triton.jit
-def _pointwise(s, alpha, inv_n, FAST: tl.constexpr):
-    """SiLU(alpha * s) / N (FAST: the one-tanh.approx SiLU of ops/_triton.py, with 1/N folded in before
-    the last multiply-add): the pointwise part, not the tensor cores, bounds this kernel."""
+def _pointwise(s, alpha, inv_n, FAST: tl.constexpr, POST: tl.constexpr):
+    """SiLU(alpha * s) / N (FAST: the one-tanh.approx SiLU of ops/_triton.py): the pointwise part, not the
+    tensor cores, bounds this kernel. POST: without the 1/N, which the caller then applies to its
+    accumulator once (one multiply less per score: +1-3% of matmul rate with TMA loads, neutral with
+    pointers, variants_ab runs 20-21)."""
     alpha = tl.cast(alpha, tl.float32)  # Inductor passes Python floats as fp64 (eager Triton as fp32): fp64
     inv_n = tl.cast(inv_n, tl.float32)  # here turned the inline asm's input and the bf16 casts into NaN
     if FAST:
         h = s * (0.5 * alpha)
         t = tanh_approx(h)
+        if POST:
+            return h + h * t
         hn = h * inv_n
         return hn + hn * t
+    if POST:
+        return silu(s * alpha, False)
     return silu(s * alpha, False) * inv_n
 
 
@@ -101,7 +107,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, LONGEST_FIRST: tl.constexpr, MERGED: tl.constexpr,
-              TMA: tl.constexpr):
+              TMA: tl.constexpr, POST_SCALE: tl.constexpr):
     """Program (m, b*H+h, s): query block m of user b, head h, over keys [s*split_len, (s+1)*split_len)
     into Out[s] (one split: Out is the output; more: float32 partials that add up, no softmax to rescale).
     Q/K/V are TMA descriptors (TMA) or pointers; MERGED: one key loop with a scalar branch for the mask,
@@ -111,7 +117,12 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
     N=4096 0.646 vs 0.607 in natural order, dlrm-v3 batch 16 0.727 vs 0.717 ms, batch 1 0.084 vs 0.082
     ms, N=512 the same; the N=4096 dip of runs 11-12 (460 TFLOP/s) was not the order.
     Tried and reverted (run 13): a contextual block 0 scheduled first, with a row-mask loop for its
-    look-ahead over the history: no gain at C=4 (0.73 vs 0.74 ms at dlrm-v3 batch 16), 12% slower at C=0."""
+    look-ahead over the history: no gain at C=4 (0.73 vs 0.74 ms at dlrm-v3 batch 16), 12% slower at C=0.
+    Also tried and not kept (variants_ab runs 20-21; code on branch wip/paired-attention): query blocks
+    p and nb-1-p of a user paired in one program (N=512 0.33 vs 0.35 of matmul, N=4096 0.55 vs 0.62),
+    and a skewed key loop issuing block j+1's scores before block j's P @ V so the pointwise work could
+    overlap the tensor cores (N=512 0.19: Triton 3.6 waits on every wgmma there and stops pipelining
+    the loads)."""
     if LONGEST_FIRST:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -149,7 +160,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_valid = offs_n < seq_len
             k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
-            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
+            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
             if start_n >= free_n:
                 p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
             v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
@@ -158,17 +169,19 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
         for start_n in range(lo, tl.minimum(free_n, hi), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, None, BLOCK_N, BLOCK_DQK, DQK, TMA, False)
-            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
+            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
             v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, None, BLOCK_N, BLOCK_DV, DV, TMA, False)
             acc += mma(p.to(v.dtype), v, IEEE)
         for start_n in range(tl.maximum(free_n, lo), tl.minimum(end_n, hi), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_valid = offs_n < seq_len
             k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
-            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
+            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
             p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
             v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
             acc += mma(p.to(v.dtype), v, IEEE)
+    if POST_SCALE:
+        acc = acc * tl.cast(inv_n, tl.float32)
     out_base = Out + pid_s.to(tl.int64) * stride_os + seq_start * stride_ol
     tl.store(out_base + (offs_m[:, None] * stride_ol + h * stride_oh + offs_dv[None, :]),
              acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
@@ -204,7 +217,7 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
     # Its own row (the diagonal): a row-wise dot, no cache involved.
     k_self = _rows(K, d_start, start_m, stride_kl, h * stride_kh, m_valid, BLOCK_M, BLOCK_DQK, DQK, TMA, True)
     v_self = _rows(V, d_start, start_m, stride_vl, h * stride_vh, m_valid, BLOCK_M, BLOCK_DV, DV, TMA, True)
-    p_self = _pointwise(tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1), alpha, inv_n, FAST)
+    p_self = _pointwise(tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1), alpha, inv_n, FAST, False)
     acc = tl.where(pid_s == 0, p_self[:, None] * v_self.to(tl.float32), 0.0)
     id_m = c_len - C + 1  # every target's id
     lo = pid_s * split_len
@@ -213,7 +226,7 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
         k = _rows(KC, c_start, start_n, stride_kcl, h * stride_kch, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
-        p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST)
+        p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, False)
         if WINDOW > 0:
             id_n = tl.where(offs_n < C, 0, offs_n - C + 1)
             p = tl.where(n_valid[None, :] & ((id_m - id_n[None, :] <= WINDOW) | (id_n[None, :] == 0)), p, 0.0)
@@ -243,7 +256,9 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 
 # _hstu_fwd's switches (benchmarks/variants_ab.py flips them). TMA where tma_ok and the launch is real;
 # MERGED None: one key loop with TMA, two with pointers (each measured best with its loads, run 16).
-FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None}
+# POST_SCALE None: 1/N on the accumulator, except in fp16, where unscaled scores could overflow P's
+# fp16 tiles (bf16 and fp32 have float32's range).
+FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None}
 
 
 @functools.cache
@@ -310,6 +325,7 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H, splits)
     cfg["TMA"] = _use_tma(cfg["TMA"], q, k, v)
     cfg["MERGED"] = cfg["TMA"] if cfg["MERGED"] is None else bool(cfg["MERGED"])
+    cfg["POST_SCALE"] = q.dtype != torch.float16 if cfg["POST_SCALE"] is None else bool(cfg["POST_SCALE"])
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     qa, ka, va = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn)) if cfg["TMA"] else (q, k, v)
     launcher(_hstu_fwd)[grid](
