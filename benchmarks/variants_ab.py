@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_hstu import (ceilings, device_rows, dlrm_config, dlrm_feed, dlrm_model, env, gpu_busy,  # noqa: E402
-                      graphed, jagged)
+from gpu_hstu import (ceilings, device_rows, dlrm_config, dlrm_feed, dlrm_model, env, gemm_sweep,  # noqa: E402
+                      gpu_busy, graphed, jagged)
 from triton.testing import do_bench  # noqa: E402
 
 from hstu_opt.ops import Impl  # noqa: E402
@@ -118,10 +118,10 @@ def attention_ab(matmul: float) -> list[dict]:
 
 MODEL_VARIANTS = [  # name, attention flags, torch.compile (as the engine) or eager ops, attention outside the
     # compiled graph (a graph break: it launches eagerly, so with TMA descriptors)
+    # (run 16 also measured: compiled with the pointer kernel's merged loop, and compiled with the TMA
+    # attention out of the graph; both slower than the engine's two loops)
     ("eager", {"MERGED": True, "TMA": True}, False, False),
     ("compiled, pointer attention, two loops", {"MERGED": False}, True, False),
-    ("compiled, pointer attention, merged", {"MERGED": True}, True, False),
-    ("compiled, TMA attention out of the graph", {"MERGED": True, "TMA": True}, True, True),
 ]
 
 
@@ -164,11 +164,21 @@ def model_ab() -> list[dict]:
     return rows
 
 
+def gemm_rows() -> list[dict]:
+    """The projections' GEMM tiles (gpu_hstu.gemm_sweep). Run 22 (variants_ab_h200_2026-11-29_run22.json)
+    also timed hstu_output's three operands in one K loop against one loop each: slower (batch 16 0.285
+    vs 0.278 ms, batch 1 0.061 vs 0.053 ms), not kept."""
+    rows = gemm_sweep()
+    for r in rows:
+        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()}, flush=True)
+    return rows
+
+
 def main() -> None:
     inductor_config.fx_graph_cache = False
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["attention", "model"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["attention", "gemm", "model"])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"env": env()}
@@ -176,7 +186,7 @@ def main() -> None:
     result["ceilings"] = ceilings()
     print(result["env"], result["ceilings"], flush=True)
     for part, fn in (("attention", lambda: attention_ab(result["ceilings"]["matmul_bf16_tflops"])),
-                     ("model", model_ab)):
+                     ("gemm", gemm_rows), ("model", model_ab)):
         if part in args.skip:
             continue
         try:

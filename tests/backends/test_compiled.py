@@ -89,6 +89,7 @@ def test_runner_matches_eager_and_rejects_out_of_range(built):
         m = _valid(feed)
         assert got.shape == want.shape and (got[~m] == 0).all()
         np.testing.assert_allclose(got[m], want[m], atol=1e-5, rtol=1e-4)
+    assert set(runner.phase_s) == {"prepare", "device", "scatter"} and all(t > 0 for t in runner.phase_s.values())
     with pytest.raises(ShapeOutOfRange, match=r"history = 201 is outside this engine's range \[1, 200\]"):
         runner.run(example_feed(model, "ranking", rng, 2, 201, 3, exact=True))
     with pytest.raises(compiled.HstuOptError, match="ranking only"):
