@@ -21,7 +21,9 @@ benchmarks/results/variants_ab_h200_2026-11-29_run14..16.json):
   torch 2.11 takes host TMA descriptors only from kernels Dynamo traces, not from a triton_op's body
   ("'<=' not supported between instances of 'TensorDescriptor' and 'int'", run 15), and running the
   attention eagerly between compiled graphs cost more than it gained (dlrm-v3 batch 16: 6.39 vs 6.01
-  ms GPU-busy, run 16). So the `compiled` engine runs this path.
+  ms GPU-busy, run 16). Descriptors the kernel makes itself (tl.make_tensor_descriptor), which Inductor
+  does take, ran correctly under torch.compile but cost what TMA saves (run 23: batch 16 5.86 vs 5.88 ms
+  GPU-busy, N=512 0.27 vs 0.36 of matmul; branch wip/device-tma). So the `compiled` engine runs this path.
 The cached kernel reads the same two ways.
 """
 
