@@ -377,15 +377,7 @@ def bench_model(out_dir: Path, quick: bool = False) -> dict:
     tri, ref = dlrm_model(cfg, Impl.TRITON), dlrm_model(cfg, Impl.REFERENCE)
     mix = dlrm_model(cfg, {"hstu_attention": Impl.TRITON})  # Inductor fuses the norms/pointwise around cuBLAS
     result = {"config": cfg.to_dict(), "end_to_end": [], "cached": [], "profiles": {}}
-    engine_dir = out_dir / "engine"
-    t0 = time.time()
-    try:
-        result["engine_build"] = compiled.build(tri, engine_dir, max_batch=16, shapes=[(1, 4096, 256), (16, 4096, 256)])
-        result["engine_build"]["build_s"] = time.time() - t0
-        print("engine build:", {k: result["engine_build"][k] for k in ("cold_start", "warm_start")}, flush=True)
-    except Exception as exc:  # e.g. the build's own refusal of non-finite outputs: record it, measure the rest
-        result["engine_build_error"] = str(exc)[-3000:]
-        print("engine build failed:", str(exc)[-3000:], flush=True)
+    build_engine(tri, out_dir, result)
     for B in (1, 16):
         feed = dlrm_feed(tri, B)
         t = device_rows(cfg, feed)
@@ -434,24 +426,58 @@ def bench_model(out_dir: Path, quick: bool = False) -> dict:
         np.save(out_dir / f"graph_out_B{B}.npy", outs["graph"].cpu().numpy())
         row, result["profiles"][f"cached B={B}"] = cached_scoring(tri, cfg, t, B)
         result["cached"].append(row)
-    # the engine: a fresh process that loads the bundle's compiled engine (warm start) and serves
+    serve_fresh(out_dir, result)
+    return result
+
+
+def build_engine(tri: HstuModel, out_dir: Path, result: dict) -> None:
+    """The bundle's `compiled` engine for the dlrm-v3 shapes (cold compile, then warm start, in fresh
+    processes), into result["engine_build"] or result["engine_build_error"]."""
+    t0 = time.time()
+    try:
+        result["engine_build"] = compiled.build(tri, out_dir / "engine", max_batch=16,
+                                                shapes=[(1, 4096, 256), (16, 4096, 256)])
+        result["engine_build"]["build_s"] = time.time() - t0
+        print("engine build:", {k: result["engine_build"][k] for k in ("cold_start", "warm_start")}, flush=True)
+    except Exception as exc:  # e.g. the build's own refusal of non-finite outputs: record it, measure the rest
+        result["engine_build_error"] = str(exc)[-3000:]
+        print("engine build failed:", str(exc)[-3000:], flush=True)
+
+
+def serve_fresh(out_dir: Path, result: dict) -> None:
+    """The engine served by a fresh process (warm start), its rows into result["end_to_end"], its outputs
+    against graph_out_B*.npy (eager Triton ops in this process: replayed from a CUDA graph in the full
+    run, plain in --engine-only)."""
     if "engine_build" not in result:
-        return result
+        return
     env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(out_dir / "serve-cache" / "inductor"),
                         "TRITON_CACHE_DIR": str(out_dir / "serve-cache" / "triton")}
-    proc = subprocess.run([sys.executable, __file__, "--serve-engine", str(engine_dir), "--out", str(out_dir)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, __file__, "--serve-engine", str(out_dir / "engine"), "--out", str(out_dir)],
+                          env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         result["engine_serve_error"] = proc.stderr[-3000:]
         print("engine serve failed:", proc.stderr[-3000:], flush=True)
-    else:
-        served = json.loads(proc.stdout.strip().splitlines()[-1])
-        for row in served["rows"]:
-            ref_out = np.load(out_dir / f"graph_out_B{row['B']}.npy")
-            row["max_abs_diff_vs_in_process_graph"] = float(np.abs(np.load(out_dir / f"engine_out_B{row['B']}.npy")
-                                                                   - ref_out).max())
-            result["end_to_end"].append(row)
-        result["engine_serve"] = {k: v for k, v in served.items() if k != "rows"}
+        return
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    for row in served["rows"]:
+        ref_out = np.load(out_dir / f"graph_out_B{row['B']}.npy")
+        row["max_abs_diff_vs_in_process_graph"] = float(np.abs(np.load(out_dir / f"engine_out_B{row['B']}.npy")
+                                                               - ref_out).max())
+        result["end_to_end"].append(row)
+    result["engine_serve"] = {k: v for k, v in served.items() if k != "rows"}
+
+
+def bench_engine_only(out_dir: Path) -> dict:
+    """--engine-only: build the engine, then serve it in a fresh process against eager Triton ops."""
+    cfg = dlrm_config()
+    tri = dlrm_model(cfg, Impl.TRITON)
+    result = {"config": cfg.to_dict(), "end_to_end": [], "cached": [], "profiles": {}}
+    with torch.no_grad():
+        for B in (1, 16):
+            np.save(out_dir / f"graph_out_B{B}.npy",
+                    tri.rank_jagged(**device_rows(cfg, dlrm_feed(tri, B))).float().cpu().numpy())
+    build_engine(tri, out_dir, result)
+    serve_fresh(out_dir, result)
     return result
 
 
@@ -494,6 +520,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="model part without torch.compile of the reference")
     ap.add_argument("--cached-only", action="store_true",
                     help="model part: only cached scoring vs full recompute (no engine, no other variants)")
+    ap.add_argument("--engine-only", action="store_true", help="model part: only the bundle engine (build, serve)")
     ap.add_argument("--serve-engine", type=Path, help="(internal) serve this engine dir in this fresh process")
     args = ap.parse_args()
     if args.serve_engine:
@@ -538,6 +565,8 @@ def main() -> None:
                 row, top = cached_scoring(tri, cfg, device_rows(cfg, dlrm_feed(tri, B)), B)
                 result["model"]["cached"].append(row)
                 result["model"]["profiles"][f"cached B={B}"] = top
+        elif args.engine_only:
+            result["model"] = bench_engine_only(args.out)
         else:
             result["model"] = bench_model(args.out, args.quick)
         save()

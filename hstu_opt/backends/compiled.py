@@ -15,12 +15,17 @@ Cold and warm start are each measured in a fresh process with empty Inductor and
 directories, so the warm one can only be warm through the shipped artifacts; the warm process also
 checks its outputs against the cold one's.
 
-The runner takes the padded feed every engine takes, turns it into jagged rows on the host (one
-host-to-device copy) and scatters the candidates' probabilities back to [B, Nc, T] (padding slots 0).
+The runner takes the padded feed every engine takes and copies it as it is (no per-user work on the
+host) into one pinned staging buffer; on the device, inside the compiled graph, pack_jagged turns it
+into jagged rows [contextual][history][candidates] per user and the candidates' probabilities are
+scattered back to [B, Nc, T] (padding slots 0). jagged_feed is the same conversion on the host, the
+reference the tests hold pack_jagged to: as the runner's path it cost 0.96 ms of host time per
+batch-16 request on the H200 machine (runner phases, benchmarks/results/gpu_hstu_2026-11-29_run24.json).
 
-CUDA graphs: on the second request of a given jagged size the runner captures the compiled graph
-into a torch.cuda.CUDAGraph over static input buffers (one memory pool shared by all graphs), and from
-then on a request is one pinned host-to-device copy, a replay and one device-to-host copy. That skips
+CUDA graphs: on the second request of a given size (padded shape and jagged row counts) the runner
+captures the compiled graph into a torch.cuda.CUDAGraph over a static input buffer (one memory pool
+shared by all graphs), and from then on a request is one pinned host-to-device copy, a replay and one
+device-to-host copy. That skips
 what torch.compile's own CUDA graphs (mode="reduce-overhead") cost on every call: Dynamo's guards and
 the graph tree's input copies and checks, 0.9 ms of the 1.85 ms batch-1 wall time measured on the
 H200 (benchmarks/results/gpu_hstu_2026-11-29_run10.json). At most MAX_GRAPHS sizes are captured;
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 
 from hstu_opt import toolchain
-from hstu_opt.backends.eager import check_feed, engine_limits, example_feed, input_names
+from hstu_opt.backends.eager import ShapeOutOfRange, check_feed, engine_limits, example_feed, input_names
 from hstu_opt.errors import HstuOptError, StageError
 from hstu_opt.fsutil import write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
@@ -71,10 +76,9 @@ def _impl(spec: str | dict) -> Impl | dict:
 def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int,
                 buffer: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Padded engine feed -> jagged rows [contextual][history][candidates] per user (what rank_jagged
-    takes, as int64 views of one flat array: `buffer` when it is large enough, e.g. the runner's pinned
-    staging buffer, so the rows go to the GPU in one copy) and the [B, Nc] mask of real candidate slots
-    (row-major order = target_rows order). Per-user slice copies: no padded concatenation, no mask
-    indexing (those took 1 ms per batch-16 request at dlrm-v3 size)."""
+    takes, as int64 views of one flat array: `buffer` when it is large enough) and the [B, Nc] mask of
+    real candidate slots (row-major order = target_rows order), on the host: the reference pack_jagged
+    is tested against, and what the benchmarks feed the eager model. Per-user slice copies."""
     hist_ids = feed["hist_ids"]
     B = hist_ids.shape[0]
     Nc = feed["cand_ids"].shape[1]
@@ -106,6 +110,71 @@ def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int,
     return rows, np.arange(Nc)[None] < nc[:, None]
 
 
+PADDED_INPUTS = ("hist_ids", "hist_ratings", "hist_timestamps", "cand_ids", "contextual_ids", "hist_lengths",
+                 "num_candidates", "query_time")
+
+
+def staged_sizes(B: int, Nh: int, Nc: int, C: int) -> tuple[int, ...]:
+    """Element counts of PADDED_INPUTS in the flat staging layout."""
+    return (B * Nh, B * Nh, B * Nh, B * Nc, B * C, B, B, B)
+
+
+def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndarray) -> int:
+    """Copy the padded feed, as int64, into the front of `buffer` in PADDED_INPUTS order (a few flat copies,
+    nothing per user); returns the number of elements written."""
+    B, Nh = feed["hist_ids"].shape
+    sizes = staged_sizes(B, Nh, feed["cand_ids"].shape[1], contextual_len)
+    at = 0
+    for name, n in zip(PADDED_INPUTS, sizes):
+        if n:
+            buffer[at:at + n] = feed[name].reshape(-1)
+        at += n
+    return at
+
+
+def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
+                T: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The staged padded feed (stage_feed's layout, on any device) -> rank_jagged's inputs, as jagged_feed
+    builds them on the host (per user [C contextual][hist_lengths history][num_candidates candidate]
+    rows), and each target row's slot in the padded [B * Nc] candidates. L rows and T candidates in all:
+    the host knows both from the lengths, so every shape here is static and nothing syncs."""
+    hist_ids, hist_ratings, hist_ts, cand_ids, ctx_ids, hl, nc, qt = torch.split(flat, list(staged_sizes(B, Nh, Nc, C)))
+    hist_ids, hist_ratings, hist_ts = (t.view(B, Nh) for t in (hist_ids, hist_ratings, hist_ts))
+    cand_ids = cand_ids.view(B, Nc)
+    n_hist = hl + C  # rows before the candidates, contextual ones included
+    offsets = torch.nn.functional.pad((n_hist + nc).cumsum(0), (1, 0))
+    rows = torch.arange(L, device=flat.device)
+    user = torch.searchsorted(offsets[1:], rows, right=True)  # (users without rows are skipped)
+    pos = rows - offsets[user]
+    hl_u = hl[user]
+    in_hist = (pos >= C) & (pos < C + hl_u)
+    h_pos = (pos - C).clamp(0, Nh - 1)
+    c_pos = (pos - C - hl_u).clamp(0, Nc - 1)
+    ids = torch.where(in_hist, hist_ids[user, h_pos], cand_ids[user, c_pos])
+    if C > 0:
+        ids = torch.where(pos < C, ctx_ids.view(B, C)[user, pos.clamp(max=C - 1)], ids)
+    ratings = torch.where(in_hist, hist_ratings[user, h_pos], 0)
+    timestamps = torch.where(in_hist, hist_ts[user, h_pos], qt[user])
+    hist_offsets = torch.nn.functional.pad(n_hist.cumsum(0), (1, 0))
+    j = torch.arange(L - T, device=flat.device)
+    hu = torch.searchsorted(hist_offsets[1:], j, right=True)
+    cand_offsets = torch.nn.functional.pad(nc.cumsum(0), (1, 0))
+    t = torch.arange(T, device=flat.device)
+    tu = torch.searchsorted(cand_offsets[1:], t, right=True)
+    rows = {"ids": ids, "ratings": ratings, "timestamps": timestamps, "offsets": offsets, "num_targets": nc,
+            "query_time": qt, "target_rows": offsets[tu] + n_hist[tu] + (t - cand_offsets[tu]),
+            "history_rows": offsets[hu] + (j - hist_offsets[hu])}
+    return rows, tu * Nc + (t - cand_offsets[tu])
+
+
+def serve_padded(model: HstuModel, flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int, T: int) -> torch.Tensor:
+    """What the runner compiles: staged padded feed -> probabilities [B, Nc, tasks] (padding slots 0)."""
+    rows, slots = pack_jagged(flat, B, Nh, Nc, C, L, T)
+    probs = model.rank_jagged(**rows).float()
+    out = probs.new_zeros(B * Nc, probs.shape[-1]).index_put((slots,), probs)
+    return out.view(B, Nc, probs.shape[-1])
+
+
 class CompiledRunner:
     def __init__(self, out_dir: Path, load_cache: bool = True, warmup: bool = True):
         """Loads the weights and the cache artifacts, then (warmup) runs the shipped shapes in the build's
@@ -128,7 +197,7 @@ class CompiledRunner:
         # Automatic dynamic shapes: the first shape compiles static, a second one recompiles once with the
         # changing sizes symbolic. Not dynamic=True: that also makes the config's ints (N, the 1/N scale)
         # symbolic, and the Triton launch then got a float grid size on the H200 (torch 2.11).
-        self.fn = torch.compile(self.model.rank_jagged, dynamic=None, mode=mode)
+        self.fn = torch.compile(self._serve, dynamic=None, mode=mode)
         self._staged: torch.Tensor | None = None
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: set[tuple] = set()
@@ -154,61 +223,64 @@ class CompiledRunner:
             self.run(feed)
         return times, outs
 
-    def _staging(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        """The reused host buffer the jagged rows are written into (pinned on CUDA, so the rows go to the
-        GPU in one copy), large enough for this request's padded shape."""
-        B, Nh = feed["hist_ids"].shape
-        need = 4 * B * (self.meta["limits"]["contextual_len"] + Nh + feed["cand_ids"].shape[1]) + 3 * B + 1
+    def _serve(self, flat: torch.Tensor, B: int, Nh: int, Nc: int, L: int, T: int) -> torch.Tensor:
+        return serve_padded(self.model, flat, B, Nh, Nc, self.meta["limits"]["contextual_len"], L, T)
+
+    def _staging(self, need: int) -> np.ndarray:
+        """The reused host buffer the padded feed is staged in (pinned on CUDA, so it goes to the GPU in one
+        copy), at least `need` elements long."""
         if self._staged is None or self._staged.numel() < need:
             self._staged = torch.empty(max(need, 1 << 16), dtype=torch.int64, pin_memory=self.device.type == "cuda")
         return self._staged.numpy()
-
-    @staticmethod
-    def _inputs(flat: torch.Tensor, sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        return dict(zip(JAGGED_INPUTS, torch.split(flat, list(sizes))))
 
     @torch.no_grad()
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         check_feed(feed, self.meta["limits"], self.meta["inputs"])
-        staged = self._staging(feed)
-        rows, cand_mask = jagged_feed(feed, self.meta["limits"]["contextual_len"], staged)
-        sizes = tuple(rows[k].size for k in JAGGED_INPUTS)
-        host = torch.from_numpy(staged[:sum(sizes)])  # every row, as jagged_feed laid them out in `staged`
-        graph = self._graphs.get(sizes)
+        C = self.meta["limits"]["contextual_len"]
+        (B, Nh), Nc = feed["hist_ids"].shape, feed["cand_ids"].shape[1]
+        hl, nc = feed["hist_lengths"], feed["num_candidates"]
+        for name, lengths, most in (("hist_lengths", hl, Nh), ("num_candidates", nc, Nc)):
+            if lengths.min() < 0 or lengths.max() > most:
+                raise ShapeOutOfRange(f"{name} must lie in [0, {most}] (the padded width of this request), got "
+                                      f"{int(lengths.min())}..{int(lengths.max())}: fix the request's lengths")
+        T = int(nc.sum())
+        L = B * C + int(hl.sum()) + T
+        staged = self._staging(sum(staged_sizes(B, Nh, Nc, C)))
+        host = torch.from_numpy(staged[:stage_feed(feed, C, staged)])
+        key = (B, Nh, Nc, L, T)
+        graph = self._graphs.get(key)
         t1 = time.perf_counter()
-        if graph is None and self._pool is not None and sizes in self._seen and len(self._graphs) < MAX_GRAPHS:
-            graph = self._graphs[sizes] = _Graph(self.fn, host, sizes, self._pool)
+        if graph is None and self._pool is not None and key in self._seen and len(self._graphs) < MAX_GRAPHS:
+            graph = self._graphs[key] = _Graph(self.fn, host, key, self._pool)
             self.stats["captures"] += 1
         if graph is not None:
             probs = graph.replay(host)
             self.stats["replays"] += 1
         else:
-            self._seen.add(sizes)
-            probs = self.fn(**self._inputs(host.to(self.device, non_blocking=True), sizes)).float().cpu().numpy()
+            self._seen.add(key)
+            probs = self.fn(host.to(self.device, non_blocking=True), *key).cpu().numpy()
             self.stats["direct"] += 1
         t2 = time.perf_counter()
-        out = np.zeros((*cand_mask.shape, probs.shape[-1]), np.float32)
-        out[cand_mask] = probs
+        out = probs.copy()  # (a graph's output buffer is reused by its next replay)
         for phase, dt in zip(self.phase_s, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
             self.phase_s[phase] += dt
         return {"probs": out}
 
 
 class _Graph:
-    """The compiled graph captured for one jagged input size, over static device inputs."""
+    """The compiled graph captured for one request size (B, Nh, Nc, L, T), over a static device input."""
 
-    def __init__(self, fn, host: torch.Tensor, sizes: tuple[int, ...], pool):
+    def __init__(self, fn, host: torch.Tensor, key: tuple[int, ...], pool):
         self.flat = host.to("cuda")
-        inputs = CompiledRunner._inputs(self.flat, sizes)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # one run off the capture: lazy initialization must not be captured
-            fn(**inputs)
+            fn(self.flat, *key)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = fn(**inputs).float()
+            self.out = fn(self.flat, *key)
         self.host_out = torch.empty(self.out.shape, dtype=torch.float32, pin_memory=True)
 
     def replay(self, host: torch.Tensor) -> np.ndarray:

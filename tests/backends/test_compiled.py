@@ -58,6 +58,27 @@ def test_jagged_feed_rows(C):
         assert np.shares_memory(again[name], buffer)
 
 
+@pytest.mark.parametrize("C", [0, 3])
+def test_pack_jagged_equals_jagged_feed(C):
+    """The runner's device-side conversion (stage_feed on the host, then pack_jagged, here on the CPU)
+    gives jagged_feed's rows exactly, and each target row's padded slot; users with no candidates and
+    (C=0) users with no rows at all, staged into a dirty buffer."""
+    batch = random_requests(7, C, np.random.default_rng(21 + C))
+    batch.num_candidates[2] = 0
+    if C == 0:
+        batch.hist_lengths[4], batch.num_candidates[4] = 0, 0
+    feed = batch.ranking_feed()
+    rows, cand_mask = compiled.jagged_feed(feed, C)
+    buffer = np.full(50_000, -7, np.int64)
+    n = compiled.stage_feed(feed, C, buffer)
+    (B, Nh), Nc = feed["hist_ids"].shape, feed["cand_ids"].shape[1]
+    T = int(feed["num_candidates"].sum())
+    got, slots = compiled.pack_jagged(torch.from_numpy(buffer[:n]), B, Nh, Nc, C, len(rows["ids"]), T)
+    for name in compiled.JAGGED_INPUTS:
+        np.testing.assert_array_equal(got[name].numpy(), rows[name], err_msg=name)
+    np.testing.assert_array_equal(slots.numpy(), np.flatnonzero(cand_mask.reshape(-1)))
+
+
 @pytest.fixture(scope="module")
 def built(tiny_build, tmp_path_factory):
     path, _ = tiny_build
@@ -90,6 +111,10 @@ def test_runner_matches_eager_and_rejects_out_of_range(built):
         assert got.shape == want.shape and (got[~m] == 0).all()
         np.testing.assert_allclose(got[m], want[m], atol=1e-5, rtol=1e-4)
     assert set(runner.phase_s) == {"prepare", "device", "scatter"} and all(t > 0 for t in runner.phase_s.values())
+    bad = example_feed(model, "ranking", rng, 2, 50, 3, exact=True)
+    bad["hist_lengths"][1] = 51
+    with pytest.raises(ShapeOutOfRange, match=r"hist_lengths must lie in \[0, 50\]"):
+        runner.run(bad)
     with pytest.raises(ShapeOutOfRange, match=r"history = 201 is outside this engine's range \[1, 200\]"):
         runner.run(example_feed(model, "ranking", rng, 2, 201, 3, exact=True))
     with pytest.raises(compiled.HstuOptError, match="ranking only"):
