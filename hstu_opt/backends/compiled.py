@@ -19,8 +19,11 @@ The runner takes the padded feed every engine takes and copies it as it is (no p
 host) into one pinned staging buffer; on the device, inside the compiled graph, pack_jagged turns it
 into jagged rows [contextual][history][candidates] per user and the candidates' probabilities are
 scattered back to [B, Nc, T] (padding slots 0). jagged_feed is the same conversion on the host, the
-reference the tests hold pack_jagged to: as the runner's path it cost 0.96 ms of host time per
-batch-16 request on the H200 machine (runner phases, benchmarks/results/gpu_hstu_2026-11-29_run24.json).
+reference the tests hold pack_jagged to. As the runner's path it cost 0.96 ms of host time per
+batch-16 request on the H200 machine, 0.16 ms at batch 1 (runner phases, run 24); with the conversion
+on the device, compiled into the graph, 0.21 and 0.03 ms, and the engine's wall time (p50) went from
+7.46 to 6.63 ms at batch 16 and from 1.09 to 0.82 ms at batch 1 (gpu_hstu_2026-11-29_run27_engine.json;
+that machine's host was slower in both runs than in run 17's 6.88 / 0.90).
 
 CUDA graphs: on the second request of a given size (padded shape and jagged row counts) the runner
 captures the compiled graph into a torch.cuda.CUDAGraph over a static input buffer (one memory pool
@@ -132,6 +135,14 @@ def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndar
     return at
 
 
+def _owner(ends: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """For each index, the user whose range holds it: how many users end at or before it (users with empty
+    ranges are skipped). A compare-and-count over [len(index), B], not torch.searchsorted: Inductor in
+    torch 2.11 could not lower searchsorted here on the H200 ("NotImplementedError: SliceView", run 25),
+    and run eagerly the conversion's small kernels cost 0.09 ms of GPU time at batch 1 (run 26)."""
+    return (index[:, None] >= ends[None, :]).sum(1)
+
+
 def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
                 T: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The staged padded feed (stage_feed's layout, on any device) -> rank_jagged's inputs, as jagged_feed
@@ -142,9 +153,10 @@ def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
     hist_ids, hist_ratings, hist_ts = (t.view(B, Nh) for t in (hist_ids, hist_ratings, hist_ts))
     cand_ids = cand_ids.view(B, Nc)
     n_hist = hl + C  # rows before the candidates, contextual ones included
-    offsets = torch.nn.functional.pad((n_hist + nc).cumsum(0), (1, 0))
+    ends = (n_hist + nc).cumsum(0)
+    offsets = torch.nn.functional.pad(ends, (1, 0))
     rows = torch.arange(L, device=flat.device)
-    user = torch.searchsorted(offsets[1:], rows, right=True)  # (users without rows are skipped)
+    user = _owner(ends, rows)
     pos = rows - offsets[user]
     hl_u = hl[user]
     in_hist = (pos >= C) & (pos < C + hl_u)
@@ -155,12 +167,12 @@ def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
         ids = torch.where(pos < C, ctx_ids.view(B, C)[user, pos.clamp(max=C - 1)], ids)
     ratings = torch.where(in_hist, hist_ratings[user, h_pos], 0)
     timestamps = torch.where(in_hist, hist_ts[user, h_pos], qt[user])
-    hist_offsets = torch.nn.functional.pad(n_hist.cumsum(0), (1, 0))
+    hist_ends, cand_ends = n_hist.cumsum(0), nc.cumsum(0)
     j = torch.arange(L - T, device=flat.device)
-    hu = torch.searchsorted(hist_offsets[1:], j, right=True)
-    cand_offsets = torch.nn.functional.pad(nc.cumsum(0), (1, 0))
+    hu = _owner(hist_ends, j)
     t = torch.arange(T, device=flat.device)
-    tu = torch.searchsorted(cand_offsets[1:], t, right=True)
+    tu = _owner(cand_ends, t)
+    hist_offsets, cand_offsets = hist_ends - n_hist, cand_ends - nc  # each user's first history / candidate
     rows = {"ids": ids, "ratings": ratings, "timestamps": timestamps, "offsets": offsets, "num_targets": nc,
             "query_time": qt, "target_rows": offsets[tu] + n_hist[tu] + (t - cand_offsets[tu]),
             "history_rows": offsets[hu] + (j - hist_offsets[hu])}
