@@ -215,8 +215,9 @@ class CompiledRunner:
         self._seen: set[tuple] = set()
         self._pool = torch.cuda.graph_pool_handle() if meta.get("cuda_graphs") else None
         self.stats = {"captures": 0, "replays": 0, "direct": 0}  # requests by path (CUDA graphs or not)
-        # seconds spent per phase of run(), summed over requests: host preparation (checks, jagged rows),
-        # the device (copies in and out, the graph or the compiled call, the wait) and the scatter back
+        # seconds spent per phase of run(), summed over requests: host preparation (checks, staging the
+        # padded feed), the device (copies in and out, the graph or the compiled call, the wait) and the
+        # host copy of the result ("scatter": the scatter to padded slots itself now runs on the device)
         self.phase_s = {"prepare": 0.0, "device": 0.0, "scatter": 0.0}
         if warmup:
             self.warm_up()
