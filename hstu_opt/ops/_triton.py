@@ -68,7 +68,10 @@ def _layer_norm_kernel(X, NW, NB, U, OUT, M, K, stride_xm, stride_um, stride_om,
     x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / K
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
+    # Inductor passes a Python float as fp64 (eager Triton: fp32); uncast, eps made the normalization fp64
+    # under torch.compile: the compiled serving graph's 11 norms at dlrm-v3 batch 16 took 0.478 ms (run 22)
+    # against 0.375 eagerly, and 0.380 with this cast (run 28)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + tl.cast(eps, tl.float32))
     nw = tl.load(NW + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     nb = tl.load(NB + offs_k, mask=k_ok, other=0.0).to(tl.float32)
     y = (xc * rstd[:, None] * nw[None, :] + nb[None, :]).to(OUT.dtype.element_ty)
