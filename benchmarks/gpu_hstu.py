@@ -46,6 +46,7 @@ from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.ops.hstu_attention.triton import (  # noqa: E402
     _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd, tma_ok)
+from hstu_opt.ops._triton import tma_ready  # noqa: E402
 from hstu_opt.ops.hstu_output.triton import launch as output_launch  # noqa: E402
 from hstu_opt.ops.uvqk.triton import launch as uvqk_launch  # noqa: E402
 
@@ -212,16 +213,20 @@ def check_projections(gen) -> list[dict]:
             w, b = r(D, width, scale=D ** -0.5).to(dtype), r(width, scale=0.1).to(dtype)
             proj = F.layer_norm(x.double(), (D,), nw.double(), nb.double(), 1e-6) @ w.double() + b.double()
             want = torch.cat([F.silu(proj[:, :hv]), proj[:, hv:]], dim=1)
-            out = torch.full((M, width), float("nan"), dtype=dtype, device=DEV)
-            uvqk_launch(x, nw, nb, w, b, out, hv, 1e-6)
             u, a, xr = r(M, hv).to(dtype), r(M, hv, scale=0.1, shift=0.02).to(dtype), r(M, D).to(dtype)
             onw, onb, wo = r(hv, scale=0.3, shift=1.0), r(hv, scale=0.3), r(3 * hv, D, scale=(3 * hv) ** -0.5).to(dtype)
             ln = F.layer_norm(a.double(), (hv,), onw.double(), onb.double(), 1e-6)
             want_o = xr.double() + torch.cat([u.double(), a.double(), u.double() * ln], dim=1) @ wo.double()
-            out_o = torch.full((M, D), float("nan"), dtype=dtype, device=DEV)
-            output_launch(u, a, xr, onw, onb, wo, out_o, 1e-6)
-            for kernel, got, ref in (("uvqk", out, want), ("hstu_output", out_o, want_o)):
-                rows.append(check_row(kernel, f"M{M}-D{D}-H{H}-{dqk}/{dv}", dtype, got, ref))
+            # the default GEMM, and the persistent TMA one (_gemm_tma_kernel) and the pointer one explicitly
+            for tag, cfg in (("", None), ("/tma", {"TMA": True}), ("/pointers", {"TMA": False})):
+                if tag == "/tma" and not (tma_ready(x, w) and tma_ready(u, a, xr, wo)):
+                    continue  # (rows not 16-byte aligned: every launch takes the pointer kernel)
+                out = torch.full((M, width), float("nan"), dtype=dtype, device=DEV)
+                uvqk_launch(x, nw, nb, w, b, out, hv, 1e-6, config=cfg)
+                out_o = torch.full((M, D), float("nan"), dtype=dtype, device=DEV)
+                output_launch(u, a, xr, onw, onb, wo, out_o, 1e-6, config=cfg)
+                for kernel, got, ref in (("uvqk", out, want), ("hstu_output", out_o, want_o)):
+                    rows.append(check_row(kernel + tag, f"M{M}-D{D}-H{H}-{dqk}/{dv}", dtype, got, ref))
     return rows
 
 
@@ -252,8 +257,7 @@ def gemm_sweep() -> list[dict]:
     rows.append({"variant": "cuBLAS x + [u|a|g] @ Wo (no gated LayerNorm)", "ms": ref_ms,
                  "tflops": 2 * M * 3 * D * D / ref_ms / 1e9})
     # at batch 16 and at batch 1 (4352 rows: gemm_config's small tiles)
-    for rows_m, cfg in ((M, {}), (M, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
-                        (4352, {})):
+    for rows_m, cfg in [(M, c) for c in OUTPUT_CONFIGS] + [(4352, {}), (4352, dict(TMA=False)), (4352, dict(TMA=True))]:
         args = (u[:rows_m], a[:rows_m], x[:rows_m], ones, zeros, wo, out_o[:rows_m], 1e-6)
         name = f"hstu_output M={rows_m} {cfg}"
         try:
@@ -265,12 +269,15 @@ def gemm_sweep() -> list[dict]:
     return rows
 
 
-GEMM_CONFIGS = [{}, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-                dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-                dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-                dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4)]
+GEMM_CONFIGS = [{}, dict(TMA=False), dict(TMA=True), dict(TMA=True, SUBTILE=True),
+                dict(TMA=True, SUBTILE=True, num_stages=4), dict(TMA=True, FLATTEN=False),
+                dict(TMA=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+                dict(TMA=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+                dict(TMA=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, PROGRAMS=264)]
+# Pointer-kernel tiles of the earlier sweeps (runs 11, 24), all slower than 128x256x64 / 8 warps / 3 stages:
+# 128x256 4 stages, 256x128, 128x128 (4 warps, BLOCK_K 64 or 32), 64x128.
+OUTPUT_CONFIGS = [{}, dict(TMA=False), dict(TMA=True), dict(TMA=True, SUBTILE=True),
+                  dict(TMA=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
 
 
 def dlrm_config() -> HstuConfig:

@@ -6,6 +6,10 @@ Why LayerNorm is its own small kernel and not folded into the GEMM's A tiles: no
 registers keeps the GEMM off the shared-memory wgmma path. Measured on the H200 at dlrm-v3 size
 (69,632 x 512 -> 2048, bf16): folded 200-280 TFLOP/s, against 644 for cuBLAS on the bare matmul
 (benchmarks/results/gpu_hstu_2026-11-29_run6.json). A memory-bound normalize pass costs a few percent.
+
+Two GEMM kernels, one epilogue: _gemm_kernel (one program per tile, masked pointer loads) and
+_gemm_tma_kernel (persistent, TMA loads and stores through descriptors it makes itself, the only TMA
+form Inductor takes from a triton_op). GEMM_FLAGS says which runs where and what each measured.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 
 def interpreting() -> bool:
@@ -96,10 +101,9 @@ def launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(m block, n block) of this program, GROUP_M row blocks at a time so neighbouring programs share
-    A rows and B columns in L2."""
-    pid = tl.program_id(0)
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(m block, n block) of tile `pid`, GROUP_M row blocks at a time so neighbouring tiles share A rows
+    and B columns in L2."""
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
@@ -127,7 +131,7 @@ def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
                  IEEE: tl.constexpr, FAST: tl.constexpr):
     """OUT = [A0 | A1 | A2] @ W (+ BIAS) (SiLU on columns < SILU_N) (+ RES); each A is [M, K], W [NUM_A*K, N].
     SiLU runs only in tiles that hold such columns (in uvqk a quarter of them, in hstu_output none)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -149,7 +153,87 @@ def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
     tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=mn)
 
 
+@triton.jit
+def _tma_epilogue(acc, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS: tl.constexpr,
+                  HAS_RES: tl.constexpr, EPI_N: tl.constexpr, FAST: tl.constexpr):
+    """Bias, SiLU (only tiles that hold columns < SILU_N), residual, then one TMA store of [BLOCK_M, EPI_N]
+    (rows past M are clipped by the descriptor, not written)."""
+    offs_n = off_n + tl.arange(0, EPI_N)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if off_n < SILU_N:
+        acc = tl.where((offs_n < SILU_N)[None, :], silu(acc, FAST), acc)
+    if HAS_RES:
+        acc += res_d.load([off_m, off_n]).to(tl.float32)
+    out_d.store([off_m, off_n], acc.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _gemm_tma_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
+                     stride_a0, stride_a1, stride_a2, stride_wk, stride_res, stride_om,
+                     NUM_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     IEEE: tl.constexpr, FAST: tl.constexpr, PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+                     EPI_N: tl.constexpr):
+    """_gemm_kernel's product and epilogue, persistent (PROGRAMS programs walk the tiles) and read and
+    written through TMA descriptors the kernel makes itself, once per program: Inductor takes those from
+    a triton_op (host-made descriptors it does not, ops/hstu_attention/triton.py), and one program's
+    descriptors serve all its tiles. Out-of-range rows and columns (M, K and N tails) are TMA's zero
+    fill on loads and clipped on stores, so nothing here masks. FLATTEN: the tile and K loops as one
+    software pipeline, so the next tile's loads are in flight during this tile's epilogue. EPI_N <
+    BLOCK_N: the epilogue in column halves (half the store buffer in shared memory)."""
+    a0 = tl.make_tensor_descriptor(A0, [M, K], [stride_a0, 1], [BLOCK_M, BLOCK_K])
+    a1 = a0
+    a2 = a0
+    if NUM_A > 1:
+        a1 = tl.make_tensor_descriptor(A1, [M, K], [stride_a1, 1], [BLOCK_M, BLOCK_K])
+    if NUM_A > 2:
+        a2 = tl.make_tensor_descriptor(A2, [M, K], [stride_a2, 1], [BLOCK_M, BLOCK_K])
+    w = tl.make_tensor_descriptor(W, [NUM_A * K, N], [stride_wk, 1], [BLOCK_K, BLOCK_N])
+    out_d = tl.make_tensor_descriptor(OUT, [M, N], [stride_om, 1], [BLOCK_M, EPI_N])
+    res_d = out_d
+    if HAS_RES:
+        res_d = tl.make_tensor_descriptor(RES, [M, N], [stride_res, 1], [BLOCK_M, EPI_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tile_c = tl.program_id(0) - PROGRAMS  # the epilogue's own tile counter (Triton's persistent-matmul pattern)
+    for tile in tl.range(tl.program_id(0), num_tiles, PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ki in range(k_tiles):  # W's rows past an operand's K meet A's zero fill
+            acc += mma(a0.load([off_m, ki * BLOCK_K]), w.load([ki * BLOCK_K, off_n]), IEEE)
+        if NUM_A > 1:
+            for ki in range(k_tiles):
+                acc += mma(a1.load([off_m, ki * BLOCK_K]), w.load([K + ki * BLOCK_K, off_n]), IEEE)
+        if NUM_A > 2:
+            for ki in range(k_tiles):
+                acc += mma(a2.load([off_m, ki * BLOCK_K]), w.load([2 * K + ki * BLOCK_K, off_n]), IEEE)
+        tile_c += PROGRAMS
+        pid_m, pid_n = _tile_ids(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if EPI_N < BLOCK_N:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, EPI_N)), (0, 2, 1)))
+            _tma_epilogue(acc0, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N, FAST)
+            _tma_epilogue(acc1, OUT, out_d, res_d, BIAS, off_m, off_n + EPI_N, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N,
+                          FAST)
+        else:
+            _tma_epilogue(acc, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N, FAST)
+
+
 WAVE = 132  # SMs of an H200: a launch of fewer tiles than this leaves SMs idle
+
+
+# The GEMM's switches (benchmarks/variants_ab.py flips them). TMA None: the persistent TMA kernel for the
+# large 16-bit tiles (where tma_ready), the pointer kernel for the small ones and for fp32. Measured on
+# the H200 (run 28, benchmarks/results/variants_ab_h200_2026-11-29_run28.json), dlrm-v3 batch 16 (69,632
+# rows): uvqk 0.287 vs 0.359 ms, hstu_output 0.266 vs 0.280 ms; the compiled serving graph's 11 GEMMs
+# 1.98 vs 2.34 ms. At batch 1's 4,352 rows (small tiles) it was slower: hstu_output 0.183 vs 0.114 ms,
+# the graph's GEMMs 0.277 vs 0.246 ms. FLATTEN off: uvqk 0.314 ms; SUBTILE: uvqk 0.281, hstu_output
+# 0.271 ms; 128x128 tiles (4 or 8 warps): 0.315 / 0.327 ms; two programs per SM: 0.293 ms.
+GEMM_FLAGS = {"TMA": None, "FLATTEN": True, "SUBTILE": False, "PROGRAMS": None}
 
 
 def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict | None = None) -> dict:
@@ -158,14 +242,60 @@ def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict |
     (a batch-1 output projection, cached scoring's few rows) 64x128 tiles, 4 warps, so more SMs work. M is
     only looked at when it is a plain int: under torch.compile's dynamic shapes it is symbolic and the
     large tiles stand. fp32, the exact checking path, takes small tiles. `config` overrides (the GPU
-    benchmark sweeps it)."""
+    benchmark sweeps it).
+    TMA: the persistent TMA kernel (_gemm_tma_kernel) where tma_ready allows it, else the pointer kernel
+    (GEMM_FLAGS: by default for the large tiles only); FLATTEN, SUBTILE (the epilogue in column halves) and
+    PROGRAMS (None: one per SM) are its knobs."""
+    large = False
     if dtype == torch.float32:
         base = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
     elif isinstance(M, int) and N is not None and triton.cdiv(M, 128) * triton.cdiv(N, 256) < 2 * WAVE:
         base = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     else:
         base = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return base | (config or {}) | {"IEEE": dtype == torch.float32, "FAST": fast_math(dtype)}
+        large = True
+    cfg = base | GEMM_FLAGS | (config or {})
+    if cfg["TMA"] is None:
+        cfg["TMA"] = large
+    return cfg | {"IEEE": dtype == torch.float32, "FAST": fast_math(dtype)}
+
+
+def _start_byte(t: torch.Tensor) -> int | None:
+    """t's first byte address (a traced tensor has none: its offset into its allocation, which Inductor
+    aligns to 16 bytes, stands in), or None when it is symbolic."""
+    if is_fake(t):
+        try:
+            return int(t.storage_offset()) * t.element_size()
+        except Exception:  # noqa: BLE001 - a symbolic offset: not provably aligned
+            return None
+    return t.data_ptr()
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether kernel-made TMA descriptors can read / write these 2-D tensors: a Hopper or newer GPU (or
+    Triton's interpreter), unit column stride, 16-byte aligned start and row stride."""
+    dev = tensors[0].device
+    if not interpreting() and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
+        return False
+    for t in tensors:
+        start = _start_byte(t)
+        if (t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or start is None
+                or start % 16):
+            return False
+    return True
+
+
+def ensure_allocator(device: torch.device) -> None:
+    """Kernels that make TMA descriptors need scratch memory at launch: Inductor provides it for the
+    launches it makes; an eager launch gets this allocator unless the caller set their own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, launcher, *, bias=None, residual=None,
@@ -174,11 +304,20 @@ def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, 
     M, K = a[0].shape
     N = weight.shape[1]
     cfg = gemm_config(a[0].dtype, M, N, config)
+    tma, flatten, subtile, programs = (cfg.pop(k) for k in ("TMA", "FLATTEN", "SUBTILE", "PROGRAMS"))
     a3 = a + [a[0]] * (3 - len(a))
+    res = residual if residual is not None else out
+    args = (a3[0], a3[1], a3[2], weight, bias if bias is not None else weight, res, out, M, K, N, silu_cols,
+            a3[0].stride(0), a3[1].stride(0), a3[2].stride(0), weight.stride(0), res.stride(0), out.stride(0))
+    flags = dict(NUM_A=len(a), HAS_BIAS=bias is not None, HAS_RES=residual is not None)
+    if tma and tma_ready(*a, weight, out, *([residual] if residual is not None else [])):
+        programs = programs or sm_count(out.device)
+        if not is_fake(out):
+            ensure_allocator(out.device)
+        launcher(_gemm_tma_kernel)[(programs,)](
+            *args, **flags, **cfg, PROGRAMS=programs, FLATTEN=bool(flatten),
+            EPI_N=cfg["BLOCK_N"] // 2 if subtile else cfg["BLOCK_N"])
+        return out
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    launcher(_gemm_kernel)[grid](
-        a3[0], a3[1], a3[2], weight, bias if bias is not None else weight, residual if residual is not None else out,
-        out, M, K, N, silu_cols, a3[0].stride(0), a3[1].stride(0), a3[2].stride(0), weight.stride(0),
-        (residual if residual is not None else out).stride(0), out.stride(0),
-        NUM_A=len(a), HAS_BIAS=bias is not None, HAS_RES=residual is not None, **cfg)
+    launcher(_gemm_kernel)[grid](*args, **flags, **cfg)
     return out

@@ -140,3 +140,76 @@ def test_fake_ops_give_shapes_under_fake_tensors():
         assert uvqk_triton(x, torch.empty(20), torch.empty(20), w, torch.empty(64), 16, 1e-6).shape == (9, 64)
         u = torch.empty(9, 16)
         assert hstu_output_triton(u, u, x, torch.empty(16), torch.empty(16), torch.empty(48, 20), 1e-6).shape == (9, 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N,num_a", [(1, 16, 32, 1), (37, 48, 96, 1), (70, 40, 64, 3), (130, 72, 40, 2)])
+@pytest.mark.parametrize("subtile,flatten", [(False, True), (True, False)])
+def test_persistent_tma_gemm_matches_reference(dtype, M, K, N, num_a, subtile, flatten):
+    """_gemm_tma_kernel (persistent, kernel-made TMA descriptors) with every epilogue piece on, on sizes
+    that are not multiples of its tiles (M, K and N tails come from TMA's zero fill and clipped stores),
+    three programs walking the tiles, into a NaN-poisoned output."""
+    from hstu_opt.ops import _triton as tri
+
+    g = torch.Generator().manual_seed(M + K + N)
+    a = [torch.randn(M, K, generator=g).to(dtype) for _ in range(num_a)]
+    w = (torch.randn(num_a * K, N, generator=g) * K ** -0.5).to(dtype)
+    bias, res = torch.randn(N, generator=g).to(dtype), torch.randn(M, N, generator=g).to(dtype)
+    want = torch.cat([t.float() for t in a], dim=1) @ w.float() + bias.float()
+    want[:, :N // 2] = torch.nn.functional.silu(want[:, :N // 2])
+    want += res.float()
+    used = []
+    out = torch.full((M, N), float("nan")).to(dtype)
+    tri.launch_gemm(a, w, out, lambda kernel: used.append(kernel.fn.__name__) or kernel, bias=bias, residual=res,
+                    silu_cols=N // 2, config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, TMA=True, PROGRAMS=3,
+                                                  SUBTILE=subtile, FLATTEN=flatten))
+    assert used == ["_gemm_tma_kernel"]
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ops_through_the_tma_gemm_match_reference(dtype, monkeypatch):
+    """uvqk and hstu_output with GEMM_FLAGS TMA on: the strided u view feeds hstu_output's descriptors."""
+    from hstu_opt.ops import _triton as tri
+
+    monkeypatch.setitem(tri.GEMM_FLAGS, "TMA", True)
+    from hstu_opt.ops.hstu_output import triton as out_mod
+    from hstu_opt.ops.uvqk import triton as uvqk_mod
+
+    used = []
+
+    def spy(a, weight, out, *args, **kwargs):
+        used.append(tri.tma_ready(*a, weight, out))
+        return tri.launch_gemm(a, weight, out, *args, **kwargs)
+
+    monkeypatch.setattr(uvqk_mod, "launch_gemm", spy)
+    monkeypatch.setattr(out_mod, "launch_gemm", spy)
+    D, H, dqk, dv, M = 48, 2, 16, 24, 37
+    p = _params(D, H, dqk, dv, dtype, seed=5)
+    x = (torch.randn(M, D, generator=torch.Generator().manual_seed(6)) * 2 + 3).to(dtype)
+    kw = dict(num_heads=H, attention_dim=dqk, linear_dim=dv)
+    args = (p["norm_weight"], p["norm_bias"], p["uvqk_weight"], p["uvqk_bias"])
+    want = ops.uvqk(x.float(), *(t.float() for t in args), **kw)
+    got = ops.uvqk(x, *args, impl=Impl.TRITON, **kw)
+    atol, rtol = TOLERANCES[dtype]
+    for name, g_, w_ in zip("uqkv", got, want):
+        torch.testing.assert_close(g_.float(), w_, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    u, a = got[0], (torch.randn(M, H * dv, generator=torch.Generator().manual_seed(7)) * 0.2).to(dtype)
+    nw, nb = torch.rand(H * dv) + 0.5, torch.randn(H * dv) * 0.3
+    wo = (torch.randn(3 * H * dv, D) * (3 * H * dv) ** -0.5).to(dtype)
+    want_o = ops.hstu_output(u.float(), a.float(), x.float(), nw, nb, wo.float())
+    got_o = ops.hstu_output(u, a, x, nw, nb, wo, impl=Impl.TRITON)
+    torch.testing.assert_close(got_o.float(), want_o, atol=atol, rtol=rtol)
+    assert used == [True, True]  # both GEMMs could take the TMA kernel (u's row stride is uvqk's width)
+
+
+def test_tma_ready_needs_aligned_rows():
+    from hstu_opt.ops._triton import tma_ready
+
+    x = torch.empty(10, 48, dtype=torch.float16)
+    assert tma_ready(x, x[:, :16], torch.empty(48, 8, dtype=torch.float16))  # a column view keeps the row stride
+    for bad in (torch.empty(10, 50, dtype=torch.float16),  # 100-byte rows
+                torch.empty(48 * 10 + 4, dtype=torch.float16)[4:].view(10, 48),  # start not 16-byte aligned
+                torch.empty(48, 10, dtype=torch.float16).t()):  # column stride not 1
+        assert not tma_ready(x, bad)
