@@ -38,6 +38,7 @@ from gpu_hstu import (ceilings, device_rows, dlrm_config, dlrm_feed, dlrm_model,
 from triton.testing import do_bench  # noqa: E402
 
 from hstu_opt.ops import Impl  # noqa: E402
+from hstu_opt.ops import _triton as tri  # noqa: E402
 from hstu_opt.ops.hstu_attention import triton as attn  # noqa: E402
 
 CASES = [  # name, B, N, C, max targets, fixed length
@@ -47,12 +48,19 @@ CASES = [  # name, B, N, C, max targets, fixed length
 ]
 VARIANTS = [  # name, config over _blocks() and FWD_FLAGS. Runs 14-15 (variants_ab_h200_2026-11-29_run14/15.json)
     # also measured, all slower at every case: 64x64 4w 2s/4s, 64x32 4w 3s, 128x64 8w 2s/3s, 64x128 4w 2s/3s,
-    # 128x128 8w 2s, with and without TMA. Runs 20-21: paired query blocks and a skewed key loop, both slower
+    # 128x128 8w 2s, with and without TMA (64x32 4w 3s then; with TMA loads, the merged loop and POST_SCALE it
+    # measured faster in run 30: triton.TMA_TILES). Runs 20-21: paired query blocks and a skewed key loop, both slower
     # (the kernel's docstring has the numbers; the code is on branch wip/paired-attention)
-    ("two loops", {"MERGED": False, "TMA": False, "POST_SCALE": False}),
+    # Runs 20-22 also: the same without POST_SCALE (1-3% slower with TMA, neutral with pointers).
     ("two loops, post-scale", {"MERGED": False, "TMA": False, "POST_SCALE": True}),  # the compiled engine's
-    ("tma merged", {"MERGED": True, "TMA": True, "POST_SCALE": False}),
-    ("tma merged, post-scale", {"MERGED": True, "TMA": True, "POST_SCALE": True}),  # eager launches'
+    ("tma merged, post-scale", {"MERGED": True, "TMA": True, "POST_SCALE": True}),  # eager launches' (TMA_TILES)
+    ("tma merged, post-scale, 64x64", {"MERGED": True, "TMA": True, "POST_SCALE": True, "BLOCK_N": 64}),
+    # Run 30 (variants_ab_h200_2026-11-29_run30.json) also: 64x32 with 2 stages and 128 registers (4 programs
+    # per SM; spills) and 64x64 with 2 stages, slower at every case (triton.TMA_TILES has the numbers).
+    # Run 28 (variants_ab_h200_2026-11-29_run28.json) also timed persistent programs (2 per SM, or one,
+    # walking the work items round-robin, longest query blocks first) with host-made, kernel-made and no
+    # descriptors: far slower at every case (N=4096 0.45 vs 0.71 of matmul, N=512 0.25 vs 0.38, dlrm-v3
+    # batch 16 0.79 vs 0.68 ms); the code is on branch wip/persistent-attention.
 ]
 
 
@@ -117,11 +125,13 @@ def attention_ab(matmul: float) -> list[dict]:
 
 
 MODEL_VARIANTS = [  # name, attention flags, torch.compile (as the engine) or eager ops, attention outside the
-    # compiled graph (a graph break: it launches eagerly, so with TMA descriptors)
+    # compiled graph (a graph break: it launches eagerly, so with TMA descriptors), GEMM flags
     # (run 16 also measured: compiled with the pointer kernel's merged loop, and compiled with the TMA
     # attention out of the graph; both slower than the engine's two loops)
-    ("eager", {"MERGED": True, "TMA": True}, False, False),
-    ("compiled, pointer attention, two loops", {"MERGED": False}, True, False),
+    ("eager", {"MERGED": True, "TMA": True}, False, False, {}),
+    ("compiled, pointer attention, two loops", {"MERGED": False}, True, False, {}),
+    ("compiled, pointer attention, TMA GEMM", {"MERGED": False}, True, False, {"TMA": True}),
+    ("eager, TMA GEMM", {"MERGED": True, "TMA": True}, False, False, {"TMA": True}),
 ]
 
 
@@ -133,10 +143,11 @@ def model_ab() -> list[dict]:
     model = dlrm_model(cfg, Impl.TRITON)
     feeds = {B: device_rows(cfg, dlrm_feed(model, B)) for B in (1, 16)}
     rows, first = [], {}
-    flags0 = dict(attn.FWD_FLAGS)
+    flags0, gemm0 = dict(attn.FWD_FLAGS), dict(tri.GEMM_FLAGS)
     op = attn.hstu_attention_triton
-    for name, flags, compiled, outside in MODEL_VARIANTS:
+    for name, flags, compiled, outside, gemm in MODEL_VARIANTS:
         attn.FWD_FLAGS.update(flags0 | flags)
+        tri.GEMM_FLAGS.update(gemm0 | gemm)
         attn.hstu_attention_triton = torch.compiler.disable(op) if outside else op
         torch._dynamo.reset()  # (the FX graph cache is off: its key does not see these module switches)
         fn = torch.compile(model.rank_jagged, dynamic=None) if compiled else model.rank_jagged
@@ -160,6 +171,7 @@ def model_ab() -> list[dict]:
             print({k: x for k, x in rows[-1].items() if k != "top"}, flush=True)
             del replay, out
     attn.FWD_FLAGS.update(flags0)
+    tri.GEMM_FLAGS.update(gemm0)
     attn.hstu_attention_triton = op
     return rows
 

@@ -146,6 +146,27 @@ def test_traced_launches_take_the_pointer_kernel():
     assert seen["TMA"] is False and seen["MERGED"] is False and isinstance(seen["q"], torch.Tensor)
 
 
+def test_tma_launches_take_their_own_key_tiles():
+    """TMA_TILES (64x32 keys) for launches that read through TMA unless `config` sets BLOCK_N; pointer
+    launches keep _blocks' 64x64."""
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    seen = []
+
+    def launcher(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: seen.append((kwargs["TMA"], kwargs["BLOCK_N"], args[8]))
+        return Grid()
+
+    q = torch.zeros(130, 2, 16, dtype=torch.float16)
+    offsets, nt = torch.tensor([0, 130]), torch.tensor([1])
+    for config in (None, {"BLOCK_N": 64}, {"TMA": False}):
+        tri.launch_fwd(q, q, q, offsets, nt, torch.empty_like(q), 130, 0.25, 0, 0, launcher=launcher, config=config)
+    # (TMA, BLOCK_N, split_len): one split covers every key, in whole key tiles
+    assert seen == [(True, tri.TMA_TILES["BLOCK_N"], 160), (True, 64, 192), (False, 64, 192)]
+
+
 def test_key_splits_only_where_the_launch_is_small():
     from hstu_opt.ops.hstu_attention.triton import fwd_splits
 

@@ -246,7 +246,8 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
     (benchmarks/results/gpu_hstu_2026-11-29_run6.json sweep, tanh SiLU: 0.675 of the matmul rate at
     N=4096 vs 0.666 for 128x64 / 8 warps; 0.296 vs 0.248 at N=512), and again with TMA loads and one key
     loop (variants_ab run 15: 2 or 4 stages, 64x128, 128x64 and 128x128 tiles all slower at every
-    shape). Wider heads and fp32 (the checking path) take smaller tiles to fit."""
+    shape). Wider heads and fp32 (the checking path) take smaller tiles to fit. Full-kernel launches that
+    read through TMA then take TMA_TILES' key tiles (run 30)."""
     bdqk, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
     if max(bdqk, bdv) >= 256 or dtype == torch.float32:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -261,6 +262,15 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # POST_SCALE None: 1/N on the accumulator, except in fp16, where unscaled scores could overflow P's
 # fp16 tiles (bf16 and fp32 have float32's range).
 FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None}
+
+# Key tiles of the full kernel when it reads through TMA (unless `config` sets BLOCK_N): 64x32 tiles, 3
+# stages take 137 registers and 64 KB of shared memory, so three programs fit an SM where 64x64 fit two.
+# H200, run 30 (benchmarks/results/variants_ab_h200_2026-11-29_run30.json), bf16, ms against 64x64:
+# N=512 0.433 vs 0.466, N=1024 1.330 vs 1.383, N=4096 4.120 vs 4.153, dlrm-v3 batch 1 (key splits)
+# 0.077 vs 0.083, dlrm-v3 batch 16 0.672 vs 0.663 (the one case slower). Slower at every case: 64x32 with
+# 2 stages (4 programs per SM, registers capped at 128: spills), 64x64 with 2 stages. Pointer loads keep
+# 64x64 (not measured with 64x32; the compiled engine's traced launches run them).
+TMA_TILES = {"BLOCK_N": 32}
 
 
 @functools.cache
@@ -322,10 +332,12 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     dv = v.shape[-1]
     splits = out.shape[0] if out.dim() == 4 else 1
     cfg = _blocks(dqk, dv, q.dtype) | FWD_FLAGS | (config or {})
-    split_len = triton.cdiv(triton.cdiv(max_seq_len, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     so, sl, sh = (out.stride(0), out.stride(1), out.stride(2)) if out.dim() == 4 else (0, out.stride(0), out.stride(1))
     grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H, splits)
     cfg["TMA"] = _use_tma(cfg["TMA"], q, k, v)
+    if cfg["TMA"]:
+        cfg |= {key: val for key, val in TMA_TILES.items() if key not in (config or {})}
+    split_len = triton.cdiv(triton.cdiv(max_seq_len, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     cfg["MERGED"] = cfg["TMA"] if cfg["MERGED"] is None else bool(cfg["MERGED"])
     cfg["POST_SCALE"] = q.dtype != torch.float16 if cfg["POST_SCALE"] is None else bool(cfg["POST_SCALE"])
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
