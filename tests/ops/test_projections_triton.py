@@ -44,6 +44,11 @@ def _params(D, H, dqk, dv, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,D,H,dqk,dv", [(1, 16, 1, 8, 8), (37, 50, 2, 16, 24), (70, 48, 3, 50, 16)])
 def test_uvqk_matches_reference(dtype, M, D, H, dqk, dv):
+    _check_uvqk(dtype, M, D, H, dqk, dv)
+
+
+def _check_uvqk(dtype, M, D, H, dqk, dv):
+    """Triton uvqk against the reference on an offset input; returns (x, (u, q, k, v))."""
     p = _params(D, H, dqk, dv, dtype, seed=M + D)
     x = (torch.randn(M, D, generator=torch.Generator().manual_seed(M)) * 2 + 3).to(dtype)
     kw = dict(num_heads=H, attention_dim=dqk, linear_dim=dv)
@@ -54,6 +59,7 @@ def test_uvqk_matches_reference(dtype, M, D, H, dqk, dv):
     for name, g, w in zip("uqkv", got, want):
         assert g.shape == w.shape and g.dtype == dtype, name
         torch.testing.assert_close(g.float(), w, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    return x, got
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -186,20 +192,13 @@ def test_ops_through_the_tma_gemm_match_reference(dtype, monkeypatch):
     monkeypatch.setattr(uvqk_mod, "launch_gemm", spy)
     monkeypatch.setattr(out_mod, "launch_gemm", spy)
     D, H, dqk, dv, M = 48, 2, 16, 24, 37
-    p = _params(D, H, dqk, dv, dtype, seed=5)
-    x = (torch.randn(M, D, generator=torch.Generator().manual_seed(6)) * 2 + 3).to(dtype)
-    kw = dict(num_heads=H, attention_dim=dqk, linear_dim=dv)
-    args = (p["norm_weight"], p["norm_bias"], p["uvqk_weight"], p["uvqk_bias"])
-    want = ops.uvqk(x.float(), *(t.float() for t in args), **kw)
-    got = ops.uvqk(x, *args, impl=Impl.TRITON, **kw)
-    atol, rtol = TOLERANCES[dtype]
-    for name, g_, w_ in zip("uqkv", got, want):
-        torch.testing.assert_close(g_.float(), w_, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
-    u, a = got[0], (torch.randn(M, H * dv, generator=torch.Generator().manual_seed(7)) * 0.2).to(dtype)
+    x, (u, _, _, _) = _check_uvqk(dtype, M, D, H, dqk, dv)
+    a = (torch.randn(M, H * dv, generator=torch.Generator().manual_seed(7)) * 0.2).to(dtype)
     nw, nb = torch.rand(H * dv) + 0.5, torch.randn(H * dv) * 0.3
     wo = (torch.randn(3 * H * dv, D) * (3 * H * dv) ** -0.5).to(dtype)
     want_o = ops.hstu_output(u.float(), a.float(), x.float(), nw, nb, wo.float())
     got_o = ops.hstu_output(u, a, x, nw, nb, wo, impl=Impl.TRITON)
+    atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(got_o.float(), want_o, atol=atol, rtol=rtol)
     assert used == [True, True]  # both GEMMs could take the TMA kernel (u's row stride is uvqk's width)
 
