@@ -55,6 +55,10 @@ VARIANTS = [  # name, config over _blocks() and FWD_FLAGS. Runs 14-15 (variants_
     ("two loops, post-scale", {"MERGED": False, "TMA": False, "POST_SCALE": True}),  # the compiled engine's
     ("tma merged, post-scale", {"MERGED": True, "TMA": True, "POST_SCALE": True}),  # eager launches' (TMA_TILES)
     ("tma merged, post-scale, 64x64", {"MERGED": True, "TMA": True, "POST_SCALE": True, "BLOCK_N": 64}),
+    # Run 32 (variants_ab_h200_2026-11-29_run32.json) also, against 64x32 merged (ms, N=512 / N=4096 / dlrm-v3
+    # batch 16): two loops 0.568 / 4.384 / 0.738, 128x32 with 8 warps 0.730 / 5.214 / 0.964, 64x16 0.457 / 5.303
+    # / 0.797, natural program order 0.425 / 4.235 / 0.649 (1% faster at N=512, 8% slower at N=1024):
+    # 64x32 merged, longest first, stays (0.430 / 4.087 / 0.658).
     # Run 30 (variants_ab_h200_2026-11-29_run30.json) also: 64x32 with 2 stages and 128 registers (4 programs
     # per SM; spills) and 64x64 with 2 stages, slower at every case (triton.TMA_TILES has the numbers).
     # Run 28 (variants_ab_h200_2026-11-29_run28.json) also timed persistent programs (2 per SM, or one,
