@@ -230,9 +230,11 @@ WAVE = 132  # SMs of an H200: a launch of fewer tiles than this leaves SMs idle
 # large 16-bit tiles (where tma_ready), the pointer kernel for the small ones and for fp32. Measured on
 # the H200 (run 28, benchmarks/results/variants_ab_h200_2026-11-29_run28.json), dlrm-v3 batch 16 (69,632
 # rows): uvqk 0.287 vs 0.359 ms, hstu_output 0.266 vs 0.280 ms; the compiled serving graph's 11 GEMMs
-# 1.98 vs 2.34 ms. At batch 1's 4,352 rows (small tiles) it was slower: hstu_output 0.183 vs 0.114 ms,
-# the graph's GEMMs 0.277 vs 0.246 ms. FLATTEN off: uvqk 0.314 ms; SUBTILE: uvqk 0.281, hstu_output
-# 0.271 ms; 128x128 tiles (4 or 8 warps): 0.315 / 0.327 ms; two programs per SM: 0.293 ms.
+# 1.98 vs 2.34 ms. With batch 1's 4,352 rows (small tiles) it was slower: the graph's GEMMs 0.277 vs
+# 0.246 ms; hstu_output alone 0.044 vs 0.037 ms (run 33, CUDA-graph replays; uvqk there has the large
+# tiles: 0.0375 vs 0.0366, even). FLATTEN off: uvqk 0.314 ms; 128x128 tiles (4 or 8 warps): 0.315 /
+# 0.327 ms; two programs per SM: 0.293 ms. SUBTILE helps uvqk a little (0.281 vs 0.287, 0.288 vs 0.299,
+# 0.285 vs 0.293 in runs 28, 31, 33) and costs hstu_output about as much: off, not tuned per op.
 GEMM_FLAGS = {"TMA": None, "FLATTEN": True, "SUBTILE": False, "PROGRAMS": None}
 
 
