@@ -124,13 +124,23 @@ def _accumulate(acc, A, stride_am, W, stride_wk, offs_m, offs_n, m_ok, n_ok, K,
 
 
 @triton.jit
+def _bias_silu(acc, BIAS, off_n, offs_n, N, SILU_N, HAS_BIAS: tl.constexpr, FAST: tl.constexpr):
+    """Both GEMMs' epilogue before the residual: + BIAS, then SiLU on columns < SILU_N, run only in tiles
+    (starting at column off_n) that hold such columns (in uvqk a quarter of them, in hstu_output none)."""
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if off_n < SILU_N:
+        acc = tl.where((offs_n < SILU_N)[None, :], silu(acc, FAST), acc)
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
                  stride_a0, stride_a1, stride_a2, stride_wk, stride_res, stride_om,
                  NUM_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  IEEE: tl.constexpr, FAST: tl.constexpr):
-    """OUT = [A0 | A1 | A2] @ W (+ BIAS) (SiLU on columns < SILU_N) (+ RES); each A is [M, K], W [NUM_A*K, N].
-    SiLU runs only in tiles that hold such columns (in uvqk a quarter of them, in hstu_output none)."""
+    """OUT = [A0 | A1 | A2] @ W (+ BIAS) (SiLU on columns < SILU_N) (+ RES); each A is [M, K], W [NUM_A*K, N]."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,10 +154,7 @@ def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
         acc = _accumulate(acc, A2, stride_a2, W + 2 * K * stride_wk, stride_wk, offs_m, offs_n, m_ok, n_ok, K,
                           BLOCK_K, IEEE)
     mn = m_ok[:, None] & n_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if pid_n * BLOCK_N < SILU_N:
-        acc = tl.where((offs_n < SILU_N)[None, :], silu(acc, FAST), acc)
+    acc = _bias_silu(acc, BIAS, pid_n * BLOCK_N, offs_n, N, SILU_N, HAS_BIAS, FAST)
     if HAS_RES:
         acc += tl.load(RES + offs_m[:, None] * stride_res + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
     tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=mn)
@@ -156,13 +163,9 @@ def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
 @triton.jit
 def _tma_epilogue(acc, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS: tl.constexpr,
                   HAS_RES: tl.constexpr, EPI_N: tl.constexpr, FAST: tl.constexpr):
-    """Bias, SiLU (only tiles that hold columns < SILU_N), residual, then one TMA store of [BLOCK_M, EPI_N]
-    (rows past M are clipped by the descriptor, not written)."""
-    offs_n = off_n + tl.arange(0, EPI_N)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if off_n < SILU_N:
-        acc = tl.where((offs_n < SILU_N)[None, :], silu(acc, FAST), acc)
+    """_bias_silu, residual, then one TMA store of [BLOCK_M, EPI_N] (rows past M are clipped by the
+    descriptor, not written)."""
+    acc = _bias_silu(acc, BIAS, off_n, off_n + tl.arange(0, EPI_N), N, SILU_N, HAS_BIAS, FAST)
     if HAS_RES:
         acc += res_d.load([off_m, off_n]).to(tl.float32)
     out_d.store([off_m, off_n], acc.to(OUT.dtype.element_ty))

@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import fast_math, mma, silu, tanh_approx, unit_stride
+from hstu_opt.ops._triton import fast_math, mma, silu, tanh_approx, tma_ready, unit_stride
 from hstu_opt.ops.hstu_attention import TABLE
 
 
@@ -285,14 +285,12 @@ def tma_ok(dtype: torch.dtype, *tensors: Tensor) -> bool:
     or newer GPU (or Triton's interpreter) and a Triton with host-side descriptors."""
     if dtype not in (torch.bfloat16, torch.float16) or not _host_descriptors():
         return False
-    dev = tensors[0].device
-    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
-        return False
     for t in tensors:
         d = t.shape[-1]
-        if d < 16 or d > 128 or d & (d - 1) or t.stride(1) != d or t.stride(0) % 8 or t.data_ptr() % 16:
+        if d < 16 or d > 128 or d & (d - 1) or t.stride(1) != d or t.stride(2) != 1:
             return False
-    return True
+    # the [L, H*d] matrices' alignment and the GPU: the check the projections' TMA GEMM makes
+    return tma_ready(*(t.view(t.shape[0], -1) for t in tensors))
 
 
 def _use_tma(flag, q: Tensor, *others: Tensor) -> bool:
