@@ -340,6 +340,42 @@ def gpu_busy(fn, iters: int = 10) -> tuple[float, list]:
                    for e in top]
 
 
+def timeline(fn, iters: int = 3) -> dict:
+    """One call's GPU timeline from the profiler's trace (the median call of `iters`): kernels and copies,
+    the span from the first start to the last end, the busy time, the idle time between them, and the
+    largest idle gaps with the kernels on each side."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    calls = []
+    for _ in range(iters):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            trace = json.loads(Path(f.name).read_text())
+        ev = sorted((e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                    key=lambda e: e["ts"])
+        if not ev:
+            continue
+        gaps, end = [], ev[0]["ts"] + ev[0]["dur"]
+        for prev, e in zip(ev, ev[1:]):
+            if e["ts"] > end:
+                gaps.append((e["ts"] - end, prev["name"][:60], e["name"][:60]))
+            end = max(end, e["ts"] + e["dur"])
+        span = end - ev[0]["ts"]
+        calls.append({"events": len(ev), "span_ms": span / 1e3, "busy_ms": sum(e["dur"] for e in ev) / 1e3,
+                      "idle_ms": sum(g[0] for g in gaps) / 1e3, "gaps": len(gaps),
+                      "gap_p50_us": float(np.median([g[0] for g in gaps])) if gaps else 0.0,
+                      "top_gaps_us": [{"us": round(g[0], 1), "after": g[1], "before": g[2]}
+                                      for g in sorted(gaps, reverse=True)[:8]]})
+    return sorted(calls, key=lambda c: c["span_ms"])[len(calls) // 2] if calls else {}
+
+
 def wall_ms(fn, reps: int = 30) -> dict:
     for _ in range(3):
         fn()
@@ -488,7 +524,8 @@ def bench_engine_only(out_dir: Path) -> dict:
 
 def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
     """In a fresh process: load the engine (warm start from its artifacts) and time run(feed), numpy in,
-    numpy out, as a server would call it."""
+    numpy out, as a server would call it: with a feed of its own arrays (copied into the runner's staging
+    buffer) and with the runner's feed_buffers filled in place (nothing copied on the host)."""
     t0 = time.perf_counter()
     runner = compiled.load(engine_dir)
     load_s = time.perf_counter() - t0
@@ -500,15 +537,22 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
         first[B] = time.perf_counter() - t1
         m = np.arange(feed["cand_ids"].shape[1])[None] < feed["num_candidates"][:, None]
         np.save(out_dir / f"engine_out_B{B}.npy", got[m])
-        fn = lambda: runner.run(feed)  # noqa: E731
-        busy, top = gpu_busy(fn)
-        runner.phase_s = dict.fromkeys(runner.phase_s, 0.0)  # where the wall time goes, per request
-        before = runner.stats["replays"] + runner.stats["direct"]
-        wall = wall_ms(fn, 50)
-        n = runner.stats["replays"] + runner.stats["direct"] - before
-        rows.append({"B": B, "variant": "bundle engine `compiled` (fresh process, run(feed) numpy in/out)",
-                     "gpu_busy_ms": busy, "top_kernels": top, **wall,
-                     "phases_ms": {k: 1e3 * v / max(n, 1) for k, v in runner.phase_s.items()}})
+        buffers = runner.feed_buffers(B, *feed["hist_ids"].shape[1:], feed["cand_ids"].shape[1])
+        for name, a in buffers.items():  # (what a server parsing requests into the engine's buffers does)
+            a[...] = feed[name]
+        in_place = runner.run(buffers)["probs"]
+        for variant, request in (("run(feed) numpy in/out", feed), ("run(feed_buffers) zero-copy in", buffers)):
+            fn = lambda: runner.run(request)  # noqa: E731,B023
+            busy, top = gpu_busy(fn)
+            tl = timeline(fn)
+            runner.phase_s = dict.fromkeys(runner.phase_s, 0.0)  # where the wall time goes, per request
+            before = runner.stats["replays"] + runner.stats["direct"]
+            wall = wall_ms(fn, 50)
+            n = runner.stats["replays"] + runner.stats["direct"] - before
+            rows.append({"B": B, "variant": f"bundle engine `compiled` (fresh process, {variant})",
+                         "gpu_busy_ms": busy, "top_kernels": top, **wall, "timeline": tl,
+                         "phases_ms": {k: 1e3 * v / max(n, 1) for k, v in runner.phase_s.items()},
+                         "max_abs_diff_vs_copied_feed": float(np.abs(in_place - got).max())})
     from torch._dynamo.utils import counters
 
     return {"rows": rows, "load_s": load_s, "first_call_s": first, "runner_stats": runner.stats,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from hstu_opt.model.config import HstuConfig
 from hstu_opt.model.encoders import InputEncoder
 from hstu_opt.model.heads import RankingHead, l2_normalize
-from hstu_opt.model.layout import Jagged, Padded
+from hstu_opt.model.layout import Jagged, JaggedSeqs, Padded
 from hstu_opt.model.stu import STULayer
 from hstu_opt.ops import Impl
 
@@ -35,6 +35,7 @@ class HstuModel(nn.Module):
     def __init__(self, cfg: HstuConfig, impl: Impl = Impl.REFERENCE, dropout: float = 0.0):
         super().__init__()
         self.cfg, self.impl, self.dropout = cfg, impl, dropout
+        self.eager_layers = None  # use_eager_layers()
         self.encoder = InputEncoder(cfg)
         self.layers = nn.ModuleList(STULayer(cfg) for _ in range(cfg.num_layers))
         self.ranking = RankingHead(cfg.embedding_dim, cfg.ranking_hidden_dim, len(cfg.ranking_tasks))
@@ -78,14 +79,22 @@ class HstuModel(nn.Module):
         The row index lists come from the caller (the host knows them) so nothing here syncs."""
         layout = Jagged(offsets, num_targets, self.cfg.contextual_len, num_rows=ids.shape[0])
         x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
-        for layer in self.layers[:-1]:
-            x, _, _ = layer(x, layout, impl=self.impl)
+        x = (self.eager_layers or _layers)(self, x, offsets, num_targets, len(self.layers) - 1)
         delta_offsets = torch.nn.functional.pad(num_targets.cumsum(0), (1, 0))
         cache_offsets = offsets - delta_offsets
         last = self.layers[-1]
         k, v = last.project_kv(x.index_select(0, history_rows), self.impl)  # (their u and q are never read)
         x = last.forward_cached(x.index_select(0, target_rows), delta_offsets, k, v, cache_offsets, self.impl)
         return torch.sigmoid(self.ranking_logits(x, ids.index_select(0, target_rows)))
+
+    def use_eager_layers(self, on: bool = True) -> None:
+        """Under torch.compile, run rank_jagged's every layer but the last outside the compiled graph (one
+        graph break): with the Triton ops those layers are nothing but the ops' own kernels, so Inductor
+        fuses nothing there, while eager launches of the attention read through host-made TMA descriptors,
+        which Inductor does not take from a triton_op (ops/hstu_attention/triton.py). The `compiled` engine
+        sets this for its Triton plan on CUDA and captures the compiled graphs and these launches in one
+        CUDA graph. (torch.compiler.disable is called here, not at import: it imports Dynamo.)"""
+        self.eager_layers = torch.compiler.disable(_layers) if on else None
 
     def ranking_logits(self, target_states: Tensor, cand_ids: Tensor) -> Tensor:
         # The head runs in its own parameters' dtype (float32 when training a bf16 trunk); logits in float32.
@@ -142,3 +151,12 @@ class HstuModel(nn.Module):
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
             x = layer.forward_cached(x, delta_offsets, k, v, cache.offsets, self.impl)
         return torch.sigmoid(self.ranking_logits(x, cand_ids))
+
+
+def _layers(model: HstuModel, x: Tensor, offsets: Tensor, num_targets: Tensor, n: int) -> Tensor:
+    """x through model.layers[:n] on jagged rows (rank_jagged's trunk)."""
+    layout = JaggedSeqs(offsets, num_targets)
+    for layer in model.layers[:n]:
+        x, _, _ = layer(x, layout, impl=model.impl)
+    return x
+

@@ -19,9 +19,25 @@ from hstu_opt.ops import Impl
 from hstu_opt.ops.hstu_attention.reference import attention_mask, row_ids
 
 
-class Jagged:
-    def __init__(self, offsets: Tensor, num_targets: Tensor, contextual_len: int, num_rows: int | None = None):
+class JaggedSeqs:
+    """Only where each sequence starts and how many targets it ends with: all the layers' attention asks
+    for (no per-row tensors to build, so a trunk run outside a compiled graph launches nothing for it)."""
+
+    def __init__(self, offsets: Tensor, num_targets: Tensor):
         self.offsets, self.num_targets = offsets, num_targets
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, cfg: HstuConfig, impl: Impl) -> Tensor:
+        return ops.hstu_attention(
+            q, k, v, self.offsets, self.num_targets, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
+            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, impl=impl,
+        )
+
+
+class Jagged(JaggedSeqs):
+    """JaggedSeqs plus each row's user, position and mask ids (what the input encoders ask for)."""
+
+    def __init__(self, offsets: Tensor, num_targets: Tensor, contextual_len: int, num_rows: int | None = None):
+        super().__init__(offsets, num_targets)
         lengths = offsets[1:] - offsets[:-1]
         # num_rows (= L, known from the values) spares a device->host sync, so the forward can be graph-captured
         self.user = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths,
@@ -37,12 +53,6 @@ class Jagged:
     def last_history_rows(self) -> Tensor:
         """Index of each user's most recent history row [B]."""
         return self.offsets[1:] - self.num_targets - 1
-
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, cfg: HstuConfig, impl: Impl) -> Tensor:
-        return ops.hstu_attention(
-            q, k, v, self.offsets, self.num_targets, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
-            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, impl=impl,
-        )
 
 
 class Padded:
