@@ -6,10 +6,20 @@ candidate rows only): on CUDA with the Triton ops, in the recipe's dtype, replay
 the runner captures itself (below); on a CPU machine with the reference ops through Inductor's C++
 codegen, which is what CI builds, loads and runs.
 
+On CUDA with the Triton ops every layer but the last runs outside the compiled graphs
+(HstuModel.use_eager_layers): those layers are nothing but the ops' own kernels, and launched eagerly
+the attention reads through TMA descriptors, which it cannot inside Inductor's graph. dlrm-v3 batch 16
+in-process, CUDA-graph replays (run 34, benchmarks/results/variants_ab_h200_2026-11-29_run34.json):
+5.49 ms against 5.56 ms with the whole graph compiled (attention 2.60 against 2.88 ms of kernel time),
+batch 1 0.717 against 0.697 ms.
+
 The engine directory stands alone:
   checkpoint/              the weights (safetensors) and config
   ranking.compiled.json    device, impl, dtype, limits, warmed shapes, versions, cold and warm start
   ranking.cache.bin        torch.compiler.save_cache_artifacts() of the cold compile
+  ranking.triton/          Triton's cache entries of the kernels the eager layers launch (the cache
+                           artifacts carry only what Inductor compiled); installed into the process's
+                           Triton cache at load, so a fresh process compiles nothing
 
 Cold and warm start are each measured in a fresh process with empty Inductor and Triton cache
 directories, so the warm one can only be warm through the shipped artifacts; the warm process also
@@ -26,19 +36,27 @@ on the device, compiled into the graph, 0.21 and 0.03 ms, and the engine's wall 
 that machine's host was slower in both runs than in run 17's 6.88 / 0.90).
 
 CUDA graphs: on the second request of a given size (padded shape and jagged row counts) the runner
-captures the compiled graph into a torch.cuda.CUDAGraph over a static input buffer (one memory pool
-shared by all graphs), and from then on a request is one pinned host-to-device copy, a replay and one
-device-to-host copy. That skips
-what torch.compile's own CUDA graphs (mode="reduce-overhead") cost on every call: Dynamo's guards and
-the graph tree's input copies and checks, 0.9 ms of the 1.85 ms batch-1 wall time measured on the
-H200 (benchmarks/results/gpu_hstu_2026-11-29_run10.json). At most MAX_GRAPHS sizes are captured;
-requests of further sizes run the compiled graph directly.
+captures the compiled graph into a torch.cuda.CUDAGraph (one memory pool shared by all graphs) together
+with its two copies: from the runner's one page-locked staging buffer (sized for the limits, so its
+address never changes) to the device, and the probabilities back to a page-locked host array. From then
+on a request is staging, one graph launch and one wait. That skips what torch.compile's own CUDA graphs
+(mode="reduce-overhead") cost on every call: Dynamo's guards and the graph tree's input copies and
+checks, 0.9 ms of the 1.85 ms batch-1 wall time measured on the H200 (benchmarks/results/
+gpu_hstu_2026-11-29_run10.json). With the copies outside the graph, the copy in of a batch-16 request
+cost 0.19 ms more host time than at batch 1 (launch phase 0.25 against 0.06 ms, run 35); inside it,
+0.03 ms at both (run 36). At most MAX_GRAPHS sizes are captured; requests of further sizes run the
+compiled graph directly.
+
+Zero-copy input: feed_buffers(B, Nh, Nc) hands out the staging buffer's own arrays; a request written
+into them (as a server parsing requests straight into the engine's buffers would) is not copied again.
+Batch 16 on the H200 (run 36): host preparation 0.03 against 0.17 ms for a feed of separate arrays.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +69,7 @@ import torch
 from hstu_opt import toolchain
 from hstu_opt.backends.eager import ShapeOutOfRange, check_feed, engine_limits, example_feed, input_names
 from hstu_opt.errors import HstuOptError, StageError
-from hstu_opt.fsutil import write_bytes_atomic, write_json_atomic
+from hstu_opt.fsutil import replace_dir, write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
 from hstu_opt.model.hstu import HstuModel
 from hstu_opt.ops import Impl
@@ -59,6 +77,7 @@ from hstu_opt.ops import Impl
 NAME = "compiled"
 META = "ranking.compiled.json"
 CACHE = "ranking.cache.bin"
+TRITON_CACHE = "ranking.triton"  # Triton's cache entries of the kernels launched outside the compiled graphs
 JAGGED_INPUTS = ("ids", "ratings", "timestamps", "offsets", "num_targets", "query_time", "target_rows", "history_rows")
 MAX_GRAPHS = 16
 
@@ -67,9 +86,11 @@ def device_plan(impl: str | dict | None = None) -> dict:
     """What to compile on this machine. `impl` (default: Triton for every op on CUDA, the reference on a
     CPU) may map op names to implementations, e.g. Triton attention with Inductor-fused projections."""
     if torch.cuda.is_available():
-        return {"device": "cuda", "impl": impl or Impl.TRITON.value, "mode": "default", "cuda_graphs": True,
-                "gpu": torch.cuda.get_device_name()}
-    return {"device": "cpu", "impl": impl or Impl.REFERENCE.value, "mode": "default", "cuda_graphs": False, "gpu": None}
+        impl = impl or Impl.TRITON.value
+        return {"device": "cuda", "impl": impl, "mode": "default", "cuda_graphs": True,
+                "eager_layers": impl == Impl.TRITON.value, "gpu": torch.cuda.get_device_name()}
+    return {"device": "cpu", "impl": impl or Impl.REFERENCE.value, "mode": "default", "cuda_graphs": False,
+            "eager_layers": False, "gpu": None}
 
 
 def _impl(spec: str | dict) -> Impl | dict:
@@ -124,7 +145,10 @@ def staged_sizes(B: int, Nh: int, Nc: int, C: int) -> tuple[int, ...]:
 
 def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndarray) -> int:
     """Copy the padded feed, as int64, into the front of `buffer` in PADDED_INPUTS order (a few flat copies,
-    nothing per user); returns the number of elements written."""
+    nothing per user); returns the number of elements written. numpy's copies run on the calling thread:
+    a torch.cat of the flat inputs, which copies on several threads, was 2.5x faster in a tight loop on the
+    H200 machine's host (benchmarks/batch16_probe.py) but slower between requests (batch 16 host
+    preparation 0.46 against 0.32 ms, run 35), when its idle threads must wake first."""
     B, Nh = feed["hist_ids"].shape
     sizes = staged_sizes(B, Nh, feed["cand_ids"].shape[1], contextual_len)
     at = 0
@@ -201,8 +225,11 @@ class CompiledRunner:
         t0 = time.perf_counter()
         if load_cache:  # (not when compiling the engine cold)
             torch.compiler.load_cache_artifacts((out_dir / CACHE).read_bytes())
+        shipped = out_dir / TRITON_CACHE
+        self.triton_entries = install_triton_kernels(shipped) if load_cache and shipped.is_dir() else 0
         model, _ = load_checkpoint(out_dir / "checkpoint")
         model.impl = _impl(meta["impl"])
+        model.use_eager_layers(bool(meta.get("eager_layers")))
         self.device = torch.device(meta["device"])
         self.model = model.to(self.device, model.cfg.torch_dtype).eval()
         mode = None if meta["mode"] == "default" else meta["mode"]
@@ -210,15 +237,21 @@ class CompiledRunner:
         # changing sizes symbolic. Not dynamic=True: that also makes the config's ints (N, the 1/N scale)
         # symbolic, and the Triton launch then got a float grid size on the H200 (torch 2.11).
         self.fn = torch.compile(self._serve, dynamic=None, mode=mode)
-        self._staged: torch.Tensor | None = None
+        lim = meta["limits"]
+        # the one host buffer every request is staged in (page-locked on CUDA), sized for the largest
+        # request the limits allow: its address never changes, so CUDA graphs copy from it themselves
+        self._staged = host_buffer(sum(staged_sizes(lim["batch"][1], lim["history"][1], lim["candidates"][1],
+                                                    lim["contextual_len"])), self.device.type == "cuda")
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: set[tuple] = set()
         self._pool = torch.cuda.graph_pool_handle() if meta.get("cuda_graphs") else None
-        self.stats = {"captures": 0, "replays": 0, "direct": 0}  # requests by path (CUDA graphs or not)
+        # requests by path (CUDA graphs or not; in_place: fed through feed_buffers, nothing staged)
+        self.stats = {"captures": 0, "replays": 0, "direct": 0, "in_place": 0}
         # seconds spent per phase of run(), summed over requests: host preparation (checks, staging the
-        # padded feed), the device (copies in and out, the graph or the compiled call, the wait) and the
-        # host copy of the result ("scatter": the scatter to padded slots itself now runs on the device)
-        self.phase_s = {"prepare": 0.0, "device": 0.0, "scatter": 0.0}
+        # padded feed), launch (enqueueing the copy in, the graph replay or the compiled call, and the copy
+        # out), wait (until the device is done) and the host copy of the result ("scatter": the scatter
+        # to padded slots itself runs on the device)
+        self.phase_s = {"prepare": 0.0, "launch": 0.0, "wait": 0.0, "scatter": 0.0}
         if warmup:
             self.warm_up()
         self.load_s = time.perf_counter() - t0
@@ -239,12 +272,35 @@ class CompiledRunner:
     def _serve(self, flat: torch.Tensor, B: int, Nh: int, Nc: int, L: int, T: int) -> torch.Tensor:
         return serve_padded(self.model, flat, B, Nh, Nc, self.meta["limits"]["contextual_len"], L, T)
 
-    def _staging(self, need: int) -> np.ndarray:
-        """The reused host buffer the padded feed is staged in (pinned on CUDA, so it goes to the GPU in one
-        copy), at least `need` elements long."""
-        if self._staged is None or self._staged.numel() < need:
-            self._staged = torch.empty(max(need, 1 << 16), dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        return self._staged.numpy()
+    def feed_buffers(self, batch: int, history: int, candidates: int) -> dict[str, np.ndarray]:
+        """Arrays to write a request of this padded shape into, in place: views of the runner's staging
+        buffer (page-locked on a GPU). run() on a feed of these arrays skips copying it (zero-copy input,
+        as a server that parses requests straight into the engine's buffers would use it); they stay
+        valid until the next call of feed_buffers or run. Any other feed is copied in as usual."""
+        dims = {"batch": batch, "history": history, "candidates": candidates}
+        for axis, size in dims.items():
+            lo, hi = self.meta["limits"][axis]
+            if not lo <= size <= hi:
+                raise ShapeOutOfRange(f"{axis} = {size} is outside this engine's range [{lo}, {hi}]")
+        C = self.meta["limits"]["contextual_len"]
+        shapes = dict(zip(PADDED_INPUTS, ((batch, history),) * 3 + ((batch, candidates), (batch, C)) + ((batch,),) * 3))
+        views, at = {}, 0
+        for name, n in zip(PADDED_INPUTS, staged_sizes(batch, history, candidates, C)):
+            if name in self.meta["inputs"]:
+                views[name] = self._staged[at:at + n].reshape(shapes[name])
+            at += n
+        return views
+
+    def _in_place(self, feed: dict[str, np.ndarray], B: int, Nh: int, Nc: int) -> bool:
+        """Whether the feed is feed_buffers(B, Nh, Nc)'s arrays (so already staged)."""
+        base = self._staged.ctypes.data
+        at = 0
+        for name, n in zip(PADDED_INPUTS, staged_sizes(B, Nh, Nc, self.meta["limits"]["contextual_len"])):
+            a = feed.get(name)
+            if n and (a is None or a.dtype != np.int64 or not a.flags.c_contiguous or a.ctypes.data != base + 8 * at):
+                return False
+            at += n
+        return True
 
     @torch.no_grad()
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -259,8 +315,12 @@ class CompiledRunner:
                                       f"{int(lengths.min())}..{int(lengths.max())}: fix the request's lengths")
         T = int(nc.sum())
         L = B * C + int(hl.sum()) + T
-        staged = self._staging(sum(staged_sizes(B, Nh, Nc, C)))
-        host = torch.from_numpy(staged[:stage_feed(feed, C, staged)])
+        if self._in_place(feed, B, Nh, Nc):
+            self.stats["in_place"] += 1
+            n = sum(staged_sizes(B, Nh, Nc, C))
+        else:
+            n = stage_feed(feed, C, self._staged)
+        host = torch.from_numpy(self._staged[:n])
         key = (B, Nh, Nc, L, T)
         graph = self._graphs.get(key)
         t1 = time.perf_counter()
@@ -268,40 +328,108 @@ class CompiledRunner:
             graph = self._graphs[key] = _Graph(self.fn, host, key, self._pool)
             self.stats["captures"] += 1
         if graph is not None:
-            probs = graph.replay(host)
+            graph.launch()
+            t2 = time.perf_counter()
+            probs = graph.wait()
             self.stats["replays"] += 1
         else:
             self._seen.add(key)
-            probs = self.fn(host.to(self.device, non_blocking=True), *key).cpu().numpy()
+            probs = self.fn(host.to(self.device, non_blocking=True), *key)
+            t2 = time.perf_counter()
+            probs = probs.cpu().numpy()
             self.stats["direct"] += 1
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         out = probs.copy()  # (a graph's output buffer is reused by its next replay)
-        for phase, dt in zip(self.phase_s, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+        for phase, dt in zip(self.phase_s, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
             self.phase_s[phase] += dt
         return {"probs": out}
 
 
+def host_buffer(n: int, page_locked: bool, dtype=np.int64) -> np.ndarray:
+    """A host array; page-locked (cudaHostRegister) when asked, so copies from and to it are asynchronous
+    DMA and can be captured in a CUDA graph. Registered directly rather than taken from torch's pinned
+    allocator, whose per-copy event bookkeeping has no place inside a graph capture."""
+    a = np.zeros(max(n, 1), dtype)
+    if page_locked:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)
+        if err != cudart.cudaError.success:
+            raise HstuOptError(f"cudaHostRegister of a {a.nbytes}-byte staging buffer failed: {err}")
+    return a
+
+
 class _Graph:
-    """The compiled graph captured for one request size (B, Nh, Nc, L, T), over a static device input."""
+    """The compiled graph captured for one request size (B, Nh, Nc, L, T), with its copies: the staged
+    request (a fixed host buffer) to the device, and the probabilities back to a host buffer. A request
+    is then one graph launch and one wait: the copies cost no launches of their own."""
 
     def __init__(self, fn, host: torch.Tensor, key: tuple[int, ...], pool):
         self.flat = host.to("cuda")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # one run off the capture: lazy initialization must not be captured
-            fn(self.flat, *key)
+            out = fn(self.flat, *key)
         torch.cuda.current_stream().wait_stream(side)
+        self.host_out = host_buffer(out.numel(), True, np.float32)[:out.numel()].reshape(out.shape)
+        dst = torch.from_numpy(self.host_out)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
+            self.flat.copy_(host, non_blocking=True)
             self.out = fn(self.flat, *key)
-        self.host_out = torch.empty(self.out.shape, dtype=torch.float32, pin_memory=True)
+            dst.copy_(self.out, non_blocking=True)
 
-    def replay(self, host: torch.Tensor) -> np.ndarray:
-        self.flat.copy_(host, non_blocking=True)
+    def launch(self) -> None:
         self.graph.replay()
-        self.host_out.copy_(self.out, non_blocking=True)
+
+    def wait(self) -> np.ndarray:
         torch.cuda.current_stream().synchronize()
-        return self.host_out.numpy()
+        return self.host_out
+
+
+def _entry_kernel(entry: Path) -> str | None:
+    """The kernel a Triton cache entry (a directory per compiled specialization) holds, from its group file."""
+    group = next(entry.glob("__grp__*.json"), None)
+    return group.name[len("__grp__"):-len(".json")] if group else None
+
+
+def ship_triton_kernels(cache_dir: Path, dest: Path) -> int:
+    """Copy the entries of a Triton cache directory that hold hstu-opt's own kernels (not Inductor's
+    generated `triton_*` ones, which the cache artifacts carry) into `dest` (replaced whole); returns how
+    many. These are the kernels the layers launch outside the compiled graphs (eager_layers): without
+    them a fresh process would compile them again on its first request."""
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    n = 0
+    for entry in sorted(p for p in cache_dir.iterdir() if p.is_dir()) if cache_dir.is_dir() else []:
+        name = _entry_kernel(entry)
+        if name and not name.startswith("triton_"):
+            shutil.copytree(entry, tmp / entry.name)
+            n += 1
+    replace_dir(tmp, dest)
+    return n
+
+
+def triton_cache_dir() -> Path:
+    from triton import knobs  # (only engines built with eager_layers ship kernels: they run on a GPU)
+
+    return Path(knobs.cache.dir)
+
+
+def install_triton_kernels(shipped: Path, cache_dir: Path | None = None) -> int:
+    """Put the shipped entries into this process's Triton cache (where Triton's launcher looks them up)
+    unless already there; each entry is copied to a temp name, then renamed, so a concurrent process
+    never sees half an entry. Returns how many entries the engine ships."""
+    cache_dir = cache_dir or triton_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entries = [p for p in shipped.iterdir() if p.is_dir()]
+    for entry in entries:
+        if not (cache_dir / entry.name).exists():
+            tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{entry.name}."))
+            shutil.copytree(entry, tmp, dirs_exist_ok=True)
+            try:
+                os.replace(tmp, cache_dir / entry.name)
+            except OSError:  # another process installed it first
+                shutil.rmtree(tmp, ignore_errors=True)
+    return len(entries)
 
 
 def load(out_dir: Path, kind: str = "ranking") -> CompiledRunner:
@@ -328,6 +456,8 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
                 f"compiled engine: the compiled model gave {cold['nonfinite']} non-finite probabilities on the warm-up "
                 "requests, so it is not shipped: compare it with eager (benchmarks/compile_debug.py shows how; the "
                 "last such case was a kernel argument Inductor typed fp64)")
+        if meta["eager_layers"]:
+            meta["triton_kernels"] = ship_triton_kernels(Path(tmp) / "compile" / "triton", out_dir / TRITON_CACHE)
         warm = _fresh_process("warm", out_dir, Path(tmp), timeout_s)
     meta |= {"cold_start": cold, "warm_start": warm}
     write_json_atomic(out_dir / META, meta)
@@ -362,7 +492,7 @@ def _main(step: str, out_dir: Path, tmp: Path) -> dict:
     total = time.perf_counter() - t0 + runner.load_s
     result = {"nonfinite": int(sum((~np.isfinite(o)).sum() for o in outs)), "seconds": round(total, 3),
               "load_s": round(runner.load_s, 3), "first_call_s": [round(t, 3) for t in times],
-              "inductor_cache": _inductor_counters()}
+              "inductor_cache": _inductor_counters(), "triton_entries_installed": runner.triton_entries}
     if step == "compile":
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:

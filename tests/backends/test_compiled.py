@@ -110,7 +110,19 @@ def test_runner_matches_eager_and_rejects_out_of_range(built):
         m = _valid(feed)
         assert got.shape == want.shape and (got[~m] == 0).all()
         np.testing.assert_allclose(got[m], want[m], atol=1e-5, rtol=1e-4)
-    assert set(runner.phase_s) == {"prepare", "device", "scatter"} and all(t > 0 for t in runner.phase_s.values())
+    assert set(runner.phase_s) == {"prepare", "launch", "wait", "scatter"} and all(t > 0 for t in runner.phase_s.values())
+    # zero-copy input: the same request written into the runner's own buffers runs without staging
+    feed = example_feed(model, "ranking", rng, 3, 150, 9)
+    want = runner.run(feed)["probs"]
+    buffers = runner.feed_buffers(*feed["hist_ids"].shape, feed["cand_ids"].shape[1])
+    assert set(buffers) == set(feed)
+    for name, a in buffers.items():
+        a[...] = feed[name]
+    before = runner.stats["in_place"]
+    np.testing.assert_array_equal(runner.run(buffers)["probs"], want)
+    assert runner.stats["in_place"] == before + 1
+    with pytest.raises(ShapeOutOfRange, match=r"batch = 65 is outside"):
+        runner.feed_buffers(65, 10, 2)
     bad = example_feed(model, "ranking", rng, 2, 50, 3, exact=True)
     bad["hist_lengths"][1] = 51
     with pytest.raises(ShapeOutOfRange, match=r"hist_lengths must lie in \[0, 50\]"):
@@ -119,3 +131,48 @@ def test_runner_matches_eager_and_rejects_out_of_range(built):
         runner.run(example_feed(model, "ranking", rng, 2, 201, 3, exact=True))
     with pytest.raises(compiled.HstuOptError, match="ranking only"):
         compiled.load(out, "retrieval")
+
+
+def test_eager_layers_break_the_graph_once_and_change_nothing():
+    """rank_jagged with eager_layers under torch.compile: two graphs around one break (every layer but the
+    last runs outside), the same probabilities as eager and as the whole graph compiled."""
+    model = tiny_model(C=2)
+    feed = random_requests(5, 2, np.random.default_rng(3)).ranking_feed()
+    t = to_tensors(compiled.jagged_feed(feed, 2)[0])
+    want = model.rank_jagged(**t)
+    model.use_eager_layers()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.rank_jagged)(**t)
+    assert (explained.graph_count, explained.graph_break_count) == (2, 1)
+    assert "disable" in str(explained.break_reasons[0].reason)
+    torch.testing.assert_close(torch.compile(model.rank_jagged)(**t), want, atol=1e-6, rtol=1e-5)
+
+
+def _entry(root, name, key):
+    d = root / key
+    d.mkdir(parents=True)
+    (d / f"__grp__{name}.json").write_text("{}")
+    (d / f"{name}.cubin").write_bytes(b"x" * 10)
+    return d
+
+
+def test_ship_and_install_triton_kernels(tmp_path):
+    """Only hstu-opt's own kernels are shipped (Inductor's triton_* ones travel in the cache artifacts);
+    installing puts them into the cache directory whole, keeps entries already there, and can run twice."""
+    cold = tmp_path / "cold"
+    _entry(cold, "_hstu_fwd", "AAA")
+    _entry(cold, "_gemm_tma_kernel", "BBB")
+    _entry(cold, "triton_poi_fused_add_0", "CCC")
+    (cold / "DDD").mkdir()  # an entry without a group file (an interrupted write): skipped
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    assert compiled.ship_triton_kernels(cold, engine / compiled.TRITON_CACHE) == 2
+    assert sorted(p.name for p in (engine / compiled.TRITON_CACHE).iterdir()) == ["AAA", "BBB"]
+    cache = tmp_path / "cache"
+    _entry(cache, "_hstu_fwd", "AAA")
+    (cache / "AAA" / "_hstu_fwd.cubin").write_bytes(b"kept")
+    for _ in range(2):
+        assert compiled.install_triton_kernels(engine / compiled.TRITON_CACHE, cache) == 2
+    assert (cache / "AAA" / "_hstu_fwd.cubin").read_bytes() == b"kept"
+    assert (cache / "BBB" / "_gemm_tma_kernel.cubin").read_bytes() == b"x" * 10
+    assert sorted(p.name for p in cache.iterdir()) == ["AAA", "BBB"]  # no temp dirs left behind
