@@ -225,7 +225,12 @@ def check_projections(gen) -> list[dict]:
                 uvqk_launch(x, nw, nb, w, b, out, hv, 1e-6, config=cfg)
                 out_o = torch.full((M, D), float("nan"), dtype=dtype, device=DEV)
                 output_launch(u, a, xr, onw, onb, wo, out_o, 1e-6, config=cfg)
-                for kernel, got, ref in (("uvqk", out, want), ("hstu_output", out_o, want_o)):
+                # rows gathered by the norm's loads (the last layer's k/v of the history rows): shuffled, repeated
+                idx = torch.randint(0, M, (M // 2 + 3,), generator=gen).to(DEV)
+                out_g = torch.full((idx.numel(), width), float("nan"), dtype=dtype, device=DEV)
+                uvqk_launch(x, nw, nb, w, b, out_g, hv, 1e-6, config=cfg, rows=idx)
+                for kernel, got, ref in (("uvqk", out, want), ("hstu_output", out_o, want_o),
+                                         ("uvqk/gather", out_g, want[idx])):
                     rows.append(check_row(kernel + tag, f"M{M}-D{D}-H{H}-{dqk}/{dv}", dtype, got, ref))
     return rows
 
@@ -267,7 +272,7 @@ def gemm_sweep() -> list[dict]:
     return rows
 
 
-GEMM_CONFIGS = [{}, dict(TMA=False), dict(TMA=True), dict(TMA=True, SUBTILE=True),
+GEMM_CONFIGS = [{}, dict(TMA=False), dict(TMA=True, SUBTILE=False), dict(TMA=True, SUBTILE=True),
                 dict(TMA=True, SUBTILE=True, num_stages=4), dict(TMA=True, FLATTEN=False),
                 dict(TMA=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
                 dict(TMA=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),

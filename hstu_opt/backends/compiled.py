@@ -500,6 +500,11 @@ def _main(step: str, out_dir: Path, tmp: Path) -> dict:
         write_bytes_atomic(out_dir / CACHE, artifacts[0])
         np.savez(tmp / "cold_outputs.npz", *outs)
     else:
+        if runner.meta.get("eager_layers"):  # hstu-opt's kernels in this process's Triton cache it did not ship
+            shipped = {p.name for p in (out_dir / TRITON_CACHE).iterdir()}
+            result["triton_entries_not_shipped"] = sorted(
+                f"{_entry_kernel(p)}:{p.name[:8]}" for p in triton_cache_dir().iterdir()
+                if p.is_dir() and p.name not in shipped and not (_entry_kernel(p) or "triton_").startswith("triton_"))
         cold = np.load(tmp / "cold_outputs.npz")
         result["max_abs_diff_vs_cold"] = max(float(np.abs(o - cold[f"arr_{i}"]).max()) for i, o in enumerate(outs))
     return result

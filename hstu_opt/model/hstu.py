@@ -83,7 +83,7 @@ class HstuModel(nn.Module):
         delta_offsets = torch.nn.functional.pad(num_targets.cumsum(0), (1, 0))
         cache_offsets = offsets - delta_offsets
         last = self.layers[-1]
-        k, v = last.project_kv(x.index_select(0, history_rows), self.impl)  # (their u and q are never read)
+        k, v = last.project_kv(x, self.impl, rows=history_rows)  # (their u and q are never read)
         x = last.forward_cached(x.index_select(0, target_rows), delta_offsets, k, v, cache_offsets, self.impl)
         return torch.sigmoid(self.ranking_logits(x, ids.index_select(0, target_rows)))
 

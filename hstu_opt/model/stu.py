@@ -47,12 +47,13 @@ class STULayer(nn.Module):
             num_heads=cfg.num_heads, attention_dim=cfg.attention_dim, linear_dim=cfg.linear_dim, impl=impl,
         )
 
-    def project_kv(self, x: Tensor, impl: Impl) -> tuple[Tensor, Tensor]:
-        """k and v only (what a KV cache keeps), half the projection's columns."""
+    def project_kv(self, x: Tensor, impl: Impl, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """k and v only (what a KV cache keeps), half the projection's columns; rows given: of those rows
+        of a [L, D] x only (ops.uvqk_kv)."""
         cfg = self.cfg
         return ops.uvqk_kv(
             x, self.input_norm_weight, self.input_norm_bias, self.uvqk_weight, self.uvqk_beta,
-            num_heads=cfg.num_heads, attention_dim=cfg.attention_dim, linear_dim=cfg.linear_dim, impl=impl,
+            num_heads=cfg.num_heads, attention_dim=cfg.attention_dim, linear_dim=cfg.linear_dim, rows=rows, impl=impl,
         )
 
     def finish(self, u: Tensor, a: Tensor, x: Tensor, dropout: float, impl: Impl) -> Tensor:

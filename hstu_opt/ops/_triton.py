@@ -62,15 +62,17 @@ def mma(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _layer_norm_kernel(X, NW, NB, U, OUT, M, K, stride_xm, stride_um, stride_om, eps,
-                       GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _layer_norm_kernel(X, NW, NB, U, IDX, OUT, M, K, stride_xm, stride_um, stride_om, eps,
+                       GATE: tl.constexpr, GATHER: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT = LN(X) (GATE: U * LN(X)) for rows [pid*ROWS, (pid+1)*ROWS): two-pass float32 statistics,
-    rounded to the output dtype where the reference rounds (LN's output, then the product)."""
+    rounded to the output dtype where the reference rounds (LN's output, then the product).
+    GATHER: output row i normalizes X's row IDX[i] (an index_select fused into the norm's load)."""
     offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_k = tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     mask = (offs_m < M)[:, None] & k_ok[None, :]
-    x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    src = tl.load(IDX + offs_m, mask=offs_m < M, other=0).to(tl.int64) if GATHER else offs_m
+    x = tl.load(X + src[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / K
     xc = tl.where(mask, x - mean[:, None], 0.0)
     # Inductor passes a Python float as fp64 (eager Triton: fp32); uncast, eps made the normalization fp64
@@ -87,16 +89,17 @@ def _layer_norm_kernel(X, NW, NB, U, OUT, M, K, stride_xm, stride_um, stride_om,
 
 
 def launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, launcher,
-                      gate: torch.Tensor | None = None) -> torch.Tensor:
-    """LN(x) of a [M, K] x with unit column stride (gate given: gate * LN(x)), as a new [M, K] tensor."""
-    M, K = x.shape
+                      gate: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """LN(x) of a [M, K] x with unit column stride (gate given: gate * LN(x)), as a new [M, K] tensor;
+    rows given (int64 [M'], no gate): LN(x.index_select(0, rows)) [M', K] without the gathered copy."""
+    M, K = x.shape if rows is None else (rows.shape[0], x.shape[1])
     out = x.new_empty(M, K)
     block_k = triton.next_power_of_2(K)
-    rows = max(1, min(64, 4096 // block_k))
+    per_program = max(1, min(64, 4096 // block_k))
     u = gate if gate is not None else x
-    launcher(_layer_norm_kernel)[(triton.cdiv(M, rows),)](
-        x, weight, bias, u, out, M, K, x.stride(0), u.stride(0), out.stride(0), eps,
-        GATE=gate is not None, ROWS=rows, BLOCK_K=block_k, num_warps=4)
+    launcher(_layer_norm_kernel)[(triton.cdiv(M, per_program),)](
+        x, weight, bias, u, rows if rows is not None else x, out, M, K, x.stride(0), u.stride(0), out.stride(0), eps,
+        GATE=gate is not None, GATHER=rows is not None, ROWS=per_program, BLOCK_K=block_k, num_warps=4)
     return out
 
 
@@ -236,9 +239,11 @@ WAVE = 132  # SMs of an H200: a launch of fewer tiles than this leaves SMs idle
 # 1.98 vs 2.34 ms. With batch 1's 4,352 rows (small tiles) it was slower: the graph's GEMMs 0.277 vs
 # 0.246 ms; hstu_output alone 0.044 vs 0.037 ms (run 33, CUDA-graph replays; uvqk there has the large
 # tiles: 0.0375 vs 0.0366, even). FLATTEN off: uvqk 0.314 ms; 128x128 tiles (4 or 8 warps): 0.315 /
-# 0.327 ms; two programs per SM: 0.293 ms. SUBTILE helps uvqk a little (0.281 vs 0.287, 0.288 vs 0.299,
-# 0.285 vs 0.293 in runs 28, 31, 33) and costs hstu_output about as much: off, not tuned per op.
-GEMM_FLAGS = {"TMA": None, "FLATTEN": True, "SUBTILE": False, "PROGRAMS": None}
+# 0.327 ms; two programs per SM: 0.293 ms. SUBTILE (the epilogue in column halves) helps uvqk a little
+# (0.281 vs 0.287, 0.288 vs 0.299, 0.285 vs 0.293 in runs 28, 31, 33; 0.289 vs 0.290 in run 37) and
+# costs hstu_output about as much: None splits it for the projections with a bias and no residual (uvqk,
+# uvqk_kv) only.
+GEMM_FLAGS = {"TMA": None, "FLATTEN": True, "SUBTILE": None, "PROGRAMS": None}
 
 
 def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict | None = None) -> dict:
@@ -310,6 +315,8 @@ def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, 
     N = weight.shape[1]
     cfg = gemm_config(a[0].dtype, M, N, config)
     tma, flatten, subtile, programs = (cfg.pop(k) for k in ("TMA", "FLATTEN", "SUBTILE", "PROGRAMS"))
+    if subtile is None:
+        subtile = bias is not None and residual is None
     a3 = a + [a[0]] * (3 - len(a))
     res = residual if residual is not None else out
     args = (a3[0], a3[1], a3[2], weight, bias if bias is not None else weight, res, out, M, K, N, silu_cols,

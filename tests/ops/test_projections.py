@@ -66,3 +66,7 @@ def test_uvqk_kv_equals_uvqk_k_and_v():
     k2, v2 = ops.uvqk_kv(x, torch.ones(D), torch.zeros(D), W, beta, **kw)
     torch.testing.assert_close(k2, k)
     torch.testing.assert_close(v2, v)
+    rows = torch.tensor([3, 0, 3])  # gathered rows: any order, repeats allowed
+    k3, v3 = ops.uvqk_kv(x, torch.ones(D), torch.zeros(D), W, beta, rows=rows, **kw)
+    torch.testing.assert_close(k3, k[rows])
+    torch.testing.assert_close(v3, v[rows])

@@ -64,13 +64,17 @@ def _check_uvqk(dtype, M, D, H, dqk, dv):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,D,H,dqk,dv", [(1, 16, 1, 8, 8), (37, 50, 2, 16, 24)])
-def test_uvqk_kv_is_the_k_and_v_of_uvqk(dtype, M, D, H, dqk, dv):
+@pytest.mark.parametrize("gather", [False, True])
+def test_uvqk_kv_is_the_k_and_v_of_uvqk(dtype, M, D, H, dqk, dv, gather):
+    """k and v of uvqk; with `rows`, of those rows (gathered by the norm's loads: shuffled, repeated, fewer
+    or more rows than x has), into NaN-free outputs of the gathered length."""
     p = _params(D, H, dqk, dv, dtype, seed=M + D + 1)
     x = (torch.randn(M, D, generator=torch.Generator().manual_seed(M)) * 2 + 3).to(dtype)
     kw = dict(num_heads=H, attention_dim=dqk, linear_dim=dv)
     args = (p["norm_weight"], p["norm_bias"], p["uvqk_weight"], p["uvqk_bias"])
-    _, _, k_want, v_want = ops.uvqk(x.float(), *(a.float() for a in args), **kw)
-    k, v = ops.uvqk_kv(x, *args, impl=Impl.TRITON, **kw)
+    rows = torch.randint(0, M, (M + 5,), generator=torch.Generator().manual_seed(M + 1)) if gather else None
+    _, _, k_want, v_want = ops.uvqk(x.float() if rows is None else x.float()[rows], *(a.float() for a in args), **kw)
+    k, v = ops.uvqk_kv(x, *args, rows=rows, impl=Impl.TRITON, **kw)
     atol, rtol = TOLERANCES[dtype]
     assert k.shape == k_want.shape and v.shape == v_want.shape and k.dtype == v.dtype == dtype
     torch.testing.assert_close(k.float(), k_want, atol=atol, rtol=rtol)
@@ -130,9 +134,9 @@ def test_real_and_fake_signatures_agree():
     from hstu_opt.ops.hstu_output.triton import hstu_output_triton
     from hstu_opt.ops.uvqk.triton import uvqk_triton
 
-    for op, name in ((uvqk_triton, "uvqk_triton"), (hstu_output_triton, "hstu_output_triton")):
+    for op, name, n in ((uvqk_triton, "uvqk_triton", 8), (hstu_output_triton, "hstu_output_triton", 7)):
         real = [a.name for a in getattr(torch.ops.hstu_opt, name).default._schema.arguments]
-        assert real == list(inspect.signature(op._abstract_fn).parameters) and len(real) == 7
+        assert real == list(inspect.signature(op._abstract_fn).parameters) and len(real) == n
 
 
 def test_fake_ops_give_shapes_under_fake_tensors():
@@ -144,6 +148,8 @@ def test_fake_ops_give_shapes_under_fake_tensors():
     with FakeTensorMode():
         x, w = torch.empty(9, 20), torch.empty(20, 64)
         assert uvqk_triton(x, torch.empty(20), torch.empty(20), w, torch.empty(64), 16, 1e-6).shape == (9, 64)
+        rows = torch.empty(13, dtype=torch.int64)
+        assert uvqk_triton(x, torch.empty(20), torch.empty(20), w, torch.empty(64), 0, 1e-6, rows).shape == (13, 64)
         u = torch.empty(9, 16)
         assert hstu_output_triton(u, u, x, torch.empty(16), torch.empty(16), torch.empty(48, 20), 1e-6).shape == (9, 20)
 

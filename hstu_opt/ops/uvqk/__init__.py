@@ -45,12 +45,15 @@ def uvqk_kv(
     attention_dim: int,
     linear_dim: int,
     eps: float = 1e-6,
+    rows: Tensor | None = None,
     impl: Impl = Impl.REFERENCE,
 ) -> tuple[Tensor, Tensor]:
     """Only k [..., H, dqk] and v [..., H, dv] of uvqk (half its columns): rows whose u and q nothing
-    reads, such as the history rows of the last layer when only the candidates are scored."""
+    reads, such as the history rows of the last layer when only the candidates are scored.
+    rows (int [R], for a [L, D] x): project x.index_select(0, rows), which fast kernels gather as they
+    load instead of copying first; k and v are then [R, H, d]."""
     fn = TABLE.get(impl, "uvqk_kv")
-    return fn(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps)
+    return fn(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps, rows)
 
 
 from hstu_opt.ops.uvqk import reference as _reference  # noqa: E402,F401

@@ -38,7 +38,9 @@ def uvqk(
 
 @TABLE.register(Impl.REFERENCE)
 def uvqk_kv(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, uvqk_weight: Tensor, uvqk_bias: Tensor, num_heads: int,
-            attention_dim: int, linear_dim: int, eps: float) -> tuple[Tensor, Tensor]:
+            attention_dim: int, linear_dim: int, eps: float, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    if rows is not None:
+        x = x.index_select(0, rows)
     n = layer_norm(x, norm_weight, norm_bias, eps)
     w, b = kv_columns(uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim)
     proj = n.reshape(-1, n.shape[-1]) @ w.to(n.dtype) + b.to(n.dtype)

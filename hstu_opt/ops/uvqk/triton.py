@@ -19,22 +19,28 @@ from hstu_opt.ops.uvqk import TABLE, kv_columns
 
 
 def launch(x2d: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor, out: Tensor,
-           silu_cols: int, eps: float, launcher=lambda kernel: kernel, config: dict | None = None) -> Tensor:
-    """out [M, N] = [SiLU on the first silu_cols columns](LN(x2d) @ weight + bias)."""
-    normed = launch_layer_norm(x2d, norm_weight, norm_bias, eps, launcher)
+           silu_cols: int, eps: float, launcher=lambda kernel: kernel, config: dict | None = None,
+           rows: Tensor | None = None) -> Tensor:
+    """out [M, N] = [SiLU on the first silu_cols columns](LN(x2d) @ weight + bias); rows given: of
+    x2d.index_select(0, rows), gathered by the norm's loads."""
+    normed = launch_layer_norm(x2d, norm_weight, norm_bias, eps, launcher, rows=rows)
     return launch_gemm([normed], weight, out, launcher, bias=bias, silu_cols=silu_cols, config=config)
+
+
+def _out_rows(x: Tensor, rows: Tensor | None) -> int:
+    return x.shape[0] if rows is None else rows.shape[0]
 
 
 @triton_op("hstu_opt::uvqk_triton", mutates_args=())
 def uvqk_triton(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor, silu_cols: int,
-                eps: float) -> Tensor:
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    return launch(x, norm_weight, norm_bias, weight, bias, out, silu_cols, eps, wrap_triton)
+                eps: float, rows: Tensor | None = None) -> Tensor:
+    out = x.new_empty(_out_rows(x, rows), weight.shape[1])
+    return launch(x, norm_weight, norm_bias, weight, bias, out, silu_cols, eps, wrap_triton, rows=rows)
 
 
 @uvqk_triton.register_fake
-def _(x, norm_weight, norm_bias, weight, bias, silu_cols, eps):
-    return x.new_empty(x.shape[0], weight.shape[1])
+def _(x, norm_weight, norm_bias, weight, bias, silu_cols, eps, rows=None):
+    return x.new_empty(_out_rows(x, rows), weight.shape[1])
 
 
 @TABLE.register(Impl.TRITON, "uvqk")
@@ -49,10 +55,11 @@ def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attentio
 
 
 @TABLE.register(Impl.TRITON, "uvqk_kv")
-def _uvqk_kv(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps):
-    lead = x.shape[:-1]
+def _uvqk_kv(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps, rows):
+    lead = x.shape[:-1] if rows is None else rows.shape
     x2d = unit_stride(x.reshape(-1, x.shape[-1]))
     w, b = kv_columns(uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim)
-    proj = uvqk_triton(x2d, norm_weight, norm_bias, w.to(x.dtype).contiguous(), b, 0, eps)
+    proj = uvqk_triton(x2d, norm_weight, norm_bias, w.to(x.dtype).contiguous(), b, 0, eps,
+                       None if rows is None else rows.to(torch.int64))
     v, k = torch.split(proj, [num_heads * linear_dim, num_heads * attention_dim], dim=-1)
     return k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim)
