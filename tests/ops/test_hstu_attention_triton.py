@@ -176,6 +176,15 @@ def test_key_splits_only_where_the_launch_is_small():
     assert fwd_splits(1, 100, 64, 64) == 1  # never below 4 key blocks per split
 
 
+def test_cached_key_splits_fill_the_slots_in_whole_waves():
+    from hstu_opt.ops.hstu_attention.triton import SLOTS, cache_splits
+
+    assert cache_splits(4352, 4 * 16 * 4, 64)[0] == 1  # dlrm-v3 batch 16 scoring: 256 programs fill one wave
+    assert cache_splits(4352, 4 * 1 * 4, 64)[0] == SLOTS // 16  # batch 1: 16 programs
+    assert cache_splits(4352, 100, 64)[0] == 2  # 200 programs in one wave, not 300 in two
+    assert cache_splits(300, 1, 64) == (2, 192)  # never below 4 key blocks per split
+
+
 @pytest.mark.parametrize("C,window,N,cache_len", [
     (0, 0, 100, [9, 1, 70]), (2, 0, 100, [9, 3, 70]), (1, 4, 100, [9, 2, 70]),
     (0, 0, 2000, [600, 5, 300]),  # several key splits per user (see triton.cache_splits)
@@ -194,9 +203,11 @@ def test_cached_triton_matches_reference(C, window, N, cache_len, dtype, loads):
     co = torch.tensor([0, *torch.tensor(cache_len).cumsum(0).tolist()])
     do = torch.tensor([0, *torch.tensor(delta_len).cumsum(0).tolist()])
     kw = dict(max_seq_len=N, alpha=0.2, contextual_len=C, max_attn_len=window, max_delta_len=max(delta_len))
-    if N == 2000:
-        splits, split_len = cache_splits(N, 3 * H, _blocks(d, d, dtype)["BLOCK_N"])
+    splits, split_len = cache_splits(N, 3 * H, _blocks(d, d, dtype)["BLOCK_N"])
+    if N == 2000:  # partials summed
         assert splits > 1 and split_len < max(cache_len)
+    else:  # the kernel writes the result in the inputs' dtype
+        assert splits == 1
     args = (q[delta_rows], k[delta_rows], v[delta_rows], do, k[cache_rows], v[cache_rows], co)
     want = ops.cached_hstu_attention(*(a.float() if a.is_floating_point() else a for a in args), **kw)
     got = ops.cached_hstu_attention(*args, impl=Impl.TRITON, **kw)

@@ -237,7 +237,7 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
         v = _rows(VC, c_start, start_n, stride_vcl, h * stride_vch, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
         acc += mma(p.to(v.dtype), v, IEEE)
     out_base = Out + pid_s.to(tl.int64) * stride_os + d_start * stride_ol
-    tl.store(out_base + (offs_m[:, None] * stride_ol + h * stride_oh + offs_dv[None, :]), acc,
+    tl.store(out_base + (offs_m[:, None] * stride_ol + h * stride_oh + offs_dv[None, :]), acc.to(Out.dtype.element_ty),
              mask=m_valid[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -377,9 +377,12 @@ def _(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_att
 
 def cache_splits(max_seq_len: int, programs: int, block_n: int) -> tuple[int, int]:
     """(splits, keys per split): enough programs to fill a large GPU (~264) even for one user, never
-    fewer than 4 key blocks per split. Static in the shapes, so the op still exports."""
+    fewer than 4 key blocks per split. Rounded down: a launch of 132-263 programs already fills the
+    slots in one wave, and split in two it would take two half-length waves, the same time, plus the
+    sum of the partials (dlrm-v3 batch 16 scoring, 256 programs: 2 splits and 0.077 ms of sum and cast
+    per layer in run 38). Static in the shapes, so the op still exports."""
     most = max(1, triton.cdiv(max_seq_len, 4 * block_n))
-    splits = max(1, min(most, triton.cdiv(SLOTS, max(programs, 1))))
+    splits = max(1, min(most, SLOTS // max(programs, 1)))
     return splits, triton.cdiv(triton.cdiv(max_seq_len, splits), block_n) * block_n
 
 
@@ -387,6 +390,7 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
                   cache_offsets: Tensor, out: Tensor, max_seq_len: int, alpha: float, contextual_len: int,
                   max_attn_len: int, max_delta_len: int, launcher=lambda kernel: kernel, tma: bool | None = None) -> Tensor:
     """Launch into the float32 partials `out` [splits, Ld, H, dv] (see cached_partials_shape); sum(0) is the result.
+    With one split `out` may be the result itself, [1, Ld, H, dv] in q's dtype (written once, nothing to sum).
     `tma` None: FWD_FLAGS["TMA"] (then TMA where tma_ok and the launch is real, as for the full kernel)."""
     L, H, dqk = q.shape
     dv = v.shape[-1]
@@ -418,7 +422,13 @@ def cached_partials_shape(q: Tensor, v: Tensor, delta_offsets: Tensor, max_seq_l
 def cached_hstu_attention_triton(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor,
                                  v_cache: Tensor, cache_offsets: Tensor, max_seq_len: int, alpha: float,
                                  contextual_len: int, max_attn_len: int, max_delta_len: int) -> Tensor:
-    partials = q.new_empty(cached_partials_shape(q, v, delta_offsets, max_seq_len, max_delta_len), dtype=torch.float32)
+    shape = cached_partials_shape(q, v, delta_offsets, max_seq_len, max_delta_len)
+    if shape[0] == 1:  # one split: the kernel writes the result in q's dtype
+        out = q.new_empty(shape[1:])
+        launch_cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, out.unsqueeze(0), max_seq_len, alpha,
+                      contextual_len, max_attn_len, max_delta_len, wrap_triton)
+        return out
+    partials = q.new_empty(shape, dtype=torch.float32)
     launch_cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, partials, max_seq_len, alpha,
                   contextual_len, max_attn_len, max_delta_len, wrap_triton)
     return partials.sum(0).to(q.dtype)
