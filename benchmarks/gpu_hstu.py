@@ -94,6 +94,7 @@ CHECKS = [  # name, B, N, H, dqk, dv, C, window, fixed lengths
     ("d100", 4, 1024, 3, 100, 100, 0, 0, None),
     ("long", 2, 4096, 4, 128, 128, 0, 0, None),
     ("d256", 2, 600, 1, 256, 256, 0, 0, None),
+    ("many users", 160, 300, 2, 64, 64, 1, 0, None),  # cached: 320 programs, one key split
 ]
 
 
@@ -132,11 +133,14 @@ def check(gen) -> list[dict]:
             do = torch.tensor([0, *np.cumsum(nt.cpu().numpy())], dtype=torch.int64, device=DEV)
             qd = q[rows_d]
             for tma in (True, False) if tma_ok(dtype, q, k, v) else (False,):  # pointers: the engine's traced launch
-                parts = torch.full(cached_partials_shape(qd, v, do, N, int(nt.max())), float("nan"), device=DEV)
-                launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, parts, N, kw["alpha"], C,
-                              window, int(nt.max()), tma=tma)
-                rows.append(check_row("cached" if tma else "cached/pointers", name, dtype, parts.sum(0).to(dtype),
-                                      want[rows_d]))
+                shape = cached_partials_shape(qd, v, do, N, int(nt.max()))
+                one = shape[0] == 1  # one key split: the kernel writes the result in q's dtype (the op's path)
+                parts = torch.full(shape[1:] if one else shape, float("nan"), device=DEV,
+                                   dtype=dtype if one else torch.float32)
+                launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, parts[None] if one else parts,
+                              N, kw["alpha"], C, window, int(nt.max()), tma=tma)
+                rows.append(check_row(("cached" if tma else "cached/pointers") + ("/1 split" if one else ""), name,
+                                      dtype, parts if one else parts.sum(0).to(dtype), want[rows_d]))
     return rows
 
 
