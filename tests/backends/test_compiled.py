@@ -121,6 +121,11 @@ def test_runner_matches_eager_and_rejects_out_of_range(built):
     before = runner.stats["in_place"]
     np.testing.assert_array_equal(runner.run(buffers)["probs"], want)
     assert runner.stats["in_place"] == before + 1
+    # a run of another feed stages over those arrays: they are then an ordinary feed again (copied)
+    other = example_feed(model, "ranking", rng, *feed["hist_ids"].shape, feed["cand_ids"].shape[1], exact=True)
+    np.testing.assert_allclose(runner.run(other)["probs"], eager.run(other)["probs"], atol=1e-5, rtol=1e-4)
+    runner.run(buffers)
+    assert runner.stats["in_place"] == before + 1
     with pytest.raises(ShapeOutOfRange, match=r"batch = 65 is outside"):
         runner.feed_buffers(65, 10, 2)
     bad = example_feed(model, "ranking", rng, 2, 50, 3, exact=True)
