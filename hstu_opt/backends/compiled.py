@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +356,7 @@ def host_buffer(n: int, page_locked: bool, dtype=np.int64) -> np.ndarray:
         err = cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)
         if err != cudart.cudaError.success:
             raise HstuOptError(f"cudaHostRegister of a {a.nbytes}-byte staging buffer failed: {err}")
+        weakref.finalize(a, cudart.cudaHostUnregister, a.ctypes.data)  # (when it and every view of it are gone)
     return a
 
 
