@@ -55,6 +55,7 @@ Batch 16 on the H200 (run 36): host preparation 0.03 against 0.17 ms for a feed 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -68,7 +69,8 @@ import numpy as np
 import torch
 
 from hstu_opt import toolchain
-from hstu_opt.backends.eager import ShapeOutOfRange, check_feed, engine_limits, example_feed, input_names
+from hstu_opt.backends.eager import (ShapeOutOfRange, check_dims, check_feed, engine_limits, example_feed,
+                                     input_names)
 from hstu_opt.errors import HstuOptError, StageError
 from hstu_opt.fsutil import replace_dir, write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
@@ -139,9 +141,14 @@ PADDED_INPUTS = ("hist_ids", "hist_ratings", "hist_timestamps", "cand_ids", "con
                  "num_candidates", "query_time")
 
 
+def staged_shapes(B: int, Nh: int, Nc: int, C: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of PADDED_INPUTS, in the order the flat staging layout holds them."""
+    return ((B, Nh),) * 3 + ((B, Nc), (B, C)) + ((B,),) * 3
+
+
 def staged_sizes(B: int, Nh: int, Nc: int, C: int) -> tuple[int, ...]:
     """Element counts of PADDED_INPUTS in the flat staging layout."""
-    return (B * Nh, B * Nh, B * Nh, B * Nc, B * C, B, B, B)
+    return tuple(math.prod(shape) for shape in staged_shapes(B, Nh, Nc, C))
 
 
 def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndarray) -> int:
@@ -174,9 +181,9 @@ def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
     builds them on the host (per user [C contextual][hist_lengths history][num_candidates candidate]
     rows), and each target row's slot in the padded [B * Nc] candidates. L rows and T candidates in all:
     the host knows both from the lengths, so every shape here is static and nothing syncs."""
-    hist_ids, hist_ratings, hist_ts, cand_ids, ctx_ids, hl, nc, qt = torch.split(flat, list(staged_sizes(B, Nh, Nc, C)))
-    hist_ids, hist_ratings, hist_ts = (t.view(B, Nh) for t in (hist_ids, hist_ratings, hist_ts))
-    cand_ids = cand_ids.view(B, Nc)
+    parts = torch.split(flat, list(staged_sizes(B, Nh, Nc, C)))
+    hist_ids, hist_ratings, hist_ts, cand_ids, ctx_ids, hl, nc, qt = (
+        t.view(shape) for t, shape in zip(parts, staged_shapes(B, Nh, Nc, C)))
     n_hist = hl + C  # rows before the candidates, contextual ones included
     ends = (n_hist + nc).cumsum(0)
     offsets = torch.nn.functional.pad(ends, (1, 0))
@@ -189,7 +196,7 @@ def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
     c_pos = (pos - C - hl_u).clamp(0, Nc - 1)
     ids = torch.where(in_hist, hist_ids[user, h_pos], cand_ids[user, c_pos])
     if C > 0:
-        ids = torch.where(pos < C, ctx_ids.view(B, C)[user, pos.clamp(max=C - 1)], ids)
+        ids = torch.where(pos < C, ctx_ids[user, pos.clamp(max=C - 1)], ids)
     ratings = torch.where(in_hist, hist_ratings[user, h_pos], 0)
     timestamps = torch.where(in_hist, hist_ts[user, h_pos], qt[user])
     hist_ends, cand_ends = n_hist.cumsum(0), nc.cumsum(0)
@@ -280,17 +287,13 @@ class CompiledRunner:
         (zero-copy input, as a server that parses requests straight into the engine's buffers would use
         it); they stay valid until the next call of feed_buffers or a run() of another feed. Any other
         feed is copied in as usual."""
-        dims = {"batch": batch, "history": history, "candidates": candidates}
-        for axis, size in dims.items():
-            lo, hi = self.meta["limits"][axis]
-            if not lo <= size <= hi:
-                raise ShapeOutOfRange(f"{axis} = {size} is outside this engine's range [{lo}, {hi}]")
+        check_dims({"batch": batch, "history": history, "candidates": candidates}, self.meta["limits"])
         C = self.meta["limits"]["contextual_len"]
-        shapes = dict(zip(PADDED_INPUTS, ((batch, history),) * 3 + ((batch, candidates), (batch, C)) + ((batch,),) * 3))
         views, at = {}, 0
-        for name, n in zip(PADDED_INPUTS, staged_sizes(batch, history, candidates, C)):
+        for name, shape in zip(PADDED_INPUTS, staged_shapes(batch, history, candidates, C)):
+            n = math.prod(shape)
             if name in self.meta["inputs"]:
-                views[name] = self._staged[at:at + n].reshape(shapes[name])
+                views[name] = self._staged[at:at + n].reshape(shape)
             at += n
         self._views = views
         return dict(views)
@@ -388,10 +391,13 @@ class _Graph:
         return self.host_out
 
 
-def _entry_kernel(entry: Path) -> str | None:
-    """The kernel a Triton cache entry (a directory per compiled specialization) holds, from its group file."""
+def _own_kernel(entry: Path) -> str | None:
+    """The kernel a Triton cache entry (a directory per compiled specialization) holds, from its group file,
+    if it is one of hstu-opt's own (not Inductor's generated `triton_*` ones, which the cache artifacts
+    carry); None otherwise, or when the entry has no group file (an interrupted write)."""
     group = next(entry.glob("__grp__*.json"), None)
-    return group.name[len("__grp__"):-len(".json")] if group else None
+    name = group.name[len("__grp__"):-len(".json")] if group else None
+    return name if name and not name.startswith("triton_") else None
 
 
 def ship_triton_kernels(cache_dir: Path, dest: Path) -> int:
@@ -402,8 +408,7 @@ def ship_triton_kernels(cache_dir: Path, dest: Path) -> int:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     n = 0
     for entry in sorted(p for p in cache_dir.iterdir() if p.is_dir()) if cache_dir.is_dir() else []:
-        name = _entry_kernel(entry)
-        if name and not name.startswith("triton_"):
+        if _own_kernel(entry):
             shutil.copytree(entry, tmp / entry.name)
             n += 1
     replace_dir(tmp, dest)
@@ -505,8 +510,8 @@ def _main(step: str, out_dir: Path, tmp: Path) -> dict:
         if runner.meta.get("eager_layers"):  # hstu-opt's kernels in this process's Triton cache it did not ship
             shipped = {p.name for p in (out_dir / TRITON_CACHE).iterdir()}
             result["triton_entries_not_shipped"] = sorted(
-                f"{_entry_kernel(p)}:{p.name[:8]}" for p in triton_cache_dir().iterdir()
-                if p.is_dir() and p.name not in shipped and not (_entry_kernel(p) or "triton_").startswith("triton_"))
+                f"{name}:{p.name[:8]}" for p in triton_cache_dir().iterdir()
+                if p.is_dir() and p.name not in shipped and (name := _own_kernel(p)))
         cold = np.load(tmp / "cold_outputs.npz")
         result["max_abs_diff_vs_cold"] = max(float(np.abs(o - cold[f"arr_{i}"]).max()) for i, o in enumerate(outs))
     return result

@@ -127,17 +127,22 @@ def engine_limits(cfg, max_batch: int) -> dict:
             "contextual_len": cfg.contextual_len}
 
 
+def check_dims(dims: dict[str, int], limits: dict) -> None:
+    """Each padded size (batch, history, candidates) within the engine's limits."""
+    for axis, size in dims.items():
+        lo, hi = limits[axis]
+        if not lo <= size <= hi:
+            raise ShapeOutOfRange(f"{axis} = {size} is outside this engine's range [{lo}, {hi}]: split or truncate "
+                                  "the request, or rebuild with larger limits in the recipe")
+
+
 def check_feed(feed: dict[str, np.ndarray], limits: dict, inputs: list[str]) -> None:
     """Engines without their own shape checks (AOTInductor, torch.compile) call this before running: an
     out-of-range request would otherwise run silently (and read past the model's tables)."""
     dims = {"batch": feed["hist_ids"].shape[0], "history": feed["hist_ids"].shape[1]}
     if "cand_ids" in feed:
         dims["candidates"] = feed["cand_ids"].shape[1]
-    for axis, size in dims.items():
-        lo, hi = limits[axis]
-        if not lo <= size <= hi:
-            raise ShapeOutOfRange(f"{axis} = {size} is outside this engine's range [{lo}, {hi}]: split or truncate "
-                                  "the request, or rebuild with larger limits in the recipe")
+    check_dims(dims, limits)
     missing = set(inputs) - set(feed)
     if missing:
         raise ShapeOutOfRange(f"request lacks inputs {sorted(missing)}: this engine takes {inputs}")

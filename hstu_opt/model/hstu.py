@@ -159,4 +159,3 @@ def _layers(model: HstuModel, x: Tensor, offsets: Tensor, num_targets: Tensor, n
     for layer in model.layers[:n]:
         x, _, _ = layer(x, layout, impl=model.impl)
     return x
-

@@ -92,6 +92,7 @@ def launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       gate: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """LN(x) of a [M, K] x with unit column stride (gate given: gate * LN(x)), as a new [M, K] tensor;
     rows given (int64 [M'], no gate): LN(x.index_select(0, rows)) [M', K] without the gathered copy."""
+    assert rows is None or gate is None, "a gathered norm has no gate (the kernel reads U by output row)"
     M, K = x.shape if rows is None else (rows.shape[0], x.shape[1])
     out = x.new_empty(M, K)
     block_k = triton.next_power_of_2(K)
