@@ -52,9 +52,17 @@ VARIANTS = [  # name, config over _blocks() and FWD_FLAGS. Runs 14-15 (variants_
     # measured faster in run 30: triton.TMA_TILES). Runs 20-21: paired query blocks and a skewed key loop, both slower
     # (the kernel's docstring has the numbers; the code is on branch wip/paired-attention)
     # Runs 20-22 also: the same without POST_SCALE (1-3% slower with TMA, neutral with pointers).
-    ("two loops, post-scale", {"MERGED": False, "TMA": False, "POST_SCALE": True}),  # the compiled engine's
-    ("tma merged, post-scale", {"MERGED": True, "TMA": True, "POST_SCALE": True}),  # eager launches' (TMA_TILES)
-    ("tma merged, post-scale, 64x64", {"MERGED": True, "TMA": True, "POST_SCALE": True, "BLOCK_N": 64}),
+    ("base", {}),  # eager launches' (TMA, merged loop, post-scale, TMA_TILES' 64x32)
+    # Q @ K^T's wgmma reads A (Q) from shared memory every key block unless Q sits in registers (QREG): with
+    # 64x32 tiles each k-step then moves 3 KB of shared memory for 16 cycles of math, against 1 KB
+    ("qreg", {"QREG": True}),  # 202 registers (ptxas, triton 3.6): 2 programs per SM
+    ("qreg r168", {"QREG": True, "maxnreg": 168}),  # 155 registers: 3 programs per SM
+    # 128-row query blocks in two warpgroups halve the K/V tiles' L2 -> shared memory traffic per flop; the
+    # runs 15 and 32 tried them at 170-186 registers, so one 8-warp program per SM; capped at 128: two
+    ("128x32 w8 r128", {"BLOCK_M": 128, "num_warps": 8, "maxnreg": 128}),
+    ("128x32 w8 r128 s4", {"BLOCK_M": 128, "num_warps": 8, "maxnreg": 128, "num_stages": 4}),
+    ("128x64 w8 r128 s2", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "maxnreg": 128, "num_stages": 2}),
+    ("qreg 128x32 w8 r128", {"QREG": True, "BLOCK_M": 128, "num_warps": 8, "maxnreg": 128}),  # spills 120 B
     # Run 32 (variants_ab_h200_2026-11-29_run32.json) also, against 64x32 merged (ms, N=512 / N=4096 / dlrm-v3
     # batch 16): two loops 0.568 / 4.384 / 0.738, 128x32 with 8 warps 0.730 / 5.214 / 0.964, 64x16 0.457 / 5.303
     # / 0.797, natural program order 0.425 / 4.235 / 0.649 (1% faster at N=512, 8% slower at N=1024):

@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import fast_math, mma, silu, tanh_approx, tma_ready, unit_stride
+from hstu_opt.ops._triton import fast_math, interpreting, mma, silu, tanh_approx, tma_ready, unit_stride
 from hstu_opt.ops.hstu_attention import TABLE
 
 
@@ -109,7 +109,7 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, LONGEST_FIRST: tl.constexpr, MERGED: tl.constexpr,
-              TMA: tl.constexpr, POST_SCALE: tl.constexpr):
+              TMA: tl.constexpr, POST_SCALE: tl.constexpr, QREG: tl.constexpr):
     """Program (m, b*H+h, s): query block m of user b, head h, over keys [s*split_len, (s+1)*split_len)
     into Out[s] (one split: Out is the output; more: float32 partials that add up, no softmax to rescale).
     Q/K/V are TMA descriptors (TMA) or pointers; MERGED: one key loop with a scalar branch for the mask,
@@ -143,6 +143,8 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < seq_len
     q = _rows(Q, seq_start, start_m, stride_ql, h * stride_qh, m_valid, BLOCK_M, BLOCK_DQK, DQK, TMA, True)
+    if QREG:  # an opaque copy: Triton then feeds Q @ K^T's wgmma from registers, not shared memory
+        q = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [q], dtype=q.dtype, is_pure=True, pack=2)
     id_m = _row_ids(offs_m, hist_end, C)
     ctx_m = offs_m < C
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -261,7 +263,13 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # MERGED None: one key loop with TMA, two with pointers (each measured best with its loads, run 16).
 # POST_SCALE None: 1/N on the accumulator, except in fp16, where unscaled scores could overflow P's
 # fp16 tiles (bf16 and fp32 have float32's range).
-FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None}
+# QREG: Q held in registers for Q @ K^T (TMA launches, with TMA_TILES' register cap). Otherwise each of
+# that product's wgmma steps reads its A tile (Q) from shared memory again: with 64x32 tiles 3 KB per 16
+# cycles of math. Run 40 (benchmarks/results/variants_ab_h200_2026-11-29_run40.json), bf16, ms against
+# Q in shared memory: N=4096 3.717 vs 4.023 (0.711 vs 0.657 of the same run's matmul), N=512 0.414 vs
+# 0.422, N=1024 1.268 vs 1.265, dlrm-v3 batch 16 0.630 vs 0.645, batch 1 0.073 vs 0.076. Uncapped it
+# took 202-234 registers (2 programs per SM) and was slower everywhere.
+FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True}
 
 # Key tiles of the full kernel when it reads through TMA (unless `config` sets BLOCK_N): 64x32 tiles, 3
 # stages take 137 registers and 64 KB of shared memory, so three programs fit an SM where 64x64 fit two.
@@ -270,7 +278,13 @@ FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": N
 # 0.077 vs 0.083, dlrm-v3 batch 16 0.672 vs 0.663 (the one case slower). Slower at every case: 64x32 with
 # 2 stages (4 programs per SM, registers capped at 128: spills), 64x64 with 2 stages. Pointer loads keep
 # 64x64 (not measured with 64x32; the compiled engine's traced launches run them).
-TMA_TILES = {"BLOCK_N": 32}
+# maxnreg 168: Q in registers (QREG) takes 155-164 registers under the cap, so three programs still fit an
+# SM. Nsight Compute on these launches (run 40, benchmarks/results/attn_ncu_h200_2026-11-29_run40.csv):
+# the L2 -> SM crossbar is 85-87% busy at N=4096, and issue stalls are mostly the pipeline's barriers
+# and waits; 128-row query blocks in two warpgroups (capped at 128 registers, two programs per SM) halve
+# that traffic (45% busy) but stall longer on the 8-warp barriers: N=4096 0.664, N=512 0.338, dlrm-v3
+# batch 16 0.742 ms (run 40).
+TMA_TILES = {"BLOCK_N": 32, "maxnreg": 168}
 
 
 @functools.cache
@@ -338,6 +352,8 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     split_len = triton.cdiv(triton.cdiv(max_seq_len, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     cfg["MERGED"] = cfg["TMA"] if cfg["MERGED"] is None else bool(cfg["MERGED"])
     cfg["POST_SCALE"] = q.dtype != torch.float16 if cfg["POST_SCALE"] is None else bool(cfg["POST_SCALE"])
+    # (measured with TMA loads only; an inline-PTX copy, which Triton's interpreter cannot run)
+    cfg["QREG"] = bool(cfg["QREG"]) and cfg["TMA"] and not interpreting()
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     qa, ka, va = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn)) if cfg["TMA"] else (q, k, v)
     launcher(_hstu_fwd)[grid](
