@@ -1,10 +1,9 @@
 """Why the engine's CUDA graph idles after its copy-in (issue 4, end to end at batch 1 and 16).
 
 The profiled engine graph (runs 36-39) shows 170-220 us between the graph's first node, the copy of the
-staged request from page-locked host memory, and its first kernel; the runner's wait phase carries that
-time, so it is real wall time, not a profiler artifact. Question: is it the host-memory copy *node*
-(a copy-engine node in a graph of kernels), and does a kernel that reads (and one that writes) the
-page-locked buffer through its device address avoid it?
+staged request from page-locked host memory, and its first kernel. Question: is it the host-memory
+copy *node* (a copy-engine node in a graph of kernels), and does a kernel that reads (and one that
+writes) the page-locked buffer through its device address avoid it?
 
 A stand-in graph: K small kernels between the copy in and the copy out, per variant:
 - memcpy nodes: the runner's graph today (copy in and copy out captured as graph memcpy nodes);
@@ -13,6 +12,12 @@ A stand-in graph: K small kernels between the copy in and the copy out, per vari
 - kernels only: no copies (the floor).
 Per variant: replay() host time, wall time of replay + synchronize (p50 of 300), and from the profiler
 the gap between the graph's first and second GPU activity.
+
+Answer (run 41, benchmarks/results/graph_copy_probe_h200_2026-11-29_run41.json): not the copy. The gap
+grows with the number of kernels (74-85 us with 60, 261-350 us with 200) while wall time does not
+differ between the variants (60 kernels: 89-142 us, 200: 345-376 us): the copy node starts at once and
+the kernels start when the graph's launch has gone through, as they do in a graph of kernels only. The
+runner's graphs keep their copy nodes.
 
     python benchmarks/graph_copy_probe.py --out DIR     (writes DIR/graph_copy_probe.json)
 """
