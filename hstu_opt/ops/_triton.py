@@ -6,6 +6,10 @@ Why LayerNorm is its own small kernel and not folded into the GEMM's A tiles: no
 registers keeps the GEMM off the shared-memory wgmma path. Measured on the H200 at dlrm-v3 size
 (69,632 x 512 -> 2048, bf16): folded 200-280 TFLOP/s, against 644 for cuBLAS on the bare matmul
 (benchmarks/results/gpu_hstu_2026-11-29_run6.json). A memory-bound normalize pass costs a few percent.
+Folding it algebraically instead (a pass for the rows' statistics only, the GEMM over the raw rows with
+diag(gamma) W, rstd * (acc - mean * colsum) in its epilogue: no normalized copy written or read) passed
+the GPU checks but was slower: uvqk 0.299 vs 0.293 ms at dlrm-v3 batch 16, 0.0366 vs 0.0363 at batch 1
+(benchmarks/results/variants_ab_h200_2026-11-29_run43_fold.json; code on branch wip/folded-norm).
 
 Two GEMM kernels, one epilogue: _gemm_kernel (one program per tile, masked pointer loads) and
 _gemm_tma_kernel (persistent, TMA loads and stores through descriptors it makes itself, the only TMA
