@@ -385,17 +385,25 @@ def timeline(fn, iters: int = 3) -> dict:
     return sorted(calls, key=lambda c: c["span_ms"])[len(calls) // 2] if calls else {}
 
 
-def wall_ms(fn, reps: int = 30) -> dict:
+def wall_ms(fn, reps: int = 30, synchronous: bool = False) -> dict:
+    """p50 / p90 of fn's wall time, each call followed by a device synchronize. synchronous (fn returns
+    only when its results are on the host, as the runner's run() does): also the p50 / p90 of the call
+    alone, without that extra synchronize (what a caller of run() waits)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
+    times, calls = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        t1 = time.perf_counter()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"wall_p50_ms": float(np.percentile(times, 50)), "wall_p90_ms": float(np.percentile(times, 90))}
+        calls.append((t1 - t0) * 1e3)
+    out = {"wall_p50_ms": float(np.percentile(times, 50)), "wall_p90_ms": float(np.percentile(times, 90))}
+    if synchronous:
+        out |= {"call_p50_ms": float(np.percentile(calls, 50)), "call_p90_ms": float(np.percentile(calls, 90))}
+    return out
 
 
 @torch.no_grad()
@@ -558,7 +566,7 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
             tl = timeline(fn)
             runner.phase_s = dict.fromkeys(runner.phase_s, 0.0)  # where the wall time goes, per request
             before, staged_before = runner.stats["replays"] + runner.stats["direct"], runner.stats["in_place"]
-            wall = wall_ms(fn, 50)
+            wall = wall_ms(fn, 50, synchronous=True)
             n = runner.stats["replays"] + runner.stats["direct"] - before
             rows.append({"B": B, "variant": f"bundle engine `compiled` (fresh process, {variant})",
                          "gpu_busy_ms": busy, "top_kernels": top, **wall, "timeline": tl,

@@ -124,7 +124,11 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
     p and nb-1-p of a user paired in one program (N=512 0.33 vs 0.35 of matmul, N=4096 0.55 vs 0.62),
     and a skewed key loop issuing block j+1's scores before block j's P @ V so the pointwise work could
     overlap the tensor cores (N=512 0.19: Triton 3.6 waits on every wgmma there and stops pipelining
-    the loads)."""
+    the loads). Persistent programs were slower (run 28, branch wip/persistent-attention); one loop over
+    the items with tl.range(flatten=True), so the next item's K/V loads could overlap this item's last
+    blocks (branch wip/flattened-persistent-attention), compiled for sm_90 by Triton 3.6 without the
+    flattening (each item kept its cold prologue) and with a wait after every Q @ K^T wgmma step, so
+    it was not run."""
     if LONGEST_FIRST:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
