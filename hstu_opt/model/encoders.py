@@ -9,7 +9,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from hstu_opt import ops
 from hstu_opt.model.config import HstuConfig
+from hstu_opt.ops import Impl
 
 
 def position_index(pos: Tensor, hist_end: Tensor, contextual_len: int, num_buckets: int) -> Tensor:
@@ -39,11 +41,16 @@ class InputEncoder(nn.Module):
         for emb in (self.item_emb, self.rating_emb, self.pos_emb, self.time_emb):
             nn.init.normal_(emb.weight, std=0.02)
 
-    def forward(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, query_time: Tensor, layout) -> Tensor:
-        """ids/ratings/timestamps: per row ([L] or [B, n]); contextual rows carry their feature id in `ids`."""
+    def forward(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, query_time: Tensor, layout,
+                impl: Impl | dict = Impl.REFERENCE) -> Tensor:
+        """ids/ratings/timestamps: per row ([L] or [B, n]); contextual rows carry their feature id in `ids`.
+        impl: where it names a fast embedding_rows (Triton), jagged rows take ops.embedding_rows (inference:
+        it has no backward)."""
         cfg = self.cfg
         is_ctx = layout.pos < cfg.contextual_len
         zero = torch.zeros_like(ids)
+        if ids.dim() == 1 and _fast(impl) and not (torch.is_grad_enabled() and self.item_emb.weight.requires_grad):
+            return self._rows(ids, ratings, timestamps, query_time, layout, is_ctx, zero, impl)
         x = self.item_emb(torch.where(is_ctx, zero, ids)) + self.rating_emb(torch.where(is_ctx, zero, ratings))
         if self.ctx_emb is not None:
             x = torch.where(is_ctx[..., None], self.ctx_emb(torch.where(is_ctx, ids, zero)), x)
@@ -52,9 +59,33 @@ class InputEncoder(nn.Module):
         t = self.time_emb(bucket) * (~is_ctx)[..., None].to(x.dtype)
         return x * self.scale + self.pos_emb(pos) + t
 
+    def _rows(self, ids, ratings, timestamps, query_time, layout, is_ctx, zero, impl) -> Tensor:
+        """forward's sum as one gather-and-sum per row (ops.embedding_rows, float32 sums): the row indices
+        and weights here are [L]-sized, so a compiled graph no longer redoes them for each of a row's D
+        outputs. Same terms as forward: (item + rating) * sqrt(D) for history and candidate rows, the
+        contextual feature * sqrt(D) for contextual rows, the position, and the time bucket outside the
+        contextual rows."""
+        cfg = self.cfg
+        hist = (~is_ctx).to(torch.float32)
+        pos = position_index(layout.pos, layout.hist_end, cfg.contextual_len, cfg.num_position_buckets)
+        bucket = time_bucket(layout.per_row(query_time), timestamps, cfg.time_bucket_fn, cfg.num_time_buckets)
+        tables = [self.item_emb.weight, self.rating_emb.weight, self.pos_emb.weight, self.time_emb.weight]
+        indices = [torch.where(is_ctx, zero, ids), torch.where(is_ctx, zero, ratings), pos, bucket]
+        scales = [hist * self.scale, hist * self.scale, torch.ones_like(hist), hist]
+        if self.ctx_emb is not None:
+            tables.append(self.ctx_emb.weight)
+            indices.append(torch.where(is_ctx, ids, zero))
+            scales.append((1.0 - hist) * self.scale)
+        return ops.embedding_rows(torch.stack(indices, 1), torch.stack(scales, 1), tables, impl=impl)
+
     def candidates(self, cand_ids: Tensor) -> Tensor:
         """Rows of candidates scored later against a KV cache: rating unknown, position C, time bucket 0."""
         cfg = self.cfg
         zero = torch.zeros_like(cand_ids)
         x = (self.item_emb(cand_ids) + self.rating_emb(zero)) * self.scale
         return x + self.pos_emb(zero + min(cfg.contextual_len, cfg.num_position_buckets - 1)) + self.time_emb(zero)
+
+
+def _fast(impl: Impl | dict) -> bool:
+    """Whether `impl` asks for a non-reference embedding_rows (a per-op dict names it, or one Impl for all)."""
+    return Impl(impl.get("embedding_rows", Impl.REFERENCE) if isinstance(impl, dict) else impl) != Impl.REFERENCE

@@ -63,7 +63,7 @@ class HstuModel(nn.Module):
                        query_time: Tensor) -> tuple[Tensor, Jagged]:
         """-> (states [L, D], layout). Target rows' states feed the ranking head."""
         layout = Jagged(offsets, num_targets, self.cfg.contextual_len, num_rows=ids.shape[0])
-        x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
+        x = self.encoder(ids, ratings, timestamps, query_time, layout, self.impl).to(self.cfg.torch_dtype)
         states, _, _ = self.trunk(x, layout)
         return states, layout
 
@@ -78,7 +78,7 @@ class HstuModel(nn.Module):
         projection, attention and output projection.
         The row index lists come from the caller (the host knows them) so nothing here syncs."""
         layout = Jagged(offsets, num_targets, self.cfg.contextual_len, num_rows=ids.shape[0])
-        x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
+        x = self.encoder(ids, ratings, timestamps, query_time, layout, self.impl).to(self.cfg.torch_dtype)
         x = (self.eager_layers or _layers)(self, x, offsets, num_targets, len(self.layers) - 1)
         delta_offsets = torch.nn.functional.pad(num_targets.cumsum(0), (1, 0))
         cache_offsets = offsets - delta_offsets
@@ -112,7 +112,7 @@ class HstuModel(nn.Module):
         ratings = torch.cat([torch.zeros_like(ctx), hist_ratings, torch.zeros_like(cand_ids)], dim=1)
         qt = query_time[:, None]
         ts = torch.cat([qt.expand(B, C), hist_timestamps, qt.expand_as(cand_ids)], dim=1)
-        x = self.encoder(ids, ratings, ts, query_time, layout).to(self.cfg.torch_dtype)
+        x = self.encoder(ids, ratings, ts, query_time, layout, self.impl).to(self.cfg.torch_dtype)
         states, _, _ = self.trunk(x, layout)
         return states, layout
 
@@ -139,7 +139,7 @@ class HstuModel(nn.Module):
     def prefill(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, offsets: Tensor, query_time: Tensor) -> KVCache:
         """Run [contextual][history] once (no targets) and keep every layer's K and V."""
         layout = Jagged(offsets, torch.zeros_like(query_time), self.cfg.contextual_len, num_rows=ids.shape[0])
-        x = self.encoder(ids, ratings, timestamps, query_time, layout).to(self.cfg.torch_dtype)
+        x = self.encoder(ids, ratings, timestamps, query_time, layout, self.impl).to(self.cfg.torch_dtype)
         _, keys, values = self.trunk(x, layout)
         return KVCache(keys, values, offsets, query_time)
 

@@ -6,6 +6,7 @@ optional fast ones that register themselves into the op's table.
 """
 
 from hstu_opt.ops._registry import Impl, OpTable
+from hstu_opt.ops.embedding_rows import embedding_rows
 from hstu_opt.ops.hstu_attention import (
     cached_hstu_attention,
     hstu_attention,
@@ -19,6 +20,7 @@ __all__ = [
     "Impl",
     "OpTable",
     "cached_hstu_attention",
+    "embedding_rows",
     "hstu_attention",
     "hstu_attention_dense",
     "hstu_output",

@@ -77,6 +77,12 @@ def test_pack_jagged_equals_jagged_feed(C):
     for name in compiled.JAGGED_INPUTS:
         np.testing.assert_array_equal(got[name].numpy(), rows[name], err_msg=name)
     np.testing.assert_array_equal(slots.numpy(), np.flatnonzero(cand_mask.reshape(-1)))
+    if C:  # as the engine runs it: through Inductor (its bucketize lowering wants buffers as boundaries)
+        traced, traced_slots = torch.compile(compiled.pack_jagged)(torch.from_numpy(buffer[:n]), B, Nh, Nc, C,
+                                                                   len(rows["ids"]), T)
+        for name in compiled.JAGGED_INPUTS:
+            np.testing.assert_array_equal(traced[name].numpy(), rows[name], err_msg=name)
+        np.testing.assert_array_equal(traced_slots.numpy(), slots.numpy())
 
 
 @pytest.fixture(scope="module")
