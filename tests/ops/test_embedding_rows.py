@@ -1,29 +1,20 @@
 """embedding_rows (the encoders' per-row gather-and-sum): the Triton kernel in Triton's interpreter
 against the reference op, and the encoder's row path against its reference sum."""
 
-import importlib.util
 import inspect
-import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (make test installs it)")
+from tests.ops.triton_interpreter import interpret_without_gpu, needs_triton  # noqa: E402,F401 (before the kernels)
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+pytestmark = needs_triton
 
 from hstu_opt import ops  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.model.layout import Jagged  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from tests.conftest import TOLERANCES  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpret():
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

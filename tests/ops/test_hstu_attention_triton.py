@@ -4,16 +4,13 @@ fp32 and fp16 only: the interpreter computes bf16 tl.dot wrongly (triton-lang/tr
 checked on the GPU by scripts/gpu_check.py. Tolerances come from the shared per-dtype table.
 """
 
-import importlib.util
-import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (make test installs it)")
+from tests.ops.triton_interpreter import interpret_without_gpu, needs_triton  # noqa: E402,F401 (before the kernels)
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+pytestmark = needs_triton
 
 from hstu_opt import ops  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
@@ -28,12 +25,6 @@ CASES = [
     ([150, 5, 17], [7, 1, 2], 3, 9),  # long next to short, everything on
     ([200, 90, 75], [7, 2, 0], 70, 0),  # contextual rows in two query blocks, history past both
 ]
-
-
-@pytest.fixture(autouse=True)
-def _interpret():
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(params=["tma", "pointers"])
