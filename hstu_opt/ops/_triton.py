@@ -234,9 +234,6 @@ def _gemm_tma_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
             _tma_epilogue(acc, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N, FAST)
 
 
-WAVE = 132  # SMs of an H200: a launch of fewer tiles than this leaves SMs idle
-
-
 # The GEMM's switches (benchmarks/variants_ab.py flips them). TMA None: the persistent TMA kernel for the
 # large 16-bit tiles (where tma_ready), the pointer kernel for the small ones and for fp32. Measured on
 # the H200 (run 28, benchmarks/results/variants_ab_h200_2026-11-29_run28.json), dlrm-v3 batch 16 (69,632
@@ -251,10 +248,11 @@ WAVE = 132  # SMs of an H200: a launch of fewer tiles than this leaves SMs idle
 GEMM_FLAGS = {"TMA": None, "FLATTEN": True, "SUBTILE": None, "PROGRAMS": None}
 
 
-def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict | None = None) -> dict:
+def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict | None = None, sms: int = 132) -> dict:
     """Tiles for 16-bit: 128x256x64, 8 warps, 3 stages (H200 sweep, benchmarks/results/gpu_hstu_2026-11-29_run11.json:
     uvqk 418 vs 388 TFLOP/s for 128x128, hstu_output 392 vs 327); when that gives under two waves of tiles
-    (a batch-1 output projection, cached scoring's few rows) 64x128 tiles, 4 warps, so more SMs work. M is
+    (fewer than 2 x `sms`, the GPU's multiprocessors: a batch-1 output projection, cached scoring's few
+    rows) 64x128 tiles, 4 warps, so more SMs work. M is
     only looked at when it is a plain int: under torch.compile's dynamic shapes it is symbolic and the
     large tiles stand. fp32, the exact checking path, takes small tiles. `config` overrides (the GPU
     benchmark sweeps it).
@@ -264,7 +262,7 @@ def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict |
     large = False
     if dtype == torch.float32:
         base = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
-    elif isinstance(M, int) and N is not None and triton.cdiv(M, 128) * triton.cdiv(N, 256) < 2 * WAVE:
+    elif isinstance(M, int) and N is not None and triton.cdiv(M, 128) * triton.cdiv(N, 256) < 2 * sms:
         base = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     else:
         base = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
@@ -318,7 +316,7 @@ def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, 
     """out [M, N] = concat(a, dim=1) @ weight (+ bias) (SiLU on the first silu_cols columns) (+ residual)."""
     M, K = a[0].shape
     N = weight.shape[1]
-    cfg = gemm_config(a[0].dtype, M, N, config)
+    cfg = gemm_config(a[0].dtype, M, N, config, sm_count(out.device))
     tma, flatten, subtile, programs = (cfg.pop(k) for k in ("TMA", "FLATTEN", "SUBTILE", "PROGRAMS"))
     if subtile is None:
         subtile = bias is not None and residual is None
