@@ -104,6 +104,28 @@ def _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C: tl.co
 
 
 @triton.jit
+def _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m, m_valid, alpha,
+               inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK: tl.constexpr, DV: tl.constexpr,
+               C: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+               BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
+               POST_SCALE: tl.constexpr, MASK: tl.constexpr):
+    """acc + (pointwise(q @ k^T), masked) @ v for the key block at start_n. MASK 0: keys every row sees
+    (unmasked loads, no mask work); 1: always masked (loads of rows past the sequence's end zeroed);
+    2: masked only from free_n on (a scalar branch, for the one-loop form)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < seq_len
+    k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, MASK != 0)
+    p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
+    if MASK == 1:
+        p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
+    elif MASK == 2:
+        if start_n >= free_n:
+            p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
+    v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, MASK != 0)
+    return acc + mma(p.to(v.dtype), v, IEEE)
+
+
+@triton.jit
 def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
               stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_os, stride_ol, stride_oh,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
@@ -165,29 +187,18 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
         end_n = tl.maximum(end_n, hist_end)
     if MERGED:  # one key loop, masking only past free_n (a scalar branch): one software pipeline per program
         for start_n in range(lo, tl.minimum(end_n, hi), BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < seq_len
-            k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
-            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
-            if start_n >= free_n:
-                p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
-            v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
-            acc += mma(p.to(v.dtype), v, IEEE)
+            acc = _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m,
+                             m_valid, alpha, inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK, DV, C, WINDOW,
+                             BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 2)
     else:  # an unmasked loop up to free_n, then a masked one
         for start_n in range(lo, tl.minimum(free_n, hi), BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, None, BLOCK_N, BLOCK_DQK, DQK, TMA, False)
-            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
-            v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, None, BLOCK_N, BLOCK_DV, DV, TMA, False)
-            acc += mma(p.to(v.dtype), v, IEEE)
+            acc = _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m,
+                             m_valid, alpha, inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK, DV, C, WINDOW,
+                             BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 0)
         for start_n in range(tl.maximum(free_n, lo), tl.minimum(end_n, hi), BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < seq_len
-            k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
-            p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
-            p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
-            v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
-            acc += mma(p.to(v.dtype), v, IEEE)
+            acc = _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m,
+                             m_valid, alpha, inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK, DV, C, WINDOW,
+                             BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 1)
     if POST_SCALE:
         acc = acc * tl.cast(inv_n, tl.float32)
     out_base = Out + pid_s.to(tl.int64) * stride_os + seq_start * stride_ol
