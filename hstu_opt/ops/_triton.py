@@ -169,14 +169,14 @@ def _gemm_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
 
 
 @triton.jit
-def _tma_epilogue(acc, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS: tl.constexpr,
-                  HAS_RES: tl.constexpr, EPI_N: tl.constexpr, FAST: tl.constexpr):
+def _tma_epilogue(acc, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                  EPI_N: tl.constexpr, FAST: tl.constexpr):
     """_bias_silu, residual, then one TMA store of [BLOCK_M, EPI_N] (rows past M are clipped by the
     descriptor, not written)."""
     acc = _bias_silu(acc, BIAS, off_n, off_n + tl.arange(0, EPI_N), N, SILU_N, HAS_BIAS, FAST)
     if HAS_RES:
         acc += res_d.load([off_m, off_n]).to(tl.float32)
-    out_d.store([off_m, off_n], acc.to(OUT.dtype.element_ty))
+    out_d.store([off_m, off_n], acc.to(out_d.dtype))
 
 
 @triton.jit
@@ -227,11 +227,11 @@ def _gemm_tma_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
         off_n = pid_n * BLOCK_N
         if EPI_N < BLOCK_N:
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, EPI_N)), (0, 2, 1)))
-            _tma_epilogue(acc0, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N, FAST)
-            _tma_epilogue(acc1, OUT, out_d, res_d, BIAS, off_m, off_n + EPI_N, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N,
+            _tma_epilogue(acc0, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N, FAST)
+            _tma_epilogue(acc1, out_d, res_d, BIAS, off_m, off_n + EPI_N, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N,
                           FAST)
         else:
-            _tma_epilogue(acc, OUT, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N, FAST)
+            _tma_epilogue(acc, out_d, res_d, BIAS, off_m, off_n, N, SILU_N, HAS_BIAS, HAS_RES, EPI_N, FAST)
 
 
 # The GEMM's switches (benchmarks/variants_ab.py flips them). TMA None: the persistent TMA kernel for the
