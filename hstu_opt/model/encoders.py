@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from hstu_opt import ops
 from hstu_opt.model.config import HstuConfig
 from hstu_opt.ops import Impl
+from hstu_opt.ops.embedding_rows import TABLE as EMBEDDING_ROWS
 
 
 def position_index(pos: Tensor, hist_end: Tensor, contextual_len: int, num_buckets: int) -> Tensor:
@@ -49,7 +50,8 @@ class InputEncoder(nn.Module):
         cfg = self.cfg
         is_ctx = layout.pos < cfg.contextual_len
         zero = torch.zeros_like(ids)
-        if ids.dim() == 1 and _fast(impl) and not (torch.is_grad_enabled() and self.item_emb.weight.requires_grad):
+        fast = EMBEDDING_ROWS.resolve(impl) != Impl.REFERENCE
+        if ids.dim() == 1 and fast and not (torch.is_grad_enabled() and self.item_emb.weight.requires_grad):
             return self._rows(ids, ratings, timestamps, query_time, layout, is_ctx, zero, impl)
         x = self.item_emb(torch.where(is_ctx, zero, ids)) + self.rating_emb(torch.where(is_ctx, zero, ratings))
         if self.ctx_emb is not None:
@@ -84,8 +86,3 @@ class InputEncoder(nn.Module):
         zero = torch.zeros_like(cand_ids)
         x = (self.item_emb(cand_ids) + self.rating_emb(zero)) * self.scale
         return x + self.pos_emb(zero + min(cfg.contextual_len, cfg.num_position_buckets - 1)) + self.time_emb(zero)
-
-
-def _fast(impl: Impl | dict) -> bool:
-    """Whether `impl` asks for a non-reference embedding_rows (a per-op dict names it, or one Impl for all)."""
-    return Impl(impl.get("embedding_rows", Impl.REFERENCE) if isinstance(impl, dict) else impl) != Impl.REFERENCE

@@ -36,12 +36,17 @@ class OpTable:
 
         return deco
 
+    def resolve(self, impl: Impl | str | dict) -> Impl:
+        """The implementation `impl` asks of this op: one Impl for all ops, or a map of op names to
+        implementations (ops it does not name: the reference)."""
+        return Impl(impl.get(self.op, Impl.REFERENCE) if isinstance(impl, dict) else impl)
+
     def get(self, impl: Impl | str | dict, entry: str) -> Callable:
         """The `impl` implementation of `entry`. An op that has no such implementation (no file
         `<op>/<impl>.py`) runs its reference, so a model can ask for Triton everywhere; an
         implementation that exists but cannot import (Triton not installed) raises. `impl` may also map
         op names to implementations ({"hstu_attention": "triton"}: the others run their reference)."""
-        impl = Impl(impl.get(self.op, Impl.REFERENCE) if isinstance(impl, dict) else impl)
+        impl = self.resolve(impl)
         if (impl, entry) not in self._impls:
             module = f"{self._package}.{impl.value}"
             if importlib.util.find_spec(module) is None:
