@@ -75,6 +75,7 @@ from hstu_opt.errors import HstuOptError, StageError
 from hstu_opt.fsutil import replace_dir, write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
 from hstu_opt.model.hstu import HstuModel
+from hstu_opt.model.layout import row_owner
 from hstu_opt.ops import Impl
 
 NAME = "compiled"
@@ -167,16 +168,6 @@ def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndar
     return at
 
 
-def _owner(ends: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """For each index, the user whose range holds it: how many users end at or before it (users with empty
-    ranges are skipped), by binary search (torch.bucketize over the cumulative ends, a pointwise kernel).
-    It was a compare-and-count over [len(index), B], which Inductor made into reduction kernels fused with
-    the gathers: 0.049 ms of dlrm-v3 batch 16's GPU time (run 41). Not torch.searchsorted: Inductor in
-    torch 2.11 could not lower it over a sliced boundary tensor on the H200 ("NotImplementedError:
-    SliceView", run 25); `ends` here are cumsum outputs, buffers of their own."""
-    return torch.bucketize(index, ends, right=True)
-
-
 def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
                 T: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The staged padded feed (stage_feed's layout, on any device) -> rank_jagged's inputs, as jagged_feed
@@ -190,7 +181,7 @@ def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
     ends = (n_hist + nc).cumsum(0)
     offsets = torch.nn.functional.pad(ends, (1, 0))
     rows = torch.arange(L, device=flat.device)
-    user = _owner(ends, rows)
+    user = row_owner(ends, rows)
     pos = rows - offsets[user]
     hl_u = hl[user]
     in_hist = (pos >= C) & (pos < C + hl_u)
@@ -203,9 +194,9 @@ def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
     timestamps = torch.where(in_hist, hist_ts[user, h_pos], qt[user])
     hist_ends, cand_ends = n_hist.cumsum(0), nc.cumsum(0)
     j = torch.arange(L - T, device=flat.device)
-    hu = _owner(hist_ends, j)
+    hu = row_owner(hist_ends, j)
     t = torch.arange(T, device=flat.device)
-    tu = _owner(cand_ends, t)
+    tu = row_owner(cand_ends, t)
     hist_offsets, cand_offsets = hist_ends - n_hist, cand_ends - nc  # each user's first history / candidate
     rows = {"ids": ids, "ratings": ratings, "timestamps": timestamps, "offsets": offsets, "num_targets": nc,
             "query_time": qt, "target_rows": offsets[tu] + n_hist[tu] + (t - cand_offsets[tu]),

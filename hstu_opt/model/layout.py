@@ -19,6 +19,17 @@ from hstu_opt.ops import Impl
 from hstu_opt.ops.hstu_attention.reference import attention_mask, row_ids
 
 
+def row_owner(ends: Tensor, index: Tensor) -> Tensor:
+    """For each index, the sequence whose range holds it, given the sequences' cumulative ends: how many
+    end at or before it (empty sequences are skipped). A binary search (torch.bucketize), a pointwise
+    kernel under Inductor: as a compare-and-count over [len(index), B] it became reduction kernels
+    fused with the gathers (0.049 ms of dlrm-v3 batch 16's GPU time, run 41), and repeat_interleave
+    stayed an ATen kernel (0.010 ms, run 44). `ends` must be a buffer of its own, such as a cumsum's
+    output: Inductor in torch 2.11 could not lower the search over a slice such as offsets[1:] on the
+    H200 ("NotImplementedError: SliceView", run 25)."""
+    return torch.bucketize(index, ends, right=True)
+
+
 class JaggedSeqs:
     """Only where each sequence starts and how many targets it ends with: all the layers' attention asks
     for (no per-row tensors to build, so a trunk run outside a compiled graph launches nothing for it)."""
@@ -39,12 +50,9 @@ class Jagged(JaggedSeqs):
     def __init__(self, offsets: Tensor, num_targets: Tensor, contextual_len: int, num_rows: int | None = None):
         super().__init__(offsets, num_targets)
         lengths = offsets[1:] - offsets[:-1]
-        # num_rows (= L, known from the values) spares a device->host sync, so the forward can be graph-captured.
-        # Each row's user by binary search over the users' ends (a pointwise kernel under Inductor, where
-        # repeat_interleave stayed an ATen kernel: 0.010 ms at dlrm-v3 batch 16, run 44); the ends are a
-        # cumsum, a buffer of its own (Inductor's bucketize lowering cannot take a slice such as offsets[1:])
+        # num_rows (= L, known from the values) spares a device->host sync, so the forward can be graph-captured
         rows = torch.arange(int(offsets[-1]) if num_rows is None else num_rows, device=offsets.device)
-        self.user = torch.bucketize(rows, lengths.cumsum(0), right=True)  # [L]
+        self.user = row_owner(lengths.cumsum(0), rows)  # [L]
         self.pos = torch.arange(self.user.numel(), device=offsets.device) - offsets[self.user]  # [L]
         self.seq_len = lengths[self.user]
         self.hist_end = self.seq_len - num_targets[self.user]
