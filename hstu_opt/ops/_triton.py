@@ -248,14 +248,13 @@ def _gemm_tma_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
 GEMM_FLAGS = {"TMA": None, "FLATTEN": True, "SUBTILE": None, "PROGRAMS": None}
 
 
-def gemm_config(dtype: torch.dtype, M=None, N: int | None = None, config: dict | None = None, sms: int = 132) -> dict:
+def gemm_config(dtype: torch.dtype, M, N: int | None, config: dict | None, sms: int) -> dict:
     """Tiles for 16-bit: 128x256x64, 8 warps, 3 stages (H200 sweep, benchmarks/results/gpu_hstu_2026-11-29_run11.json:
     uvqk 418 vs 388 TFLOP/s for 128x128, hstu_output 392 vs 327); when that gives under two waves of tiles
     (fewer than 2 x `sms`, the GPU's multiprocessors: a batch-1 output projection, cached scoring's few
-    rows) 64x128 tiles, 4 warps, so more SMs work. M is
-    only looked at when it is a plain int: under torch.compile's dynamic shapes it is symbolic and the
-    large tiles stand. fp32, the exact checking path, takes small tiles. `config` overrides (the GPU
-    benchmark sweeps it).
+    rows) 64x128 tiles, 4 warps, so more SMs work. M is only looked at when it is a plain int: under
+    torch.compile's dynamic shapes it is symbolic and the large tiles stand. fp32, the exact checking
+    path, takes small tiles. `config` overrides (the GPU benchmark sweeps it).
     TMA: the persistent TMA kernel (_gemm_tma_kernel) where tma_ready allows it, else the pointer kernel
     (GEMM_FLAGS: by default for the large tiles only); FLATTEN, SUBTILE (the epilogue in column halves) and
     PROGRAMS (None: one per SM) are its knobs."""
