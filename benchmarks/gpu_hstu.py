@@ -395,16 +395,24 @@ def timeline(fn, iters: int = 3) -> dict:
     return sorted(calls, key=lambda c: c["span_ms"])[len(calls) // 2] if calls else {}
 
 
+def timed_calls(fn, reps: int) -> tuple[list[float], list[float]]:
+    """ms per call of fn followed by a device synchronize (wall), and of the call alone (call)."""
+    wall, call = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        call.append((t1 - t0) * 1e3)
+    return wall, call
+
+
 def wall_ms(fn, reps: int = 30) -> dict:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times, _ = timed_calls(fn, reps)
     return {"wall_p50_ms": float(np.percentile(times, 50)), "wall_p90_ms": float(np.percentile(times, 90))}
 
 
@@ -599,13 +607,9 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
                 torch.cuda.synchronize()
                 runner.phase_s = dict.fromkeys(runner.phase_s, 0.0)
                 before, staged_before = runner.stats["replays"] + runner.stats["direct"], runner.stats["in_place"]
-                for _ in range(10):
-                    t0 = time.perf_counter()
-                    runner.run(req)
-                    t1 = time.perf_counter()
-                    torch.cuda.synchronize()
-                    v["wall"].append((time.perf_counter() - t0) * 1e3)
-                    v["call"].append((t1 - t0) * 1e3)
+                wall, call = timed_calls(lambda: runner.run(req), 10)  # noqa: B023
+                v["wall"] += wall
+                v["call"] += call
                 v["requests"] += runner.stats["replays"] + runner.stats["direct"] - before
                 v["zero_copy"] += runner.stats["in_place"] - staged_before
                 for k, x in runner.phase_s.items():
