@@ -52,17 +52,17 @@ VARIANTS = [  # name, config over _blocks() and FWD_FLAGS. Runs 14-15 (variants_
     # measured faster in run 30: triton.TMA_TILES). Runs 20-21: paired query blocks and a skewed key loop, both slower
     # (the kernel's docstring has the numbers; the code is on branch wip/paired-attention)
     # Runs 20-22 also: the same without POST_SCALE (1-3% slower with TMA, neutral with pointers).
-    ("base", {}),  # eager launches' (TMA, merged loop, post-scale, TMA_TILES' 64x32)
-    # Q @ K^T's wgmma reads A (Q) from shared memory every key block unless Q sits in registers (QREG): with
-    # 64x32 tiles each k-step then moves 3 KB of shared memory for 16 cycles of math, against 1 KB
-    ("qreg", {"QREG": True}),  # 202 registers (ptxas, triton 3.6): 2 programs per SM
-    ("qreg r168", {"QREG": True, "maxnreg": 168}),  # 155 registers: 3 programs per SM
-    # 128-row query blocks in two warpgroups halve the K/V tiles' L2 -> shared memory traffic per flop; the
-    # runs 15 and 32 tried them at 170-186 registers, so one 8-warp program per SM; capped at 128: two
-    ("128x32 w8 r128", {"BLOCK_M": 128, "num_warps": 8, "maxnreg": 128}),
-    ("128x32 w8 r128 s4", {"BLOCK_M": 128, "num_warps": 8, "maxnreg": 128, "num_stages": 4}),
-    ("128x64 w8 r128 s2", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "maxnreg": 128, "num_stages": 2}),
-    ("qreg 128x32 w8 r128", {"QREG": True, "BLOCK_M": 128, "num_warps": 8, "maxnreg": 128}),  # spills 120 B
+    ("base", {}),  # eager launches' (TMA, merged loop, post-scale, TMA_TILES' 64x32, Q in registers, CTX_FIRST)
+    # The query blocks that hold contextual rows see the whole history (as long as a sequence's last block);
+    # in plain longest-first order they run last, on the launch's tail (run 47: batch 1 0.0734 vs 0.0711 ms)
+    ("contextual blocks last", {"CTX_FIRST": False}),
+    ("natural order", {"LONGEST_FIRST": False}),  # (runs 32, 47: within 1-3% either way)
+    ("base (again)", {}),  # the same code timed again: the spread between the two is the run's noise
+    # Run 47 (variants_ab_h200_2026-11-30_run47.json) also timed whole query blocks stored through a TMA
+    # descriptor: within that run's noise (triton.FWD_FLAGS has the numbers); the code was not kept.
+    # Run 40 (variants_ab_h200_2026-11-29_run40.json) also: Q in registers uncapped (202 registers, 2 programs
+    # per SM) and 128-row query blocks in two warpgroups capped at 128 registers (with 4 stages, 64-key tiles,
+    # Q in registers), each slower at every case (triton.FWD_FLAGS / TMA_TILES have the numbers).
     # Run 32 (variants_ab_h200_2026-11-29_run32.json) also, against 64x32 merged (ms, N=512 / N=4096 / dlrm-v3
     # batch 16): two loops 0.568 / 4.384 / 0.738, 128x32 with 8 warps 0.730 / 5.214 / 0.964, 64x16 0.457 / 5.303
     # / 0.797, natural program order 0.425 / 4.235 / 0.649 (1% faster at N=512, 8% slower at N=1024):
@@ -142,9 +142,14 @@ MODEL_VARIANTS = [  # name, attention flags, torch.compile (as the engine) or ea
     # (run 16 also measured: compiled with the pointer kernel's merged loop, and compiled with only the
     # attention out of the graph (a graph break per layer); both slower than the engine's two loops.
     # Run 28: eager ops 6.24 / 5.97 ms GPU-busy at batch 16 with the pointer / TMA GEMM)
-    ("compiled, pointer attention (the engine until run 34)", {"MERGED": False}, True, False, {}),
-    ("compiled, eager layers (TMA attention)", {}, True, True, {}),
-    ("compiled, eager layers, pointer attention", {"TMA": False}, True, True, {}),
+    # (runs 16-40 also measured compiled variants: with the pointer kernel, with eager layers and pointer
+    # attention; the engine's choice, compiled with eager layers and TMA attention, was the fastest)
+    # (run 47: eager ops, the serving graph's kernels launched one by one into a CUDA graph, against the
+    # same with contextual blocks last; timed one after the other these drift with the card's temperature:
+    # benchmarks/sustained_ab.py times variants in alternating rounds instead)
+    ("eager ops", {}, False, False, {}),
+    ("eager ops, contextual blocks last", {"CTX_FIRST": False}, False, False, {}),
+    ("eager ops (again)", {}, False, False, {}),
 ]
 
 

@@ -80,6 +80,25 @@ def test_scale_placement_matches_reference(lengths, num_targets, C, window, dtyp
     torch.testing.assert_close(out.float(), want, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("lengths,num_targets,C,window", CASES)
+@pytest.mark.parametrize("flags", [{"CTX_FIRST": False}, {"LONGEST_FIRST": False}],
+                         ids=["contextual-blocks-last", "natural-order"])
+def test_program_orders_match_reference(lengths, num_targets, C, window, flags):
+    """The program orders other than the default (longest first, contextual blocks first), fp16 through
+    TMA, NaN-poisoned output: every block is computed exactly once whatever the order."""
+    from hstu_opt.ops.hstu_attention.triton import launch_fwd
+
+    H, d = 2, 16
+    q, k, v, offsets, nt = random_jagged(lengths, num_targets, H, d, d, dtype=torch.float16, seed=len(lengths) + C)
+    N = max(lengths) + 5
+    want = ops.hstu_attention(q.float(), k.float(), v.float(), offsets, nt, max_seq_len=N, alpha=d ** -0.5,
+                              contextual_len=C, max_attn_len=window)
+    out = torch.full_like(v, float("nan"))
+    launch_fwd(q, k, v, offsets, nt, out, N, d ** -0.5, C, window, config={"TMA": True, **flags})
+    atol, rtol = TOLERANCES[torch.float16]
+    torch.testing.assert_close(out.float(), want, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("lengths,num_targets,C,window", [
     ([150, 5, 17], [7, 1, 2], 3, 0),  # splits that start past a short sequence's end (they store zeros)
     ([150, 3, 130], [20, 0, 4], 2, 9),  # window: every block masked

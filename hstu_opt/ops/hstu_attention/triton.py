@@ -131,13 +131,14 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, LONGEST_FIRST: tl.constexpr, MERGED: tl.constexpr,
-              TMA: tl.constexpr, POST_SCALE: tl.constexpr, QREG: tl.constexpr):
+              TMA: tl.constexpr, POST_SCALE: tl.constexpr, QREG: tl.constexpr, CTX_FIRST: tl.constexpr):
     """Program (m, b*H+h, s): query block m of user b, head h, over keys [s*split_len, (s+1)*split_len)
     into Out[s] (one split: Out is the output; more: float32 partials that add up, no softmax to rescale).
     Q/K/V are TMA descriptors (TMA) or pointers; MERGED: one key loop with a scalar branch for the mask,
     else an unmasked loop then a masked one (each loop its own software pipeline).
     LONGEST_FIRST (the default): query blocks run last-first, since causal blocks near a sequence's end
-    carry the most keys and starting those first keeps them off the launch's tail. The A/B (run 14):
+    carry the most keys and starting those first keeps them off the launch's tail; CTX_FIRST puts the
+    blocks holding contextual rows (which see the whole history) before them. The A/B (run 14):
     N=4096 0.646 vs 0.607 in natural order, dlrm-v3 batch 16 0.727 vs 0.717 ms, batch 1 0.084 vs 0.082
     ms, N=512 the same; the N=4096 dip of runs 11-12 (460 TFLOP/s) was not the order.
     Tried and reverted (run 13): a contextual block 0 scheduled first, with a row-mask loop for its
@@ -153,6 +154,10 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
     it was not run."""
     if LONGEST_FIRST:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        if CTX_FIRST and C > 0:  # the blocks holding contextual rows see the whole history: start them first
+            n_ctx: tl.constexpr = (C + BLOCK_M - 1) // BLOCK_M
+            pid = tl.program_id(0)
+            pid_m = tl.where(pid < n_ctx, pid, tl.num_programs(0) - 1 - pid + n_ctx)
     else:
         pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -284,7 +289,16 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # Q in shared memory: N=4096 3.717 vs 4.023 (0.711 vs 0.657 of the same run's matmul), N=512 0.414 vs
 # 0.422, N=1024 1.268 vs 1.265, dlrm-v3 batch 16 0.630 vs 0.645, batch 1 0.073 vs 0.076. Uncapped it
 # took 202-234 registers (2 programs per SM) and was slower everywhere.
-FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True}
+# CTX_FIRST (with contextual rows, in longest-first order): the query blocks that hold contextual rows
+# start first. Those rows see the whole history, so such a block runs as long as a sequence's last one,
+# and in plain longest-first order it starts last, on the launch's tail. H200, 2026-11-30 (benchmarks/
+# results/variants_ab_h200_2026-11-30_run47.json and sustained_ab_h200_2026-11-30_run48.json), bf16,
+# dlrm-v3 (4 contextual rows): the kernel at batch 1 (key splits) 0.0711 vs 0.0734 ms; the serving graph
+# under sustained load, median of 3 alternating rounds, batch 1 0.862 vs 0.872 ms, batch 16 5.439 vs 5.455
+# ms. Also measured there and not kept: whole query blocks stored through a TMA descriptor (N=512 0.429 vs
+# 0.420 ms, N=4096 4.007 vs 3.997, dlrm-v3 batch 16 0.645 vs 0.651: within the run's noise).
+FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True,
+             "CTX_FIRST": True}
 
 # Key tiles of the full kernel when it reads through TMA (unless `config` sets BLOCK_N): 64x32 tiles, 3
 # stages take 137 registers and 64 KB of shared memory, so three programs fit an SM where 64x64 fit two.
