@@ -247,8 +247,13 @@ def _gemm_tma_kernel(A0, A1, A2, W, BIAS, RES, OUT, M, K, N, SILU_N,
 # uvqk_kv) only.
 GEMM_FLAGS = {"TMA": None, "FLATTEN": True, "SUBTILE": None, "PROGRAMS": None}
 
+# The large tiles, per GEMM: "projection" (uvqk, uvqk_kv: a bias, SiLU columns) and "output" (hstu_output:
+# three operands and the residual). gemm_config's docstring has their measurements.
+LARGE_TILES = {kind: {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+               for kind in ("projection", "output")}
 
-def gemm_config(dtype: torch.dtype, M, N: int | None, config: dict | None, sms: int) -> dict:
+
+def gemm_config(dtype: torch.dtype, M, N: int | None, config: dict | None, sms: int, kind: str = "projection") -> dict:
     """Tiles for 16-bit: 128x256x64, 8 warps, 3 stages (H200 sweep, benchmarks/results/gpu_hstu_2026-11-29_run11.json:
     uvqk 418 vs 388 TFLOP/s for 128x128, hstu_output 392 vs 327); when that gives under two waves of tiles
     (fewer than 2 x `sms`, the GPU's multiprocessors: a batch-1 output projection, cached scoring's few
@@ -264,9 +269,9 @@ def gemm_config(dtype: torch.dtype, M, N: int | None, config: dict | None, sms: 
     elif isinstance(M, int) and N is not None and triton.cdiv(M, 128) * triton.cdiv(N, 256) < 2 * sms:
         base = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     else:
-        base = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        base = dict(LARGE_TILES[kind])
         large = True
-    cfg = base | GEMM_FLAGS | (config or {})
+    cfg = GEMM_FLAGS | base | (config or {})  # (a LARGE_TILES entry may set the kernel's flags too)
     if cfg["TMA"] is None:
         cfg["TMA"] = large
     return cfg | {"IEEE": dtype == torch.float32, "FAST": fast_math(dtype)}
@@ -315,8 +320,9 @@ def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, 
     """out [M, N] = concat(a, dim=1) @ weight (+ bias) (SiLU on the first silu_cols columns) (+ residual)."""
     M, K = a[0].shape
     N = weight.shape[1]
-    cfg = gemm_config(a[0].dtype, M, N, config, sm_count(out.device))
+    cfg = gemm_config(a[0].dtype, M, N, config, sm_count(out.device), "projection" if residual is None else "output")
     tma, flatten, subtile, programs = (cfg.pop(k) for k in ("TMA", "FLATTEN", "SUBTILE", "PROGRAMS"))
+    per_sm = cfg.pop("PER_SM", 1)  # persistent programs per multiprocessor (when PROGRAMS is not set)
     if subtile is None:
         subtile = bias is not None and residual is None
     a3 = a + [a[0]] * (3 - len(a))
@@ -325,7 +331,7 @@ def launch_gemm(a: list[torch.Tensor], weight: torch.Tensor, out: torch.Tensor, 
             a3[0].stride(0), a3[1].stride(0), a3[2].stride(0), weight.stride(0), res.stride(0), out.stride(0))
     flags = dict(NUM_A=len(a), HAS_BIAS=bias is not None, HAS_RES=residual is not None)
     if tma and tma_ready(*a, weight, out, *([residual] if residual is not None else [])):
-        programs = programs or sm_count(out.device)
+        programs = programs or per_sm * sm_count(out.device)
         if not is_fake(out):
             ensure_allocator(out.device)
         launcher(_gemm_tma_kernel)[(programs,)](
