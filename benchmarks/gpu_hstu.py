@@ -565,9 +565,12 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
     buffer) and with the runner's feed_buffers filled in place (nothing copied on the host). Wall times
     per call, followed by a device synchronize (wall_*) and without one (call_*: run() returns host
     arrays, so it is synchronous itself)."""
+    from clock_probe import Sampler  # (imported here: clock_probe imports this module)
+
     t0 = time.perf_counter()
     runner = compiled.load(engine_dir)
     load_s = time.perf_counter() - t0
+    sampler = Sampler()
     rows, first = [], {}
     for B in (1, 16):
         feed = dlrm_feed(runner.model, B)
@@ -597,7 +600,7 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
             by_variant[variant] = {"gpu_busy_ms": busy, "top_kernels": top, "timeline": timeline(fn),
                                    "max_abs_diff_vs_copied_feed": float(np.abs(in_place - got).max()),
                                    "phase_s": dict.fromkeys(runner.phase_s, 0.0), "requests": 0, "zero_copy": 0,
-                                   "wall": [], "call": []}
+                                   "wall": [], "call": [], "sm_mhz_p50_by_round": [], "power_w_p50_by_round": []}
         # wall times in alternating rounds (A B A B ...): the GPU's clock drifts as it warms up, and timing
         # one variant after the other showed it (the second profiled slower in runs 41 and 44)
         for _ in range(5):
@@ -607,13 +610,26 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
                 torch.cuda.synchronize()
                 runner.phase_s = dict.fromkeys(runner.phase_s, 0.0)
                 before, staged_before = runner.stats["replays"] + runner.stats["direct"], runner.stats["in_place"]
+                t_round = time.perf_counter()
                 wall, call = timed_calls(lambda: runner.run(req), 10)  # noqa: B023
+                gpu = sampler.window(t_round, time.perf_counter())
+                v["sm_mhz_p50_by_round"].append((gpu.get("sm_mhz") or {}).get("p50"))
+                v["power_w_p50_by_round"].append((gpu.get("power_w") or {}).get("p50"))
                 v["wall"] += wall
                 v["call"] += call
                 v["requests"] += runner.stats["replays"] + runner.stats["direct"] - before
                 v["zero_copy"] += runner.stats["in_place"] - staged_before
                 for k, x in runner.phase_s.items():
                     v["phase_s"][k] += x
+        # Back to back, the card holds its 700 W power limit by lowering the SM clock at batch 16
+        # (benchmarks/clock_probe.py): the same requests, each after 50 ms of idle, show the latency of a
+        # card that is not power-limited (and of a host thread that has been asleep).
+        for variant in variants:
+            req, spaced = request(variant), []
+            for _ in range(15):
+                time.sleep(0.05)
+                spaced += timed_calls(lambda: runner.run(req), 1)[0]  # noqa: B023
+            by_variant[variant]["spaced_50ms_wall_p50_ms"] = float(np.percentile(spaced, 50))
         for variant in variants:
             v = by_variant[variant]
             wall, call = v.pop("wall"), v.pop("call")
@@ -622,6 +638,7 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
                          "call_p50_ms": float(np.percentile(call, 50)), "call_p90_ms": float(np.percentile(call, 90)),
                          "phases_ms": {k: 1e3 * x / max(v["requests"], 1) for k, x in v.pop("phase_s").items()},
                          "zero_copy_requests": v.pop("zero_copy"), **v})
+    sampler.stop()
     from torch._dynamo.utils import counters
 
     return {"rows": rows, "load_s": load_s, "first_call_s": first, "runner_stats": runner.stats,
@@ -689,8 +706,10 @@ def main() -> None:
             result["model"] = bench_model(args.out, args.quick)
         save()
         for r in result["model"]["end_to_end"]:
+            clocks = [c for c in r.get("sm_mhz_p50_by_round", []) if c is not None]
             print(f"e2e B={r['B']:2} {r['variant'][:60]:60} " + " ".join(
-                f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)))
+                f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float))
+                + (f" sm_mhz {min(clocks):.0f}-{max(clocks):.0f}" if clocks else ""))
         for r in result["model"]["cached"]:
             print(f"cached B={r['B']:2} full {r['full_ms']:.3f} ms cached {r['cached_ms']:.3f} ms speedup "
                   f"{r['speedup']:.1f}x max|diff| {r['max_abs_diff']:.2e} ({r['graphs']})")
