@@ -55,9 +55,13 @@ VARIANTS = [  # name, config over _blocks() and FWD_FLAGS. Runs 14-15 (variants_
     ("base", {}),  # eager launches' (TMA, merged loop, post-scale, TMA_TILES' 64x32, Q in registers, CTX_FIRST)
     # The query blocks that hold contextual rows see the whole history (as long as a sequence's last block);
     # in plain longest-first order they run last, on the launch's tail (run 47: batch 1 0.0734 vs 0.0711 ms)
-    ("contextual blocks last", {"CTX_FIRST": False}),
-    ("natural order", {"LONGEST_FIRST": False}),  # (runs 32, 47: within 1-3% either way)
-    ("base (again)", {}),  # the same code timed again: the spread between the two is the run's noise
+    ("base (again)", {}),
+    # Run 49 (variants_ab_h200_2026-11-30_run49.json): 128-row query blocks in ONE warpgroup (two m64 wgmma
+    # per step), which halve the K/V tiles' L2 -> SM traffic per flop (the L2 is 85-87% busy at N=512 and
+    # N=4096, run 40) without two warpgroups' 8-warp barriers; 250-255 registers, two programs per SM. Slower
+    # at every case, ms against the base's 0.423 / 4.008 / 1.280 / 0.647 / 0.0713 (N=512, N=4096, N=1024,
+    # dlrm-v3 batch 16, batch 1): 128x32 0.498 / 4.350 / 1.500 / 0.800 / 0.116 (4-6 spilled registers);
+    # 128x16 0.594 / 5.343 / 1.822 / 1.012 / 0.140; 128x32 with 2 stages or with Q in registers slower still.  # the same code timed again: the spread between the two is the run's noise
     # Run 47 (variants_ab_h200_2026-11-30_run47.json) also timed whole query blocks stored through a TMA
     # descriptor: within that run's noise (triton.FWD_FLAGS has the numbers); the code was not kept.
     # Run 40 (variants_ab_h200_2026-11-29_run40.json) also: Q in registers uncapped (202 registers, 2 programs
