@@ -573,7 +573,6 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     runner = compiled.load(engine_dir)
     load_s = time.perf_counter() - t0
-    sampler = Sampler()
     rows, first = [], {}
     for B in (1, 16):
         feed = dlrm_feed(runner.model, B)
@@ -613,26 +612,32 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
                 torch.cuda.synchronize()
                 runner.phase_s = dict.fromkeys(runner.phase_s, 0.0)
                 before, staged_before = runner.stats["replays"] + runner.stats["direct"], runner.stats["in_place"]
-                t_round = time.perf_counter()
                 wall, call = timed_calls(lambda: runner.run(req), 10)  # noqa: B023
-                gpu = sampler.window(t_round, time.perf_counter())
-                v["sm_mhz_p50_by_round"].append((gpu.get("sm_mhz") or {}).get("p50"))
-                v["power_w_p50_by_round"].append((gpu.get("power_w") or {}).get("p50"))
                 v["wall"] += wall
                 v["call"] += call
                 v["requests"] += runner.stats["replays"] + runner.stats["direct"] - before
                 v["zero_copy"] += runner.stats["in_place"] - staged_before
                 for k, x in runner.phase_s.items():
                     v["phase_s"][k] += x
-        # Back to back, the card holds its 700 W power limit by lowering the SM clock at batch 16
-        # (benchmarks/clock_probe.py): the same requests, each after 50 ms of idle, show the latency of a
-        # card that is not power-limited (and of a host thread that has been asleep).
+        # Requests after 50 ms of idle each (the card is then not power-limited, but the host thread has
+        # slept), then the SM clock and power during more back-to-back rounds: nvidia-smi polling runs only
+        # there, since it slowed the timed calls (run 51: batch 1 1.00 ms with it, 0.85-0.95 in runs 41-45).
         for variant in variants:
             req, spaced = request(variant), []
             for _ in range(15):
                 time.sleep(0.05)
                 spaced += timed_calls(lambda: runner.run(req), 1)[0]  # noqa: B023
             by_variant[variant]["spaced_50ms_wall_p50_ms"] = float(np.percentile(spaced, 50))
+        sampler = Sampler()
+        for _ in range(3):
+            for variant in variants:
+                req, v = request(variant), by_variant[variant]
+                t_round = time.perf_counter()
+                timed_calls(lambda: runner.run(req), 20)  # noqa: B023
+                gpu = sampler.window(t_round, time.perf_counter())
+                v["sm_mhz_p50_by_round"].append((gpu.get("sm_mhz") or {}).get("p50"))
+                v["power_w_p50_by_round"].append((gpu.get("power_w") or {}).get("p50"))
+        sampler.stop()
         for variant in variants:
             v = by_variant[variant]
             wall, call = v.pop("wall"), v.pop("call")
@@ -641,7 +646,6 @@ def serve_engine(engine_dir: Path, out_dir: Path) -> dict:
                          "call_p50_ms": float(np.percentile(call, 50)), "call_p90_ms": float(np.percentile(call, 90)),
                          "phases_ms": {k: 1e3 * x / max(v["requests"], 1) for k, x in v.pop("phase_s").items()},
                          "zero_copy_requests": v.pop("zero_copy"), **v})
-    sampler.stop()
     from torch._dynamo.utils import counters
 
     return {"rows": rows, "load_s": load_s, "first_call_s": first, "runner_stats": runner.stats,
