@@ -45,7 +45,7 @@ from hstu_opt.backends.eager import example_feed  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.ops.hstu_attention.triton import (  # noqa: E402
-    _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd, tma_ok)
+    _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd, takes_ws, tma_ok)
 from hstu_opt.ops._triton import tma_ready  # noqa: E402
 from hstu_opt.ops.embedding_rows.triton import launch as embedding_rows_launch  # noqa: E402
 from hstu_opt.ops.hstu_output.triton import launch as output_launch  # noqa: E402
@@ -96,6 +96,7 @@ CHECKS = [  # name, B, N, H, dqk, dv, C, window, fixed lengths
     ("long", 2, 4096, 4, 128, 128, 0, 0, None),
     ("d256", 2, 600, 1, 256, 256, 0, 0, None),
     ("many users", 160, 300, 2, 64, 64, 1, 0, None),  # cached: 320 programs, one key split
+    ("dlrm-like", 4, 4352, 4, 128, 128, 4, 0, [4352, 4001, 2100, 5]),  # bf16 full: the Gluon kernel (ws_wanted)
 ]
 
 
@@ -109,14 +110,16 @@ def check_row(kernel: str, case: str, dtype: torch.dtype, got: torch.Tensor, wan
 
 def check(gen) -> list[dict]:
     rows = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for dtype in (dtypes[d] for d in os.environ.get("HSTU_CHECK_DTYPES", "bf16,fp16,fp32").split(",")):
         for name, B, N, H, dqk, dv, C, window, lens in CHECKS:
             (q, k, v, offsets, nt), lengths = jagged(B, N, H, dqk, dv, dtype, gen, C=C, lengths=lens)
             kw = dict(max_seq_len=N, alpha=dqk ** -0.5, contextual_len=C, max_attn_len=window)
             want = ops.hstu_attention(q.double(), k.double(), v.double(), offsets, nt, **kw)
             out = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
+            ws = takes_ws(q, k, v, offsets, out, N, window)  # (the warp-specialized Gluon kernel takes it)
             launch_fwd(q, k, v, offsets, nt, out, N, kw["alpha"], C, window)
-            rows.append(check_row("full", name, dtype, out, want))
+            rows.append(check_row("full/ws" if ws else "full", name, dtype, out, want))
             if tma_ok(dtype, q, k, v):  # the pointer kernel too: what traced launches (the compiled engine) run
                 out_p = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
                 launch_fwd(q, k, v, offsets, nt, out_p, N, kw["alpha"], C, window, config={"TMA": False})

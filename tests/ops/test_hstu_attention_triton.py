@@ -248,3 +248,58 @@ def test_fake_op_gives_shapes_under_fake_tensors():
         out = hstu_attention_triton(q, q, v, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
                                     16, 0.1, 0, 0)
     assert out.shape == (11, 2, 24)
+
+
+def test_the_gluon_kernel_takes_only_real_hopper_launches_of_few_long_rows():
+    """The warp-specialized Gluon kernel (gluon_ws.py, checked on the H200 by benchmarks/ws_probe.py and the
+    GPU check script's full/ws rows) runs where it measured faster, and never here: Triton's interpreter,
+    CPU tensors, traced launches and explicit configs keep the Triton kernel."""
+    from hstu_opt.ops.hstu_attention.triton import takes_ws, ws_wanted
+
+    assert ws_wanted(16 * 4, 4352)  # dlrm-v3 batch 16
+    assert not ws_wanted(128 * 4, 4096) and not ws_wanted(512 * 4, 512) and not ws_wanted(512 * 4, 1024)
+    q = torch.zeros(300, 4, 128, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 300])
+    assert not takes_ws(q, q, q, offsets, torch.empty_like(q), 4352, 0)
+
+
+@pytest.mark.parametrize("config", [None, {"TMA": False}, {"BLOCK_N": 64}])
+def test_launch_passes_the_kernel_only_its_own_arguments(config):
+    """Triton's interpreter ignores keyword arguments a kernel does not declare; a GPU launch rejects them
+    (a switch of launch_fwd's own once reached the kernel: H200 run 55)."""
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    seen = {}
+
+    def launcher(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: seen.update(kwargs)
+        return Grid()
+
+    q = torch.zeros(130, 2, 16, dtype=torch.float16)
+    tri.launch_fwd(q, q, q, torch.tensor([0, 130]), torch.tensor([1]), torch.empty_like(q), 130, 0.25, 0, 0,
+                   launcher=launcher, config=config)
+    assert set(seen) - set(tri._hstu_fwd.arg_names) <= {"num_warps", "num_stages", "maxnreg"}
+
+
+@pytest.mark.parametrize("contextual_len", [0, 4])
+def test_the_gluon_kernel_builds_for_hopper_without_a_gpu(contextual_len, tmp_path):
+    """The warp-specialized kernel compiled for sm_90 here (Triton's own ptxas): it fits shared memory,
+    its consumers run warpgroup MMAs, and nothing spills to local memory."""
+    import os
+    import subprocess
+
+    import triton
+
+    from hstu_opt.ops.hstu_attention import gluon_ws
+
+    kernel = gluon_ws.compile_sm90(contextual_len)
+    assert kernel.metadata.shared <= 227 * 1024
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx  # tensor cores, and warp-specialized registers
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(tools):
+        (tmp_path / "k.cubin").write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([tools, "-res-usage", str(tmp_path / "k.cubin")], capture_output=True, text=True).stdout
+        assert "LOCAL:0" in usage and "STACK:0" in usage, usage

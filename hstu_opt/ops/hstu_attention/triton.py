@@ -25,6 +25,8 @@ benchmarks/results/variants_ab_h200_2026-11-29_run14..16.json):
   does take, ran correctly under torch.compile but cost what TMA saves (run 23: batch 16 5.86 vs 5.88 ms
   GPU-busy, N=512 0.27 vs 0.36 of matmul; branch wip/device-tma). So the `compiled` engine runs this path.
 The cached kernel reads the same two ways.
+Real bf16 launches of few users' long rows (ws_wanted) go to the warp-specialized Gluon kernel of
+gluon_ws.py instead, where it measured faster (FWD_FLAGS["WS"]).
 """
 
 from __future__ import annotations
@@ -297,8 +299,33 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # under sustained load, median of 3 alternating rounds, batch 1 0.862 vs 0.872 ms, batch 16 5.439 vs 5.455
 # ms. Also measured there and not kept: whole query blocks stored through a TMA descriptor (N=512 0.429 vs
 # 0.420 ms, N=4096 4.007 vs 3.997, dlrm-v3 batch 16 0.645 vs 0.651: within the run's noise).
+# WS: the warp-specialized Gluon kernel (gluon_ws.py: 128-row query blocks in two consumer warpgroups
+# sharing each K/V tile, a TMA producer warp, persistent CTAs) for the launches ws_wanted picks. H200,
+# 2026-11-30 (benchmarks/results/ws_probe_h200_2026-11-30_run54.json), bf16, ms against this kernel in the
+# same run: dlrm-v3 batch 16 (16 users x 4 heads x 4352 rows, 4 contextual rows) 0.591 vs 0.637 / 0.650;
+# slower with many users: N=512 B=512 0.577 vs 0.409, N=1024 B=512 1.544 vs 1.207, N=4096 B=128 3.975
+# vs 3.820. Correct against float64 (bf16 rel. error <= 3.8e-3, no unwritten rows; run 53).
 FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True,
-             "CTX_FIRST": True}
+             "CTX_FIRST": True, "WS": True}
+
+
+def takes_ws(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, out: Tensor, max_seq_len: int, max_attn_len: int,
+             config: dict | None = None) -> bool:
+    """Whether launch_fwd runs this launch with the warp-specialized Gluon kernel: FWD_FLAGS["WS"], no
+    `config`, no window, a real launch (not traced, not Triton's interpreter) of a shape ws_wanted picks,
+    and what gluon_ws.ws_ok takes (bf16, head dim 128, one key split, Hopper)."""
+    if (config is not None or not FWD_FLAGS["WS"] or max_attn_len or interpreting() or is_fake(q)
+            or not ws_wanted((offsets.shape[0] - 1) * q.shape[1], max_seq_len) or not tma_ok(q.dtype, q, k, v)):
+        return False
+    from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it can run)
+
+    return gluon_ws.ws_ok(q, k, v, out.shape[0] if out.dim() == 4 else 1)
+
+
+def ws_wanted(batch_heads: int, max_seq_len: int) -> bool:
+    """Where the warp-specialized kernel measured faster: few users' long rows (dlrm-v3 batch 16: 64 user x
+    head pairs at N=4352), not many users' (512 pairs at N=4096, 2048 at N=512 and N=1024)."""
+    return batch_heads <= 128 and max_seq_len >= 2048
 
 # Key tiles of the full kernel when it reads through TMA (unless `config` sets BLOCK_N): 64x32 tiles, 3
 # stages take 137 registers and 64 KB of shared memory, so three programs fit an SM where 64x64 fit two.
@@ -372,7 +399,12 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     L, H, dqk = q.shape
     dv = v.shape[-1]
     splits = out.shape[0] if out.dim() == 4 else 1
+    if takes_ws(q, k, v, offsets, out, max_seq_len, max_attn_len, config):
+        from hstu_opt.ops.hstu_attention import gluon_ws
+
+        return gluon_ws.launch_ws(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len)
     cfg = _blocks(dqk, dv, q.dtype) | FWD_FLAGS | (config or {})
+    cfg.pop("WS")  # (launch_fwd's switch, not the kernel's)
     so, sl, sh = (out.stride(0), out.stride(1), out.stride(2)) if out.dim() == 4 else (0, out.stride(0), out.stride(1))
     grid = (triton.cdiv(max_seq_len, cfg["BLOCK_M"]), (offsets.shape[0] - 1) * H, splits)
     cfg["TMA"] = _use_tma(cfg["TMA"], q, k, v)
