@@ -34,16 +34,26 @@ def _tanh(x):
 
 
 @gluon.jit
-def _item(item, NB, H, C: gl.constexpr, BLOCK_M: gl.constexpr):
-    """(user, head, query block) of work item `item`: each (user, head)'s blocks adjacent (their K/V
-    stay in L2), longest first, blocks holding contextual rows before those."""
+def _item(item, offsets, NB, H, C: gl.constexpr, BLOCK_M: gl.constexpr):
+    """(user, head, the user's first row and length, the query block's first row) of work item `item`:
+    each (user, head)'s blocks adjacent (their K/V stay in L2), longest first, blocks holding contextual
+    rows before those. Producer and consumers walk the same items."""
     bh = item // NB
     r = item % NB
     m = NB - 1 - r
     if C > 0:
         n_ctx: gl.constexpr = (C + BLOCK_M - 1) // BLOCK_M
         m = gl.where(r < n_ctx, r, NB - 1 - r + n_ctx)
-    return bh // H, bh % H, m
+    b = bh // H
+    seq_start = gl.load(offsets + b).to(gl.int32)
+    return b, bh % H, seq_start, gl.load(offsets + b + 1).to(gl.int32) - seq_start, m * BLOCK_M
+
+
+@gluon.jit
+def _history(num_targets, b, start_m, seq_len, BLOCK_M: gl.constexpr, C: gl.constexpr):
+    """(end of the user's history, end of the keys the item's query block sees)."""
+    hist_end = seq_len - gl.load(num_targets + b).to(gl.int32)
+    return hist_end, _key_end(start_m, seq_len, hist_end, BLOCK_M, C)
 
 
 @gluon.jit
@@ -62,13 +72,9 @@ def _producer(q_desc, k_desc, v_desc, offsets, num_targets, q_smem, k_smem, v_sm
     kv_i = 0
     q_i = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        b, h, m = _item(item, NB, H, C, BLOCK_M)
-        seq_start = gl.load(offsets + b).to(gl.int32)
-        seq_len = gl.load(offsets + b + 1).to(gl.int32) - seq_start
-        start_m = m * BLOCK_M
+        b, h, seq_start, seq_len, start_m = _item(item, offsets, NB, H, C, BLOCK_M)
         if start_m < seq_len:
-            hist_end = seq_len - gl.load(num_targets + b).to(gl.int32)
-            end_n = _key_end(start_m, seq_len, hist_end, BLOCK_M, C)
+            hist_end, end_n = _history(num_targets, b, start_m, seq_len, BLOCK_M, C)
             qb = q_i % 2
             mbarrier.wait(q_empty.index(qb), (q_i // 2) & 1)
             mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
@@ -100,13 +106,9 @@ def _consumer(Out, offsets, num_targets, q_smem, k_smem, v_smem, q_ready, q_empt
     kv_i = 0
     q_i = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        b, h, m = _item(item, NB, H, C, BLOCK_M)
-        seq_start = gl.load(offsets + b).to(gl.int32)
-        seq_len = gl.load(offsets + b + 1).to(gl.int32) - seq_start
-        start_m = m * BLOCK_M
+        b, h, seq_start, seq_len, start_m = _item(item, offsets, NB, H, C, BLOCK_M)
         if start_m < seq_len:
-            hist_end = seq_len - gl.load(num_targets + b).to(gl.int32)
-            end_n = _key_end(start_m, seq_len, hist_end, BLOCK_M, C)
+            hist_end, end_n = _history(num_targets, b, start_m, seq_len, BLOCK_M, C)
             my_m = start_m + WG * HALF
             my_end = gl.where(my_m < seq_len, _key_end(my_m, seq_len, hist_end, HALF, C), 0)
             free_n = (gl.minimum(my_m, hist_end) // BLOCK_N) * BLOCK_N  # keys every row of this half sees
