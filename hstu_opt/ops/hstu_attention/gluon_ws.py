@@ -10,7 +10,10 @@ CTAs are persistent (one per SM), walking the items (query block, user, head) ro
 user's blocks longest first.
 
 Same math as triton._hstu_fwd (POST_SCALE, FAST tanh SiLU, the mask of HSTU.md); real launches only
-(16-bit, head dim 128, one key split), never traced.
+(bf16, head dim 128, one key split, no window), never traced: triton.launch_fwd picks them (takes_ws).
+H200 (benchmarks/ws_probe.py, runs 53-54): correct against float64 with 32- and 64-key tiles (128-key
+tiles were not, and are refused); faster than the Triton kernel at dlrm-v3 batch 16 only (triton.FWD_FLAGS
+has the numbers). Open: per-item scalar loads in both consumers, no overlap of the next Q K^T with P V.
 """
 
 from __future__ import annotations
