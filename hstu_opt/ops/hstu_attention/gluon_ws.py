@@ -24,6 +24,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from hstu_opt.ops._triton import sm_count
+
 HALF = gl.constexpr(64)  # rows per consumer warpgroup
 # The TMA load's name: async_copy_global_to_shared in Triton 3.6 (the H200 image), async_load from 3.7 on
 # (the CPU machines' 3.9, where the compile-only test builds this kernel for sm_90)
@@ -31,7 +33,7 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 
 
 @gluon.jit
-def _tanh(x):
+def _tanh(x):  # (ops/_triton.tanh_approx is a triton.jit function, which a Gluon kernel cannot call)
     return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
                                      pack=1)
 
@@ -186,17 +188,11 @@ def _hstu_fwd_ws(q_desc, k_desc, v_desc, Out, offsets, num_targets, alpha, inv_n
 WS_TILES = {"BLOCK_N": 64, "STAGES": 3, "CONSUMER_REGS": 232}
 
 
-def ws_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> bool:
-    """A real launch this kernel takes: bf16 (its 1/N comes after P @ V, which could overflow fp16's P),
-    head dim 128 for q/k/v, one key split, a Hopper GPU."""
-    return (splits == 1 and q.dtype == torch.bfloat16 and q.is_cuda
-            and torch.cuda.get_device_capability(q.device)[0] == 9
-            and all(t.shape[-1] == 128 and t.stride(-1) == 1 and t.stride(1) == 128 for t in (q, k, v)))
-
-
 def launch_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, num_targets: torch.Tensor,
               out: torch.Tensor, max_seq_len: int, alpha: float, contextual_len: int, config: dict | None = None):
-    """out [L, H, 128] = the full attention (no window), one persistent CTA per SM."""
+    """out [L, H, 128] = the full attention (no window), one persistent CTA per SM. For the launches
+    triton.takes_ws picks (bf16: its 1/N comes after P @ V, which could overflow fp16's P; head dim 128;
+    one key split; a Hopper GPU)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     cfg = WS_TILES | (config or {})
@@ -210,8 +206,7 @@ def launch_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.
         descs.append(TensorDescriptor.from_tensor(t.view(L, H * D), [rows, D], layout))
     NB = triton.cdiv(max_seq_len, 128)
     n_items = NB * (offsets.shape[0] - 1) * H
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    _hstu_fwd_ws[(min(sms, n_items),)](
+    _hstu_fwd_ws[(min(sm_count(q.device), n_items),)](
         *descs, out, offsets, num_targets, alpha, 1.0 / max_seq_len, n_items, NB, H, out.stride(0), out.stride(1),
         C=contextual_len, D=D, BLOCK_M=128, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"],
         CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=4)

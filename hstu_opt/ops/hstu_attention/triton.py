@@ -313,13 +313,12 @@ def takes_ws(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, out: Tensor, max_
              config: dict | None = None) -> bool:
     """Whether launch_fwd runs this launch with the warp-specialized Gluon kernel: FWD_FLAGS["WS"], no
     `config`, no window, a real launch (not traced, not Triton's interpreter) of a shape ws_wanted picks,
-    and what gluon_ws.ws_ok takes (bf16, head dim 128, one key split, Hopper)."""
-    if (config is not None or not FWD_FLAGS["WS"] or max_attn_len or interpreting() or is_fake(q)
-            or not ws_wanted((offsets.shape[0] - 1) * q.shape[1], max_seq_len) or not tma_ok(q.dtype, q, k, v)):
-        return False
-    from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it can run)
-
-    return gluon_ws.ws_ok(q, k, v, out.shape[0] if out.dim() == 4 else 1)
+    and what that kernel takes: TMA-readable (tma_ok), bf16 (its 1/N comes after P @ V, which could
+    overflow fp16's P), head dim 128, one key split, a Hopper GPU (sm_90: its wgmma)."""
+    return (config is None and FWD_FLAGS["WS"] and not max_attn_len and not interpreting() and not is_fake(q)
+            and ws_wanted((offsets.shape[0] - 1) * q.shape[1], max_seq_len) and q.dtype == torch.bfloat16
+            and out.dim() == 3 and all(t.shape[-1] == 128 for t in (q, k, v)) and tma_ok(q.dtype, q, k, v)
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
 def ws_wanted(batch_heads: int, max_seq_len: int) -> bool:
@@ -400,7 +399,7 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     dv = v.shape[-1]
     splits = out.shape[0] if out.dim() == 4 else 1
     if takes_ws(q, k, v, offsets, out, max_seq_len, max_attn_len, config):
-        from hstu_opt.ops.hstu_attention import gluon_ws
+        from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it runs)
 
         return gluon_ws.launch_ws(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len)
     cfg = _blocks(dqk, dv, q.dtype) | FWD_FLAGS | (config or {})
