@@ -45,7 +45,7 @@ from hstu_opt.backends.eager import example_feed  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.ops.hstu_attention.triton import (  # noqa: E402
-    _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd, takes_ws, tma_ok)
+    _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd, takes_cached_ws, takes_ws, tma_ok)
 from hstu_opt.ops._triton import tma_ready  # noqa: E402
 from hstu_opt.ops.embedding_rows.triton import launch as embedding_rows_launch  # noqa: E402
 from hstu_opt.ops.hstu_output.triton import launch as output_launch  # noqa: E402
@@ -96,7 +96,8 @@ CHECKS = [  # name, B, N, H, dqk, dv, C, window, fixed lengths
     ("long", 2, 4096, 4, 128, 128, 0, 0, None),
     ("d256", 2, 600, 1, 256, 256, 0, 0, None),
     ("many users", 160, 300, 2, 64, 64, 1, 0, None),  # cached: 320 programs, one key split
-    ("dlrm-like", 4, 4352, 4, 128, 128, 4, 0, [4352, 4001, 2100, 5]),  # bf16 full: the Gluon kernel (ws_wanted)
+    ("dlrm-like", 4, 4352, 4, 128, 128, 4, 0, [4352, 4001, 2100, 5]),  # bf16 full: the Gluon kernel (takes_ws)
+    ("many short", 96, 384, 4, 128, 128, 2, 0, None),  # bf16 full: the Gluon kernel, 3 blocks per user
 ]
 
 
@@ -136,15 +137,21 @@ def check(gen) -> list[dict]:
             co = torch.tensor([0, *np.cumsum(c_len)], dtype=torch.int64, device=DEV)
             do = torch.tensor([0, *np.cumsum(nt.cpu().numpy())], dtype=torch.int64, device=DEV)
             qd = q[rows_d]
-            for tma in (True, False) if tma_ok(dtype, q, k, v) else (False,):  # pointers: the engine's traced launch
+            # None: the op's choice (the Gluon kernel's cached form where takes_cached_ws); True / False: Triton's
+            # TMA and pointer kernels (pointers: the engine's traced launch)
+            for tma in (None, True, False) if tma_ok(dtype, q, k, v) else (False,):
                 shape = cached_partials_shape(qd, v, do, N, int(nt.max()))
                 one = shape[0] == 1  # one key split: the kernel writes the result in q's dtype (the op's path)
                 parts = torch.full(shape[1:] if one else shape, float("nan"), device=DEV,
                                    dtype=dtype if one else torch.float32)
-                launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, parts[None] if one else parts,
-                              N, kw["alpha"], C, window, int(nt.max()), tma=tma)
-                rows.append(check_row(("cached" if tma else "cached/pointers") + ("/1 split" if one else ""), name,
-                                      dtype, parts if one else parts.sum(0).to(dtype), want[rows_d]))
+                out_c = parts[None] if one else parts
+                if tma is None and not takes_cached_ws(qd, k[rows_d], v[rows_d], k[rows_c], v[rows_c], out_c, window, None):
+                    continue  # (the same launch as tma=True)
+                launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, out_c, N, kw["alpha"], C, window,
+                              int(nt.max()), tma=tma)
+                kernel = {None: "cached/ws", True: "cached", False: "cached/pointers"}[tma]
+                rows.append(check_row(kernel + ("/1 split" if one else ""), name, dtype,
+                                      parts if one else parts.sum(0).to(dtype), want[rows_d]))
     return rows
 
 
@@ -170,14 +177,19 @@ def bench_attention(gen, matmul_tflops: float) -> list[dict]:
         tflops = flops / ms / 1e9
         splits = fwd_splits(B * H, N, *(_blocks(d, d, q.dtype)[b] for b in ("BLOCK_M", "BLOCK_N")))
         loads = "tma" if tma_ok(q.dtype, q, k, v) else "pointers"
-        rows.append({"B": B, "N": N, "H": H, "d": d, "loads": loads, "ms": ms, "tflops": tflops,
-                     "ratio_to_matmul": tflops / matmul_tflops, "key_splits": splits})
+        out = torch.empty_like(v)
+        ws = splits == 1 and takes_ws(q, k, v, offsets, out, N, 0)  # (what the op ran: the Gluon kernel or Triton's)
+        rows.append({"B": B, "N": N, "H": H, "d": d, "kernel": "gluon-ws" if ws else "triton", "loads": loads,
+                     "ms": ms, "tflops": tflops, "ratio_to_matmul": tflops / matmul_tflops, "key_splits": splits})
         if loads == "tma" and splits == 1 and (B, N) in ((512, 512), (128, 4096), (16, 4352)):
-            out = torch.empty_like(v)  # the pointer kernel: what the compiled engine's traced launches run
-            fn = lambda: launch_fwd(q, k, v, offsets, nt, out, N, d ** -0.5, 0, 0, config={"TMA": False})  # noqa: E731
-            ms = do_bench(graphed(fn)[0], warmup=10, rep=100)
-            rows.append({"B": B, "N": N, "H": H, "d": d, "loads": "pointers", "ms": ms, "tflops": flops / ms / 1e9,
-                         "ratio_to_matmul": flops / ms / 1e9 / matmul_tflops, "key_splits": splits})
+            # the Triton kernel with TMA loads (config={}: not routed to Gluon), and with pointers: what the
+            # compiled engine's traced launches run
+            for kernel, cfg in (("triton", {}), ("triton", {"TMA": False})) if ws else (("triton", {"TMA": False}),):
+                fn = lambda cfg=cfg: launch_fwd(q, k, v, offsets, nt, out, N, d ** -0.5, 0, 0, config=cfg)  # noqa: E731
+                ms = do_bench(graphed(fn)[0], warmup=10, rep=100)
+                rows.append({"B": B, "N": N, "H": H, "d": d, "kernel": kernel, "loads": "tma" if not cfg else "pointers",
+                             "ms": ms, "tflops": flops / ms / 1e9, "ratio_to_matmul": flops / ms / 1e9 / matmul_tflops,
+                             "key_splits": splits})
     return rows
 
 
@@ -698,7 +710,8 @@ def main() -> None:
         save()
         result["attention"] = bench_attention(gen, result["ceilings"]["matmul_bf16_tflops"])
         for r in result["attention"]:
-            print(f"attn B={r['B']:4} N={r['N']:4} H={r['H']} d={r['d']:3} {r['loads']:8}: {r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s "
+            print(f"attn B={r['B']:4} N={r['N']:4} H={r['H']} d={r['d']:3} {r['kernel']:8} {r['loads']:8}: {r['ms']:.3f} ms "
+                  f"{r['tflops']:.1f} TFLOP/s "
                   f"ratio {r['ratio_to_matmul']:.3f}", flush=True)
         save()
     if not args.skip_model:

@@ -254,13 +254,28 @@ def test_the_gluon_kernel_takes_only_real_hopper_launches_of_few_long_rows():
     """The warp-specialized Gluon kernel (gluon_ws.py, checked on the H200 by benchmarks/ws_probe.py and the
     GPU check script's full/ws rows) runs where it measured faster, and never here: Triton's interpreter,
     CPU tensors, traced launches and explicit configs keep the Triton kernel."""
-    from hstu_opt.ops.hstu_attention.triton import takes_ws, ws_wanted
+    from hstu_opt.ops.hstu_attention.triton import takes_cached_ws, takes_ws, ws_wanted
 
-    assert ws_wanted(16 * 4, 4352)  # dlrm-v3 batch 16
-    assert not ws_wanted(128 * 4, 4096) and not ws_wanted(512 * 4, 512) and not ws_wanted(512 * 4, 1024)
+    assert ws_wanted(4352) and ws_wanted(512) and ws_wanted(256)  # (measured faster)
+    assert not ws_wanted(200)  # (not measured)
     q = torch.zeros(300, 4, 128, dtype=torch.bfloat16)
     offsets = torch.tensor([0, 300])
     assert not takes_ws(q, q, q, offsets, torch.empty_like(q), 4352, 0)
+    assert not takes_cached_ws(q, q, q, q, q, torch.empty_like(q)[None], 0, None)
+
+
+def test_persistent_ctas_take_balanced_work():
+    """The Gluon kernel's CTA count: not a multiple of the query blocks per (user, head) where that would give
+    some CTAs every longest block (N=512: 4 blocks, 132 SMs), the SM count where that balances best
+    (dlrm-v3 batch 16, measured faster on the H200), never more CTAs than items."""
+    import math
+
+    from hstu_opt.ops.hstu_attention import gluon_ws
+
+    p = gluon_ws.programs(512 * 4 * 4, 4, 132)
+    assert p <= 132 and math.gcd(p, 4) == 1
+    assert gluon_ws.programs(16 * 4 * 34, 34, 132, 4) == 132
+    assert gluon_ws.programs(100, 4, 132) == 100 and gluon_ws.programs(8192, 4, 132, coprime=False) == 132
 
 
 @pytest.mark.parametrize("config", [None, {"TMA": False}, {"BLOCK_N": 64}])
@@ -285,7 +300,7 @@ def test_launch_passes_the_kernel_only_its_own_arguments(config):
 
 def test_the_gluon_kernel_builds_for_hopper_without_a_gpu(tmp_path):
     """The warp-specialized kernel compiled for sm_90 here (Triton's own ptxas), with and without contextual
-    rows: it fits shared memory, its consumers run warpgroup MMAs with reallocated registers, and nothing
+    rows and in its cached form: it fits shared memory, its consumers run warpgroup MMAs with reallocated registers, and nothing
     spills to local memory. Built in a fresh process without TRITON_INTERPRET: the interpreter's patches
     to Triton's tensor methods, left by this module's interpreted kernels, broke the build in-process."""
     import json
@@ -296,8 +311,9 @@ def test_the_gluon_kernel_builds_for_hopper_without_a_gpu(tmp_path):
     script = (
         "import json, sys; from hstu_opt.ops.hstu_attention import gluon_ws\n"
         "out = {}\n"
-        "for c in (0, 4):\n"
-        "    k = gluon_ws.compile_sm90(c)\n"
+        "for c, cached in ((0, False), (4, False), (0, True)):\n"
+        "    k = gluon_ws.compile_sm90(c, cached=cached)\n"
+        "    c = str(c) + ('-cached' if cached else '')\n"
         "    open(sys.argv[1] + f'/k{c}.cubin', 'wb').write(k.asm['cubin'])\n"
         "    out[c] = {'shared': k.metadata.shared, 'wgmma': 'wgmma.mma_async' in k.asm['ptx'],\n"
         "              'setmaxnreg': 'setmaxnreg' in k.asm['ptx']}\n"

@@ -25,8 +25,8 @@ benchmarks/results/variants_ab_h200_2026-11-29_run14..16.json):
   does take, ran correctly under torch.compile but cost what TMA saves (run 23: batch 16 5.86 vs 5.88 ms
   GPU-busy, N=512 0.27 vs 0.36 of matmul; branch wip/device-tma). So the `compiled` engine runs this path.
 The cached kernel reads the same two ways.
-Real bf16 launches of few users' long rows (ws_wanted) go to the warp-specialized Gluon kernel of
-gluon_ws.py instead, where it measured faster (FWD_FLAGS["WS"]).
+Real bf16 launches of head dim 128 in one key split (takes_ws) go to the warp-specialized Gluon kernel of
+gluon_ws.py instead, which measured faster at every such shape (FWD_FLAGS["WS"]).
 """
 
 from __future__ import annotations
@@ -300,11 +300,13 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # ms. Also measured there and not kept: whole query blocks stored through a TMA descriptor (N=512 0.429 vs
 # 0.420 ms, N=4096 4.007 vs 3.997, dlrm-v3 batch 16 0.645 vs 0.651: within the run's noise).
 # WS: the warp-specialized Gluon kernel (gluon_ws.py: 128-row query blocks in two consumer warpgroups
-# sharing each K/V tile, a TMA producer warp, persistent CTAs) for the launches ws_wanted picks. H200,
-# 2026-11-30 (benchmarks/results/ws_probe_h200_2026-11-30_run54.json), bf16, ms against this kernel in the
-# same run: dlrm-v3 batch 16 (16 users x 4 heads x 4352 rows, 4 contextual rows) 0.591 vs 0.637 / 0.650;
-# slower with many users: N=512 B=512 0.577 vs 0.409, N=1024 B=512 1.544 vs 1.207, N=4096 B=128 3.975
-# vs 3.820. Correct against float64 (bf16 rel. error <= 3.8e-3, no unwritten rows; run 53).
+# sharing each K/V tile, a TMA producer warp, persistent CTAs) for the launches takes_ws and
+# takes_cached_ws pick. H200, 2026-11-30 (benchmarks/results/ws_probe_h200_2026-11-30_run65.json, the final
+# kernel), bf16, ms against this kernel in the same run, medians of 3 alternating rounds: N=256 B=512
+# 0.138 vs 0.169, N=512 B=512 0.374 vs 0.445, N=1024 1.135 vs 1.346, N=2048 4.008 vs 4.512, N=4096 B=128
+# 3.549 vs 4.046, dlrm-v3 batch 16 (16 users x 4 heads x 4352 rows, 4 contextual rows) 0.521 vs 0.676, and
+# its cached scoring (256 new rows per user, 4096 cached) 0.0606 vs 0.0727. Correct against float64
+# (bf16 rel. error <= 4.0e-3, no unwritten rows; runs 65-66).
 FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True,
              "CTX_FIRST": True, "WS": True}
 
@@ -316,15 +318,28 @@ def takes_ws(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, out: Tensor, max_
     and what that kernel takes: TMA-readable (tma_ok), bf16 (its 1/N comes after P @ V, which could
     overflow fp16's P), head dim 128, one key split, a Hopper GPU (sm_90: its wgmma)."""
     return (config is None and FWD_FLAGS["WS"] and not max_attn_len and not interpreting() and not is_fake(q)
-            and ws_wanted((offsets.shape[0] - 1) * q.shape[1], max_seq_len) and q.dtype == torch.bfloat16
+            and ws_wanted(max_seq_len) and q.dtype == torch.bfloat16
             and out.dim() == 3 and all(t.shape[-1] == 128 for t in (q, k, v)) and tma_ok(q.dtype, q, k, v)
             and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
-def ws_wanted(batch_heads: int, max_seq_len: int) -> bool:
-    """Where the warp-specialized kernel measured faster: few users' long rows (dlrm-v3 batch 16: 64 user x
-    head pairs at N=4352), not many users' (512 pairs at N=4096, 2048 at N=512 and N=1024)."""
-    return batch_heads <= 128 and max_seq_len >= 2048
+def takes_cached_ws(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, out: Tensor, max_attn_len: int,
+                    tma: bool | None) -> bool:
+    """Whether launch_cached runs this launch with the Gluon kernel's cached form: FWD_FLAGS["WS"], `tma` left
+    to the flags, no window, a real launch, one key split (`out` is the result, in q's dtype: enough
+    users' new rows to fill the GPU without splitting the cache), and what takes_ws asks of the tensors.
+    H200 (benchmarks/results/ws_probe_h200_2026-11-30_run65.json): dlrm-v3 scoring at batch 16, 0.0606 vs
+    0.0727 ms per layer; one key split is where it has enough work items (batch 1 splits the cache instead)."""
+    return (FWD_FLAGS["WS"] and tma is None and not max_attn_len and not interpreting() and not is_fake(q)
+            and q.dtype == torch.bfloat16 and out.shape[0] == 1 and out.dtype == q.dtype
+            and all(t.shape[-1] == 128 for t in (q, k, v, k_cache, v_cache)) and tma_ok(q.dtype, q, k, v, k_cache, v_cache)
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
+def ws_wanted(max_seq_len: int) -> bool:
+    """Where the warp-specialized kernel measured faster (H200, benchmarks/results/ws_probe_h200_2026-11-30_run65):
+    every shape from N=256 (B=512) to N=4096 (B=128) and dlrm-v3 batch 16. Below 256 rows it was not measured."""
+    return max_seq_len >= 256
 
 # Key tiles of the full kernel when it reads through TMA (unless `config` sets BLOCK_N): 64x32 tiles, 3
 # stages take 137 registers and 64 KB of shared memory, so three programs fit an SM where 64x64 fit two.
@@ -470,6 +485,12 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
     `tma` None: FWD_FLAGS["TMA"] (then TMA where tma_ok and the launch is real, as for the full kernel)."""
     L, H, dqk = q.shape
     dv = v.shape[-1]
+    if takes_cached_ws(q, k, v, k_cache, v_cache, out, max_attn_len, tma):
+        from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it runs)
+
+        gluon_ws.launch_cached_ws(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, out[0], max_seq_len, alpha,
+                                  max_delta_len)
+        return out
     cfg = _blocks(dqk, dv, q.dtype)
     m_blocks = triton.cdiv(max_delta_len, cfg["BLOCK_M"])
     splits, split_len = cache_splits(max_seq_len, m_blocks * (delta_offsets.shape[0] - 1) * H, cfg["BLOCK_N"])
