@@ -58,8 +58,8 @@ def _clock(dep):
 @gluon.jit
 def _fetch(item, offsets, aux, NB, H, C: gl.constexpr, BLOCK_M: gl.constexpr, CACHED: gl.constexpr):
     """Work item `item`: (head, its query block's first row) and its user's (first row, end row, and
-    targets twice, or with CACHED its cache's first and end row), the last four loads issued here and
-    used an item later (the partitions prefetch them, so neither waits on global memory between items).
+    targets twice, or with CACHED its cache's first and end row), the last four loads issued here (the
+    consumers fetch the next item's during this one, so they do not wait on global memory between items).
     Each (user, head)'s blocks adjacent (their K/V stay in L2), longest first, blocks holding contextual
     rows before those. Producer and consumers walk the same items."""
     bh = item // NB
@@ -341,7 +341,8 @@ def programs(n_items: int, NB: int, sms: int, contextual_len: int = 0, block_n: 
     0.550 at 131, which this model also ranks first. Cached per shape (a serving graph's are fixed)."""
     if n_items <= sms or not coprime:
         return min(sms, n_items)
-    r = torch.arange(n_items) % NB
+    idx = torch.arange(n_items)
+    r = idx % NB
     m = NB - 1 - r
     n_ctx = triton.cdiv(contextual_len, 128)
     if contextual_len:
@@ -350,7 +351,7 @@ def programs(n_items: int, NB: int, sms: int, contextual_len: int = 0, block_n: 
     work = (ends + block_n - 1) // block_n + 3
     best, best_load = sms, None
     for p in range(sms, max(1, sms - 8), -1):
-        load = int(torch.bincount(torch.arange(n_items) % p, weights=work.double()).max())
+        load = int(torch.bincount(idx % p, weights=work.double()).max())
         if best_load is None or load < best_load:
             best, best_load = p, load
     return best

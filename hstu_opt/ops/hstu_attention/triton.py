@@ -311,29 +311,32 @@ FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": N
              "CTX_FIRST": True, "WS": True}
 
 
+def _gluon_takes(q: Tensor, *others: Tensor) -> bool:
+    """What the Gluon kernel (both forms) asks of a launch's tensors: a real launch (not traced, not Triton's
+    interpreter), bf16 (its 1/N comes after P @ V, which could overflow fp16's P), head dim 128,
+    TMA-readable (tma_ok), a Hopper GPU (sm_90: its wgmma)."""
+    return (not interpreting() and not is_fake(q) and q.dtype == torch.bfloat16
+            and all(t.shape[-1] == 128 for t in (q, *others)) and tma_ok(q.dtype, q, *others)
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
 def takes_ws(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, out: Tensor, max_seq_len: int, max_attn_len: int,
              config: dict | None = None) -> bool:
     """Whether launch_fwd runs this launch with the warp-specialized Gluon kernel: FWD_FLAGS["WS"], no
-    `config`, no window, a real launch (not traced, not Triton's interpreter) of a shape ws_wanted picks,
-    and what that kernel takes: TMA-readable (tma_ok), bf16 (its 1/N comes after P @ V, which could
-    overflow fp16's P), head dim 128, one key split, a Hopper GPU (sm_90: its wgmma)."""
-    return (config is None and FWD_FLAGS["WS"] and not max_attn_len and not interpreting() and not is_fake(q)
-            and ws_wanted(max_seq_len) and q.dtype == torch.bfloat16
-            and out.dim() == 3 and all(t.shape[-1] == 128 for t in (q, k, v)) and tma_ok(q.dtype, q, k, v)
-            and torch.cuda.get_device_capability(q.device)[0] == 9)
+    `config`, no window, a shape ws_wanted picks, one key split, and what _gluon_takes asks."""
+    return (config is None and FWD_FLAGS["WS"] and not max_attn_len and ws_wanted(max_seq_len) and out.dim() == 3
+            and _gluon_takes(q, k, v))
 
 
 def takes_cached_ws(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, out: Tensor, max_attn_len: int,
                     tma: bool | None) -> bool:
     """Whether launch_cached runs this launch with the Gluon kernel's cached form: FWD_FLAGS["WS"], `tma` left
-    to the flags, no window, a real launch, one key split (`out` is the result, in q's dtype: enough
-    users' new rows to fill the GPU without splitting the cache), and what takes_ws asks of the tensors.
+    to the flags, no window, one key split (`out` is the result, in q's dtype: enough users' new rows to
+    fill the GPU without splitting the cache), and what _gluon_takes asks.
     H200 (benchmarks/results/ws_probe_h200_2026-11-30_run65.json): dlrm-v3 scoring at batch 16, 0.0606 vs
     0.0727 ms per layer; one key split is where it has enough work items (batch 1 splits the cache instead)."""
-    return (FWD_FLAGS["WS"] and tma is None and not max_attn_len and not interpreting() and not is_fake(q)
-            and q.dtype == torch.bfloat16 and out.shape[0] == 1 and out.dtype == q.dtype
-            and all(t.shape[-1] == 128 for t in (q, k, v, k_cache, v_cache)) and tma_ok(q.dtype, q, k, v, k_cache, v_cache)
-            and torch.cuda.get_device_capability(q.device)[0] == 9)
+    return (FWD_FLAGS["WS"] and tma is None and not max_attn_len and out.shape[0] == 1 and out.dtype == q.dtype
+            and _gluon_takes(q, k, v, k_cache, v_cache))
 
 
 def ws_wanted(max_seq_len: int) -> bool:
