@@ -53,7 +53,7 @@ class Jagged(JaggedSeqs):
         # num_rows (= L, known from the values) spares a device->host sync, so the forward can be graph-captured
         rows = torch.arange(int(offsets[-1]) if num_rows is None else num_rows, device=offsets.device)
         self.user = row_owner(lengths.cumsum(0), rows)  # [L]
-        self.pos = torch.arange(self.user.numel(), device=offsets.device) - offsets[self.user]  # [L]
+        self.pos = rows - offsets[self.user]  # [L]
         self.seq_len = lengths[self.user]
         self.hist_end = self.seq_len - num_targets[self.user]
         self.ids, self.is_target = row_ids(self.pos, self.seq_len, num_targets[self.user], contextual_len)
