@@ -118,7 +118,7 @@ def check(gen) -> list[dict]:
             kw = dict(max_seq_len=N, alpha=dqk ** -0.5, contextual_len=C, max_attn_len=window)
             want = ops.hstu_attention(q.double(), k.double(), v.double(), offsets, nt, **kw)
             out = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
-            ws = takes_ws(q, k, v, offsets, out, N, window)  # (the warp-specialized Gluon kernel takes it)
+            ws = takes_ws(q, k, v, out, N, window)  # (the warp-specialized Gluon kernel takes it)
             launch_fwd(q, k, v, offsets, nt, out, N, kw["alpha"], C, window)
             rows.append(check_row("full/ws" if ws else "full", name, dtype, out, want))
             if tma_ok(dtype, q, k, v):  # the pointer kernel too: what traced launches (the compiled engine) run
@@ -178,7 +178,7 @@ def bench_attention(gen, matmul_tflops: float) -> list[dict]:
         splits = fwd_splits(B * H, N, *(_blocks(d, d, q.dtype)[b] for b in ("BLOCK_M", "BLOCK_N")))
         loads = "tma" if tma_ok(q.dtype, q, k, v) else "pointers"
         out = torch.empty_like(v)
-        ws = splits == 1 and takes_ws(q, k, v, offsets, out, N, 0)  # (what the op ran: the Gluon kernel or Triton's)
+        ws = splits == 1 and takes_ws(q, k, v, out, N, 0)  # (what the op ran: the Gluon kernel or Triton's)
         rows.append({"B": B, "N": N, "H": H, "d": d, "kernel": "gluon-ws" if ws else "triton", "loads": loads,
                      "ms": ms, "tflops": tflops, "ratio_to_matmul": tflops / matmul_tflops, "key_splits": splits})
         if loads == "tma" and splits == 1 and (B, N) in ((512, 512), (128, 4096), (16, 4352)):

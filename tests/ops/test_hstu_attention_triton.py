@@ -259,8 +259,7 @@ def test_the_gluon_kernel_takes_only_real_hopper_launches_of_few_long_rows():
     assert ws_wanted(4352) and ws_wanted(512) and ws_wanted(256)  # (measured faster)
     assert not ws_wanted(200)  # (not measured)
     q = torch.zeros(300, 4, 128, dtype=torch.bfloat16)
-    offsets = torch.tensor([0, 300])
-    assert not takes_ws(q, q, q, offsets, torch.empty_like(q), 4352, 0)
+    assert not takes_ws(q, q, q, torch.empty_like(q), 4352, 0)
     assert not takes_cached_ws(q, q, q, q, q, torch.empty_like(q)[None], 0, None)
 
 

@@ -320,7 +320,7 @@ def _gluon_takes(q: Tensor, *others: Tensor) -> bool:
             and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
-def takes_ws(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, out: Tensor, max_seq_len: int, max_attn_len: int,
+def takes_ws(q: Tensor, k: Tensor, v: Tensor, out: Tensor, max_seq_len: int, max_attn_len: int,
              config: dict | None = None) -> bool:
     """Whether launch_fwd runs this launch with the warp-specialized Gluon kernel: FWD_FLAGS["WS"], no
     `config`, no window, a shape ws_wanted picks, one key split, and what _gluon_takes asks."""
@@ -416,7 +416,7 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     L, H, dqk = q.shape
     dv = v.shape[-1]
     splits = out.shape[0] if out.dim() == 4 else 1
-    if takes_ws(q, k, v, offsets, out, max_seq_len, max_attn_len, config):
+    if takes_ws(q, k, v, out, max_seq_len, max_attn_len, config):
         from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it runs)
 
         return gluon_ws.launch_ws(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len)
