@@ -33,6 +33,8 @@ class ModelSection(Section):
     max_targets: int = Field(16, ge=1, description="most candidate rows per user in one request")
     contextual_len: int = Field(0, ge=0, description="C contextual rows per user")
     max_attn_len: int = Field(0, ge=0, description="local attention window; 0 = unlimited")
+    min_full_attn_seq_len: int = Field(0, ge=0, description="with a window: the last rows before the targets (and "
+                                       "the targets) keep full causal attention (HSTU.md 'The mask')")
     attn_alpha: float | None = Field(None, description="default 1/sqrt(attention_dim)")
     num_time_buckets: int = Field(2048, ge=1)
     time_bucket_fn: Literal["sqrt", "log"] = "sqrt"

@@ -29,6 +29,7 @@ class HstuConfig:
     contextual_len: int = 0
     contextual_cardinality: int = 1
     max_attn_len: int = 0
+    min_full_attn_seq_len: int = 0
     attn_alpha: float | None = None
     num_time_buckets: int = 2048
     time_bucket_fn: str = "sqrt"

@@ -40,7 +40,8 @@ class JaggedSeqs:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, cfg: HstuConfig, impl: Impl) -> Tensor:
         return ops.hstu_attention(
             q, k, v, self.offsets, self.num_targets, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
-            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, impl=impl,
+            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len,
+            min_full_attn_seq_len=cfg.min_full_attn_seq_len, impl=impl,
         )
 
 
@@ -56,7 +57,8 @@ class Jagged(JaggedSeqs):
         self.pos = rows - offsets[self.user]  # [L]
         self.seq_len = lengths[self.user]
         self.hist_end = self.seq_len - num_targets[self.user]
-        self.ids, self.is_target = row_ids(self.pos, self.seq_len, num_targets[self.user], contextual_len)
+        self.ids, _ = row_ids(self.pos, self.seq_len, num_targets[self.user], contextual_len)
+        self.is_target = self.pos >= self.hist_end
 
     def per_row(self, per_user: Tensor) -> Tensor:
         return per_user[self.user]
@@ -84,8 +86,9 @@ class Padded:
         )
         self.seq_len = C + hl + nc
         self.hist_end = C + hl
-        self.ids, self.is_target = row_ids(self.pos, self.seq_len, nc, C)
-        self.mask = attention_mask(self.ids, self.is_target, self.valid, cfg.max_attn_len)  # [B, n, n], shared by all layers
+        self.ids, hi = row_ids(self.pos, self.seq_len, nc, C)
+        self.mask = attention_mask(self.ids, hi, self.valid, cfg.max_attn_len,  # [B, n, n], shared by all layers
+                                   cfg.min_full_attn_seq_len)
         self.n_cand_start = C + n_hist
 
     def per_row(self, per_user: Tensor) -> Tensor:

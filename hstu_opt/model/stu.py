@@ -76,6 +76,7 @@ class STULayer(nn.Module):
         u, q, k, v = self.project(x, impl)
         a = ops.cached_hstu_attention(
             q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
-            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, max_delta_len=cfg.max_targets, impl=impl,
+            contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, max_delta_len=cfg.max_targets,
+            min_full_attn_seq_len=cfg.min_full_attn_seq_len, impl=impl,
         )
         return self.finish(u, a, x, 0.0, impl)

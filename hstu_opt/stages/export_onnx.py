@@ -87,7 +87,7 @@ def check_parity(model: HstuModel, kind: str, path: Path, rtol: float, seed: int
 
 class ExportOnnx(Stage):
     name = "export-onnx"
-    version = 6  # 2: mask * (1/N) not where + divide; 3: output projection as 3 GEMMs; 4: folded; 6: MatMul
+    version = 7  # 2: mask * (1/N) not where + divide; 3: output projection as 3 GEMMs; 4: folded; 6: MatMul; 7: HSTU.md mask
     sections = ("model", "export")
     inputs = ("train-stub",)
 

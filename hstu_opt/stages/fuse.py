@@ -67,7 +67,7 @@ def attention_function():
         DOMAIN, OP, ["q", "k", "v", "mask"], ["out"], nodes,
         opset_imports=[helper.make_opsetid("", 18)],
         attributes=["alpha", "scale", "max_seq_len", "causal", "has_targets", "contextual_len", "max_attn_len",
-                    "plugin_version", "plugin_namespace"],
+                    "min_full_attn_seq_len", "plugin_version", "plugin_namespace"],
     )
 
 
@@ -184,7 +184,7 @@ def fuse_graph(src: Path, dst: Path, attrs: dict, fold: bool) -> dict:
 
 class Fuse(Stage):
     name = "fuse"
-    version = 2  # 2: the 1/N scale rides on the mask
+    version = 3  # 2: the 1/N scale rides on the mask; 3: HSTU.md's rewritten mask, min_full_attn_seq_len attribute
     sections = ("fuse",)
     inputs = ("export-onnx",)
 
@@ -200,6 +200,7 @@ class Fuse(Stage):
                  "max_seq_len": int(contract["attention_scale_N"]), "causal": 1, "has_targets": 1,
                  "contextual_len": int(contract["limits"]["contextual_len"]),
                  "max_attn_len": int(recipe.model.max_attn_len),
+                 "min_full_attn_seq_len": int(recipe.model.min_full_attn_seq_len),
                  "plugin_version": recipe.fuse.plugin_version, "plugin_namespace": recipe.fuse.plugin_namespace}
         report, parity = {}, {}
         for kind in contract["graphs"]:

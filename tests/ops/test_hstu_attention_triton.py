@@ -246,7 +246,7 @@ def test_fake_op_gives_shapes_under_fake_tensors():
         q = torch.empty(11, 2, 50)
         v = torch.empty(11, 2, 24)
         out = hstu_attention_triton(q, q, v, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
-                                    16, 0.1, 0, 0)
+                                    16, 0.1, 0, 0, 0)
     assert out.shape == (11, 2, 24)
 
 

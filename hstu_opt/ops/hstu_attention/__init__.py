@@ -24,11 +24,13 @@ def hstu_attention(
     alpha: float,
     contextual_len: int = 0,
     max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
     impl: Impl = Impl.REFERENCE,
 ) -> Tensor:
-    """q, k: [L, H, dqk]; v: [L, H, dv]; returns [L, H, dv]. `max_seq_len` is N of the 1/N scale."""
+    """q, k: [L, H, dqk]; v: [L, H, dv]; returns [L, H, dv]. `max_seq_len` is N of the 1/N scale; the mask
+    (contextual rows, window, min_full_attn_seq_len) is HSTU.md's."""
     fn = TABLE.get(impl, "hstu_attention")
-    return fn(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len)
+    return fn(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len, min_full_attn_seq_len)
 
 
 def hstu_attention_dense(
@@ -60,6 +62,7 @@ def cached_hstu_attention(
     contextual_len: int = 0,
     max_attn_len: int = 0,
     max_delta_len: int | None = None,
+    min_full_attn_seq_len: int = 0,
     impl: Impl = Impl.REFERENCE,
 ) -> Tensor:
     """q/k/v: the new (candidate) rows, jagged by delta_offsets; caches jagged by cache_offsets.
@@ -69,7 +72,7 @@ def cached_hstu_attention(
     """
     fn = TABLE.get(impl, "cached_hstu_attention")
     return fn(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
-              max_delta_len or max_seq_len)
+              max_delta_len or max_seq_len, min_full_attn_seq_len)
 
 
 from hstu_opt.ops.hstu_attention import reference as _reference  # noqa: E402,F401

@@ -1,11 +1,13 @@
-"""The reference HSTU attention: pure PyTorch, runs on CPU and CUDA, and *is* the spec (HSTU.md).
+"""The reference HSTU attention: pure PyTorch, runs on CPU and CUDA, and *is* the spec (HSTU.md "The mask").
 
-Mask in terms of per-row ids: contextual rows get id 0, history rows 1, 2, ...; every target row
-gets the id of the first target. Then
-    mask_ij = valid_i & valid_j & ( i == j
-                                    | id_i > id_j & (window off | id_i - id_j <= max_attn_len | j contextual)
-                                    | i contextual & j not a target )
-Contextual columns are exempt from the window, so every later row sees all contextual rows.
+Every row gets an id: contextual rows 0, history rows 1, 2, ...; every target row `hi`, the id one past
+the last history row (ids here are HSTU.md's shifted by one when C == 0; only differences matter). Then
+    d_ij    = id_i - id_j
+    mask_ij = i == j | d_ij > 0                                      causal; targets do not see each other
+    window  : mask_ij &= d_ij <= max_attn_len | (min_full > 0 & id_i >= hi - min_full)
+    C > 0   : mask_ij |= id_i == 0 & id_j < hi                       contextual rows see contextual + history
+in that order: the window applies before the contextual rule, so it also hides the contextual rows from a
+row more than max_attn_len ids after them (as generative-recommenders does).
 """
 
 from __future__ import annotations
@@ -19,24 +21,27 @@ from hstu_opt.ops.hstu_attention import TABLE
 
 
 def row_ids(pos: Tensor, seq_len: Tensor, num_targets: Tensor, contextual_len: int) -> tuple[Tensor, Tensor]:
-    """Per-row mask id and target flag from the row's position in its sequence (broadcasting ints)."""
+    """Per-row mask id and `hi` (the id every target row shares) from the row's position in its sequence
+    (broadcasting ints): contextual rows 0, history rows 1.., targets hi = first target's position - C + 1."""
     hist_end = seq_len - num_targets  # index of the first target row
     ids = torch.where(pos < contextual_len, 0, torch.minimum(pos, hist_end) - contextual_len + 1)
-    return ids, pos >= hist_end
+    return ids, hist_end - contextual_len + 1
 
 
-def attention_mask(ids: Tensor, is_target: Tensor, valid: Tensor, max_attn_len: int) -> Tensor:
-    """ids, is_target, valid: [B, n] -> mask [B, n, n] (bool)."""
+def attention_mask(ids: Tensor, hi: Tensor, valid: Tensor, max_attn_len: int, min_full_attn_seq_len: int = 0) -> Tensor:
+    """ids, valid: [B, n]; hi: [B, 1] (row_ids) -> mask [B, n, n] (bool), HSTU.md's pseudo-code in its order."""
     n = ids.shape[-1]
     ar = torch.arange(n, device=ids.device)
     id_i, id_j = ids[:, :, None], ids[:, None, :]
-    ctx_j = (id_j == 0)
-    earlier = id_i > id_j
+    d = id_i - id_j
+    mask = (ar[:, None] == ar[None, :])[None] | (d > 0)
     if max_attn_len > 0:
-        earlier = earlier & ((id_i - id_j <= max_attn_len) | ctx_j)
-    ctx_sees = (id_i == 0) & ~is_target[:, None, :]
-    diag = (ar[:, None] == ar[None, :])[None]
-    return (diag | earlier | ctx_sees) & valid[:, :, None] & valid[:, None, :]
+        within = d <= max_attn_len
+        if min_full_attn_seq_len > 0:
+            within = within | (id_i >= (hi - min_full_attn_seq_len)[:, :, None])
+        mask = mask & within
+    mask = mask | ((id_i == 0) & (id_j < hi[:, :, None]))  # contextual rows (no row has id 0 when C == 0)
+    return mask & valid[:, :, None] & valid[:, None, :]
 
 
 @TABLE.register(Impl.REFERENCE)
@@ -76,7 +81,7 @@ def _check_jagged(q: Tensor, offsets: Tensor, num_targets: Tensor, contextual_le
 @TABLE.register(Impl.REFERENCE)
 def hstu_attention(
     q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor | None, max_seq_len: int, alpha: float,
-    contextual_len: int, max_attn_len: int,
+    contextual_len: int, max_attn_len: int, min_full_attn_seq_len: int = 0,
 ) -> Tensor:
     user, pos, lengths = _jagged_index(offsets, q.shape[0])
     B = lengths.numel()
@@ -96,8 +101,8 @@ def hstu_attention(
         return out
 
     slot = torch.arange(n, device=q.device)[None, :]  # [1, n]
-    ids, is_target = row_ids(slot, lengths[:, None], num_targets[:, None], contextual_len)
-    mask = attention_mask(ids, is_target, slot < lengths[:, None], max_attn_len)
+    ids, hi = row_ids(slot, lengths[:, None], num_targets[:, None], contextual_len)
+    mask = attention_mask(ids, hi, slot < lengths[:, None], max_attn_len, min_full_attn_seq_len)
     dense = hstu_attention_dense(pad(q), pad(k), pad(v), mask, max_seq_len, alpha)
     return dense[user, pos]
 
@@ -106,6 +111,7 @@ def hstu_attention(
 def cached_hstu_attention(
     q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor, v_cache: Tensor, cache_offsets: Tensor,
     max_seq_len: int, alpha: float, contextual_len: int, max_attn_len: int, max_delta_len: int,
+    min_full_attn_seq_len: int = 0,
 ) -> Tensor:
     del max_delta_len  # only sizes fast kernels' grids
     # The definition: interleave [cache rows][new rows] per user, run the full attention with the new
@@ -125,6 +131,6 @@ def cached_hstu_attention(
 
     full = hstu_attention(
         interleave(None, q), interleave(k_cache, k), interleave(v_cache, v), full_offsets, d_len,
-        max_seq_len, alpha, contextual_len, max_attn_len,
+        max_seq_len, alpha, contextual_len, max_attn_len, min_full_attn_seq_len,
     )
     return full[d_rows]

@@ -94,23 +94,29 @@ def _rows(X, seq_start, start, stride_l, col, valid, BLOCK: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C: tl.constexpr, WINDOW: tl.constexpr):
-    """p where query row m sees key row n (HSTU.md's mask: itself, earlier ids within the window, and
-    contextual rows see the whole history), else 0."""
+def _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C: tl.constexpr, WINDOW: tl.constexpr,
+            MIN_FULL: tl.constexpr):
+    """p where query row m sees key row n, else 0: HSTU.md's mask in its order (reference.py): itself or an
+    earlier id; with a window only ids at most WINDOW back (contextual ones too) unless the row is one of
+    the last MIN_FULL before the targets (or a target); then contextual rows see contextual + history."""
     id_n = _row_ids(offs_n, hist_end, C)
-    earlier = id_m[:, None] > id_n[None, :]
+    d = id_m[:, None] - id_n[None, :]
+    sees = (offs_m[:, None] == offs_n[None, :]) | (d > 0)
     if WINDOW > 0:
-        earlier = earlier & ((id_m[:, None] - id_n[None, :] <= WINDOW) | (id_n[None, :] == 0))
-    sees = (offs_m[:, None] == offs_n[None, :]) | earlier | (ctx_m[:, None] & (offs_n[None, :] < hist_end))
+        within = d <= WINDOW
+        if MIN_FULL > 0:
+            within = within | (id_m >= hist_end - C + 1 - MIN_FULL)[:, None]
+        sees = sees & within
+    sees = sees | (ctx_m[:, None] & (offs_n[None, :] < hist_end))
     return tl.where(sees & m_valid[:, None] & n_valid[None, :], p, 0.0)
 
 
 @triton.jit
 def _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m, m_valid, alpha,
                inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK: tl.constexpr, DV: tl.constexpr,
-               C: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
-               BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
-               POST_SCALE: tl.constexpr, MASK: tl.constexpr):
+               C: tl.constexpr, WINDOW: tl.constexpr, MIN_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+               TMA: tl.constexpr, POST_SCALE: tl.constexpr, MASK: tl.constexpr):
     """acc + (pointwise(q @ k^T), masked) @ v for the key block at start_n. MASK 0: keys every row sees
     (unmasked loads, no mask work); 1: always masked (loads of rows past the sequence's end zeroed);
     2: masked only from free_n on (a scalar branch, for the one-loop form)."""
@@ -119,10 +125,10 @@ def _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, o
     k = _rows(K, seq_start, start_n, stride_kl, h * stride_kh, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, MASK != 0)
     p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, POST_SCALE)
     if MASK == 1:
-        p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
+        p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW, MIN_FULL)
     elif MASK == 2:
         if start_n >= free_n:
-            p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW)
+            p = _masked(p, offs_m, offs_n, id_m, ctx_m, m_valid, n_valid, hist_end, C, WINDOW, MIN_FULL)
     v = _rows(V, seq_start, start_n, stride_vl, h * stride_vh, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, MASK != 0)
     return acc + mma(p.to(v.dtype), v, IEEE)
 
@@ -131,7 +137,7 @@ def _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, o
 def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
               stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_os, stride_ol, stride_oh,
               H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+              MIN_FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               IEEE: tl.constexpr, FAST: tl.constexpr, LONGEST_FIRST: tl.constexpr, MERGED: tl.constexpr,
               TMA: tl.constexpr, POST_SCALE: tl.constexpr, QREG: tl.constexpr, CTX_FIRST: tl.constexpr):
     """Program (m, b*H+h, s): query block m of user b, head h, over keys [s*split_len, (s+1)*split_len)
@@ -196,16 +202,16 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
         for start_n in range(lo, tl.minimum(end_n, hi), BLOCK_N):
             acc = _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m,
                              m_valid, alpha, inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK, DV, C, WINDOW,
-                             BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 2)
+                             MIN_FULL, BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 2)
     else:  # an unmasked loop up to free_n, then a masked one
         for start_n in range(lo, tl.minimum(free_n, hi), BLOCK_N):
             acc = _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m,
                              m_valid, alpha, inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK, DV, C, WINDOW,
-                             BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 0)
+                             MIN_FULL, BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 0)
         for start_n in range(tl.maximum(free_n, lo), tl.minimum(end_n, hi), BLOCK_N):
             acc = _key_block(acc, q, K, V, seq_start, start_n, free_n, seq_len, hist_end, h, offs_m, id_m, ctx_m,
                              m_valid, alpha, inv_n, stride_kl, stride_kh, stride_vl, stride_vh, DQK, DV, C, WINDOW,
-                             BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 1)
+                             MIN_FULL, BLOCK_N, BLOCK_DQK, BLOCK_DV, IEEE, FAST, TMA, POST_SCALE, 1)
     if POST_SCALE:
         acc = acc * tl.cast(inv_n, tl.float32)
     out_base = Out + pid_s.to(tl.int64) * stride_os + seq_start * stride_ol
@@ -218,12 +224,14 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
                      stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh,
                      stride_kcl, stride_kch, stride_vcl, stride_vch, stride_os, stride_ol, stride_oh,
                      H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     MIN_FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                      IEEE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr):
     """Program (m, b*H+h, s) adds the contribution of cache keys [s*split_len, (s+1)*split_len) to a float32
     partial Out[s]; split 0 also adds each row's own (diagonal) term. No softmax: partials just add.
     Only a key block that crosses the split's end (or any block, with a window) is masked: rows past the
-    user's new rows are never stored, so they need no mask. TMA as in _hstu_fwd."""
+    user's new rows are never stored, so they need no mask. Every new row is a target (id hi): with a
+    window it sees the cache rows at most WINDOW ids back, contextual ones too, and with MIN_FULL > 0
+    every cache row (HSTU.md: a target's id hi is >= hi - MIN_FULL). TMA as in _hstu_fwd."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -253,9 +261,9 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
         n_valid = offs_n < hi
         k = _rows(KC, c_start, start_n, stride_kcl, h * stride_kch, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
         p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, False)
-        if WINDOW > 0:
+        if WINDOW > 0 and MIN_FULL == 0:
             id_n = tl.where(offs_n < C, 0, offs_n - C + 1)
-            p = tl.where(n_valid[None, :] & ((id_m - id_n[None, :] <= WINDOW) | (id_n[None, :] == 0)), p, 0.0)
+            p = tl.where(n_valid[None, :] & (id_m - id_n[None, :] <= WINDOW), p, 0.0)
         elif start_n + BLOCK_N > hi:
             p = tl.where(n_valid[None, :], p, 0.0)
         v = _rows(VC, c_start, start_n, stride_vcl, h * stride_vch, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
@@ -409,7 +417,7 @@ def fwd_splits(batch_heads: int, max_seq_len: int, block_m: int, block_n: int) -
 
 def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, out: Tensor, max_seq_len: int,
                alpha: float, contextual_len: int, max_attn_len: int, launcher=lambda kernel: kernel,
-               config: dict | None = None) -> Tensor:
+               config: dict | None = None, min_full_attn_seq_len: int = 0) -> Tensor:
     """Launch the full kernel into `out`: [L, H, dv] for one key split, float32 partials [S, L, H, dv]
     for S splits (their sum is the result). The GPU check passes a NaN-poisoned out; the benchmark
     sweeps `config` (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
@@ -437,14 +445,15 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     launcher(_hstu_fwd)[grid](
         qa, ka, va, out, offsets, num_targets, alpha, 1.0 / max_seq_len, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), so, sl, sh,
-        H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, **cfg,
+        H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, MIN_FULL=min_full_attn_seq_len if max_attn_len else 0,
+        **cfg,
     )
     return out
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, max_seq_len: int, alpha: float,
                   contextual_len: int, max_attn_len: int, launcher=lambda kernel: kernel,
-                  splits: int | None = None) -> Tensor:
+                  splits: int | None = None, min_full_attn_seq_len: int = 0) -> Tensor:
     """The full attention: one launch straight into the output, or (`splits` > 1, by default
     fwd_splits) into float32 partials summed after."""
     cfg = _blocks(q.shape[-1], v.shape[-1], q.dtype)
@@ -452,20 +461,23 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets:
         splits = fwd_splits((offsets.shape[0] - 1) * q.shape[1], max_seq_len, cfg["BLOCK_M"], cfg["BLOCK_N"])
     if splits == 1:
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-        return launch_fwd(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len, max_attn_len, launcher)
+        return launch_fwd(q, k, v, offsets, num_targets, out, max_seq_len, alpha, contextual_len, max_attn_len, launcher,
+                          min_full_attn_seq_len=min_full_attn_seq_len)
     partials = q.new_empty(splits, q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32)
-    launch_fwd(q, k, v, offsets, num_targets, partials, max_seq_len, alpha, contextual_len, max_attn_len, launcher)
+    launch_fwd(q, k, v, offsets, num_targets, partials, max_seq_len, alpha, contextual_len, max_attn_len, launcher,
+               min_full_attn_seq_len=min_full_attn_seq_len)
     return partials.sum(0).to(q.dtype)
 
 
 @triton_op("hstu_opt::hstu_attention_triton", mutates_args=())
 def hstu_attention_triton(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, max_seq_len: int,
-                          alpha: float, contextual_len: int, max_attn_len: int) -> Tensor:
-    return attention_fwd(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len, wrap_triton)
+                          alpha: float, contextual_len: int, max_attn_len: int, min_full_attn_seq_len: int) -> Tensor:
+    return attention_fwd(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len, wrap_triton,
+                         min_full_attn_seq_len=min_full_attn_seq_len)
 
 
 @hstu_attention_triton.register_fake
-def _(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len):
+def _(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len, min_full_attn_seq_len):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
@@ -482,7 +494,8 @@ def cache_splits(max_seq_len: int, programs: int, block_n: int) -> tuple[int, in
 
 def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor, v_cache: Tensor,
                   cache_offsets: Tensor, out: Tensor, max_seq_len: int, alpha: float, contextual_len: int,
-                  max_attn_len: int, max_delta_len: int, launcher=lambda kernel: kernel, tma: bool | None = None) -> Tensor:
+                  max_attn_len: int, max_delta_len: int, launcher=lambda kernel: kernel, tma: bool | None = None,
+                  min_full_attn_seq_len: int = 0) -> Tensor:
     """Launch into the float32 partials `out` [splits, Ld, H, dv] (see cached_partials_shape); sum(0) is the result.
     With one split `out` may be the result itself, [1, Ld, H, dv] in q's dtype (written once, nothing to sum).
     `tma` None: FWD_FLAGS["TMA"] (then TMA where tma_ok and the launch is real, as for the full kernel)."""
@@ -507,7 +520,8 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, TMA=use_tma, **cfg,
+        H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, MIN_FULL=min_full_attn_seq_len if max_attn_len else 0,
+        TMA=use_tma, **cfg,
     )
     return out
 
@@ -521,36 +535,40 @@ def cached_partials_shape(q: Tensor, v: Tensor, delta_offsets: Tensor, max_seq_l
 @triton_op("hstu_opt::cached_hstu_attention_triton", mutates_args=())
 def cached_hstu_attention_triton(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor,
                                  v_cache: Tensor, cache_offsets: Tensor, max_seq_len: int, alpha: float,
-                                 contextual_len: int, max_attn_len: int, max_delta_len: int) -> Tensor:
+                                 contextual_len: int, max_attn_len: int, max_delta_len: int,
+                                 min_full_attn_seq_len: int) -> Tensor:
     shape = cached_partials_shape(q, v, delta_offsets, max_seq_len, max_delta_len)
     if shape[0] == 1:  # one split: the kernel writes the result in q's dtype
         out = q.new_empty(shape[1:])
         launch_cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, out.unsqueeze(0), max_seq_len, alpha,
-                      contextual_len, max_attn_len, max_delta_len, wrap_triton)
+                      contextual_len, max_attn_len, max_delta_len, wrap_triton,
+                      min_full_attn_seq_len=min_full_attn_seq_len)
         return out
     partials = q.new_empty(shape, dtype=torch.float32)
     launch_cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, partials, max_seq_len, alpha,
-                  contextual_len, max_attn_len, max_delta_len, wrap_triton)
+                  contextual_len, max_attn_len, max_delta_len, wrap_triton, min_full_attn_seq_len=min_full_attn_seq_len)
     return partials.sum(0).to(q.dtype)
 
 
 @cached_hstu_attention_triton.register_fake
 def _(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
-      max_delta_len):
+      max_delta_len, min_full_attn_seq_len):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
 @TABLE.register(Impl.TRITON, "hstu_attention")
-def _hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len):
+def _hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len,
+                    min_full_attn_seq_len=0):
     if num_targets is None:
         num_targets = torch.zeros(offsets.shape[0] - 1, dtype=offsets.dtype, device=offsets.device)
     q, k, v = (unit_stride(t) for t in (q, k, v))
-    return hstu_attention_triton(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len)
+    return hstu_attention_triton(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len,
+                                 min_full_attn_seq_len)
 
 
 @TABLE.register(Impl.TRITON, "cached_hstu_attention")
 def _cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
-            max_delta_len):
+            max_delta_len, min_full_attn_seq_len=0):
     q, k, v, k_cache, v_cache = (unit_stride(t) for t in (q, k, v, k_cache, v_cache))
     return cached_hstu_attention_triton(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha,
-                                        contextual_len, max_attn_len, max_delta_len)
+                                        contextual_len, max_attn_len, max_delta_len, min_full_attn_seq_len)
