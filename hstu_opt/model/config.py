@@ -12,7 +12,8 @@ import torch
 if TYPE_CHECKING:  # the model itself needs no recipe (or pydantic): it also runs where only torch is
     from hstu_opt.recipe import ModelSection
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}  # (float64: checks only; recipes offer the first three)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def loads(request, monkeypatch):
 
 @pytest.mark.parametrize("lengths,num_targets,C,window", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("H,dqk,dv", [(2, 16, 16), (1, 50, 50), (3, 24, 40)])
+@pytest.mark.parametrize("H,dqk,dv", [(2, 16, 16), (1, 50, 50), (3, 32, 64)])
 def test_triton_matches_reference(lengths, num_targets, C, window, dtype, H, dqk, dv):
     """Default choice of loads: TMA for fp16 d=16, pointers for fp32 and the odd head dims."""
     q, k, v, offsets, nt = random_jagged(lengths, num_targets, H, dqk, dv, dtype=dtype, seed=sum(lengths) + H)
@@ -335,3 +335,43 @@ def test_the_gluon_kernel_builds_for_hopper_without_a_gpu(tmp_path):
             usage = subprocess.run([tools, "-res-usage", str(tmp_path / f"k{c}.cubin")], capture_output=True,
                                    text=True).stdout
             assert "LOCAL:0" in usage and "STACK:0" in usage, usage
+
+
+@pytest.mark.parametrize("dqk,dv,dtype", [(24, 40, torch.float32), (8, 8, torch.float16), (512, 512, torch.float32)])
+def test_router_runs_the_reference_for_shapes_no_gpu_check_covers(dqk, dv, dtype, monkeypatch):
+    """Head dims outside triton.CHECKED_HEAD_DIMS / CHECKED_MIXED_DIMS never reach a kernel: the op warns and
+    runs the reference (full and cached)."""
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    def boom(*args, **kwargs):
+        raise AssertionError("an unchecked shape reached a Triton kernel")
+
+    monkeypatch.setattr(tri, "attention_fwd", boom)
+    monkeypatch.setattr(tri, "launch_cached", boom)
+    q, k, v, offsets, nt = random_jagged([9, 4], [2, 1], 1, dqk, dv, dtype=dtype, seed=1)
+    kw = dict(max_seq_len=12, alpha=dqk ** -0.5)
+    with pytest.warns(UserWarning, match=f"dqk={dqk}, dv={dv}"):
+        got = ops.hstu_attention(q, k, v, offsets, nt, impl=Impl.TRITON, **kw)
+    torch.testing.assert_close(got, ops.hstu_attention(q, k, v, offsets, nt, **kw))
+    delta = torch.tensor([0, 2, 3])
+    cache = torch.tensor([0, 7, 10])
+    rows_c, rows_d = torch.tensor([*range(7), *range(9, 12)]), torch.tensor([7, 8, 12])
+    args = (q[rows_d], k[rows_d], v[rows_d], delta, k[rows_c], v[rows_c], cache)
+    got = ops.cached_hstu_attention(*args, impl=Impl.TRITON, **kw)
+    torch.testing.assert_close(got, ops.cached_hstu_attention(*args, **kw))
+
+
+def test_checked_set_is_what_the_gpu_check_sweeps():
+    """benchmarks/gpu_check.py sweeps exactly what the router admits: every checked head-dim pair x dtype."""
+    import importlib.util
+    from pathlib import Path
+
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    swept = {(dqk, dv, gpu_check.DTYPES[name]) for dqk, dv, name in gpu_check.sweep_cases()}
+    admitted = {(dqk, dv, dt) for dqk in range(1, 300) for dv in range(1, 300) for dt in
+                (torch.bfloat16, torch.float16, torch.float32, torch.float64) if tri.checked(dqk, dv, dt)}
+    assert swept == admitted

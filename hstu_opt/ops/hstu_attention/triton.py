@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 import triton
@@ -43,7 +44,7 @@ from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
 from hstu_opt.ops._triton import fast_math, interpreting, mma, silu, tanh_approx, tma_ready, unit_stride
-from hstu_opt.ops.hstu_attention import TABLE
+from hstu_opt.ops.hstu_attention import TABLE, reference
 
 
 @triton.jit
@@ -556,9 +557,42 @@ def _(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alph
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
+# What benchmarks/gpu_check.py sweeps on the GPU against float64 (full, key-split and cached kernels, every
+# load kind, every mask option), and so all the router sends to these kernels: head dims (dqk == dv, and the
+# mixed pairs below) x dtypes. Anything else runs the reference op (checked on the CPU against the spec),
+# with a warning: an unchecked shape never reaches a kernel. Issue 16: head dim 32 in 16-bit was wrong on
+# the GPU for as long as no check covered it.
+CHECKED_HEAD_DIMS = (16, 32, 48, 50, 64, 96, 100, 128, 192, 256)
+CHECKED_MIXED_DIMS = ((32, 64), (64, 32), (128, 64))
+CHECKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def checked(dqk: int, dv: int, dtype: torch.dtype) -> bool:
+    """Whether the GPU check sweeps this head-dim pair and dtype (so the router may launch it)."""
+    dims_ok = (dqk == dv and dqk in CHECKED_HEAD_DIMS) or (dqk, dv) in CHECKED_MIXED_DIMS
+    return dims_ok and dtype in CHECKED_DTYPES
+
+
+@functools.cache
+def _warn_unchecked(dqk: int, dv: int, dtype: torch.dtype) -> None:
+    warnings.warn(f"hstu_attention: no GPU check covers head dims (dqk={dqk}, dv={dv}) in {dtype}; running the "
+                  f"reference op instead of the Triton kernel (checked: {CHECKED_HEAD_DIMS}, pairs "
+                  f"{CHECKED_MIXED_DIMS})", stacklevel=3)
+
+
+def _unchecked(q: Tensor, v: Tensor) -> bool:
+    if checked(q.shape[-1], v.shape[-1], q.dtype):
+        return False
+    _warn_unchecked(q.shape[-1], v.shape[-1], q.dtype)
+    return True
+
+
 @TABLE.register(Impl.TRITON, "hstu_attention")
 def _hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len,
                     min_full_attn_seq_len=0):
+    if _unchecked(q, v):
+        return reference.hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextual_len, max_attn_len,
+                                        min_full_attn_seq_len)
     if num_targets is None:
         num_targets = torch.zeros(offsets.shape[0] - 1, dtype=offsets.dtype, device=offsets.device)
     q, k, v = (unit_stride(t) for t in (q, k, v))
@@ -569,6 +603,9 @@ def _hstu_attention(q, k, v, offsets, num_targets, max_seq_len, alpha, contextua
 @TABLE.register(Impl.TRITON, "cached_hstu_attention")
 def _cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
             max_delta_len, min_full_attn_seq_len=0):
+    if _unchecked(q, v):
+        return reference.cached_hstu_attention(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len,
+                                               alpha, contextual_len, max_attn_len, max_delta_len, min_full_attn_seq_len)
     q, k, v, k_cache, v_cache = (unit_stride(t) for t in (q, k, v, k_cache, v_cache))
     return cached_hstu_attention_triton(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha,
                                         contextual_len, max_attn_len, max_delta_len, min_full_attn_seq_len)
