@@ -300,6 +300,10 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # Q in shared memory: N=4096 3.717 vs 4.023 (0.711 vs 0.657 of the same run's matmul), N=512 0.414 vs
 # 0.422, N=1024 1.268 vs 1.265, dlrm-v3 batch 16 0.630 vs 0.645, batch 1 0.073 vs 0.076. Uncapped it
 # took 202-234 registers (2 programs per SM) and was slower everywhere.
+# Never with dv < 64 (QREG_MIN_DV): Triton 3.6 on the H200 miscompiles Q-in-registers with the merged key loop
+# when P @ V's width (dv) is 32: relative error 0.6-1.2 in bf16 and fp16, while the same launch with Q in
+# shared memory, or with two key loops, is right (benchmarks/results/gpu_check_h200_2026-12-04_run68_before_fix
+# .json, issue 16). QREG was only ever measured (and worth having) at head dim 128.
 # CTX_FIRST (with contextual rows, in longest-first order): the query blocks that hold contextual rows
 # start first. Those rows see the whole history, so such a block runs as long as a sequence's last one,
 # and in plain longest-first order it starts last, on the launch's tail. H200, 2026-11-30 (benchmarks/
@@ -367,6 +371,7 @@ def ws_wanted(max_seq_len: int) -> bool:
 # that traffic (45% busy) but stall longer on the 8-warp barriers: N=4096 0.664, N=512 0.338, dlrm-v3
 # batch 16 0.742 ms (run 40).
 TMA_TILES = {"BLOCK_N": 32, "maxnreg": 168}
+QREG_MIN_DV = 64  # (see QREG above: wrong results at dv = 32, a hard floor even when `config` asks for QREG)
 
 
 @functools.cache
@@ -440,7 +445,7 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     cfg["MERGED"] = cfg["TMA"] if cfg["MERGED"] is None else bool(cfg["MERGED"])
     cfg["POST_SCALE"] = q.dtype != torch.float16 if cfg["POST_SCALE"] is None else bool(cfg["POST_SCALE"])
     # (measured with TMA loads only; an inline-PTX copy, which Triton's interpreter cannot run)
-    cfg["QREG"] = bool(cfg["QREG"]) and cfg["TMA"] and not interpreting()
+    cfg["QREG"] = bool(cfg["QREG"]) and cfg["TMA"] and not interpreting() and dv >= QREG_MIN_DV
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     qa, ka, va = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn)) if cfg["TMA"] else (q, k, v)
     launcher(_hstu_fwd)[grid](
