@@ -118,7 +118,10 @@ class QuantizeSection(Section):
     calibration_users: int = Field(256, ge=1)
     sensitivity_threshold: float = Field(0.005, ge=0, description="max relative output error per MatMul")
     activation_matmuls: bool = Field(False, description="also quantize activation x activation MatMuls (attention)")
-    max_relative_drop: float = Field(0.01, ge=0, description="bar on NDCG@10 and each AUC")
+    max_relative_drop: float = Field(0.01, ge=0, description="accuracy gate: largest relative loss of full-ranking "
+                                     "NDCG and each task's AUC the bootstrap interval may reach (README 'INT8')")
+    gate_resamples: int = Field(1000, ge=100, description="paired bootstrap resamples of the test users")
+    gate_confidence: float = Field(0.95, gt=0.5, lt=1, description="the gate's interval")
 
 
 class ProfileSection(Section):

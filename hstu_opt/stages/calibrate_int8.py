@@ -5,7 +5,11 @@ Rules: Q/DQ only on MatMul/Gemm inputs; symmetric int8 activations and per-chann
 (every zero-point 0). Calibration data are real user histories (the validation split), never random
 tensors. A MatMul whose quantization alone moves the graph output by more than
 quantize.sensitivity_threshold (relative L2) stays in float, and the report says so.
-Outputs: model.int8.onnx, retrieval.int8.onnx, sensitivity.json, accuracy.json.
+Then the accuracy gate (data/agreement.py): on the held-out test split, the relative change of full-ranking
+NDCG and of each task's AUC over all scored pairs, int8 against fp32, paired bootstrap over users; int8 passes
+when each interval's lower end is at least -quantize.max_relative_drop. While it fails, the most sensitive
+quantized MatMul of the graph behind the failing metric goes back to float.
+Outputs: model.int8.onnx, retrieval.int8.onnx, sensitivity.json, accuracy.json (the rule and every number).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from hstu_opt._lazy import require
 from hstu_opt.backends import onnxruntime as ort_backend
-from hstu_opt.data.metrics import evaluate
+from hstu_opt.data import agreement
 from hstu_opt.data.sequences import load_sequences
 from hstu_opt.data.splits import leave_one_out
 from hstu_opt.errors import StageError
@@ -125,18 +129,28 @@ def write_int8(src: Path, dst: Path, feeds: list[dict], reference: list[np.ndarr
     return _rel_error(_outputs(dst, feeds[:SENSITIVITY_BATCHES], quantized=True), reference)
 
 
-def relative_drop(fp32: float, int8: float) -> float:
-    return (fp32 - int8) / fp32 if fp32 else 0.0
+GATE_RULE = ("int8 passes when, for full-ranking NDCG (per user 1/log2(rank+2) of the held-out item) and each "
+             "task's AUC over all scored (user, candidate) pairs, the {confidence:.0%} paired-bootstrap interval "
+             "({resamples} resamples of the test users) of the relative change (int8 - fp32) / fp32 has its lower "
+             "end >= -{bar:.2%}; while it does not, the most sensitive quantized MatMul of the graph behind the "
+             "failing metric (retrieval for NDCG, ranking for AUCs) goes back to float.")
 
 
-def _drops(fp32: dict, int8: dict) -> dict[str, float]:
-    """Relative drop of the metrics the bar covers: NDCG@10 and every AUC."""
-    return {k: relative_drop(fp32[k], int8[k]) for k in fp32 if k.startswith(("ndcg", "auc"))}
+def _gate(test, fp32_out, scorer, section, tasks) -> tuple[dict, agreement.Outputs]:
+    out = agreement.collect(test, scorer)
+    return agreement.paired_gate(test, fp32_out, out, tasks, section.max_relative_drop, section.gate_resamples,
+                                 section.gate_confidence), out
+
+
+def _worst(gate: dict) -> str:
+    """The failing metric with the lowest interval end."""
+    failing = {k: m["ci"][0] for k, m in gate["gated"].items() if not m["passed"]}
+    return min(failing, key=failing.get)
 
 
 class CalibrateInt8(Stage):
     name = "calibrate-int8"
-    version = 6  # 2: float biases (TensorRT); 3: weight MatMuls only; 4: no output Q/DQ; 5: accuracy bar; 6: fused
+    version = 7  # 2: float biases; 3: weight MatMuls only; 4: no output Q/DQ; 5: accuracy bar; 6: fused; 7: paired gate
     sections = ("quantize", "data", "model")
     inputs = ("train-stub", "export-onnx")
 
@@ -172,40 +186,48 @@ class CalibrateInt8(Stage):
                                                         Path(work))
                 rel_err[kind] = write_int8(fp32_path, int8_path, feeds[kind], reference[kind], section, caches[kind],
                                            sensitivity[kind])
-            fp32, int8 = evaluate(test, scorer(0), tasks), evaluate(test, scorer(1), tasks)
-            drops = _drops(fp32, int8)
-            # The accuracy bar is the recipe's: while a metric drops too far, the most sensitive quantized
-            # MatMul of the graph behind it (retrieval for NDCG, ranking for the AUCs) goes back to float.
-            while max(drops.values()) > section.max_relative_drop:
-                worst = max(drops, key=drops.get)
-                kind = "retrieval" if worst.startswith("ndcg") else "ranking"
+            fp32_out = agreement.collect(test, scorer(0))
+            gate, int8_out = _gate(test, fp32_out, scorer(1), section, tasks)
+            while not gate["passed"]:
+                worst = _worst(gate)
+                kind = "ranking" if worst.startswith("auc") else "retrieval"
                 quantized = [r for r in sensitivity[kind] if r["quantized"]]
                 if not quantized:
                     break
                 victim = max(quantized, key=lambda r: r["rel_error"])
-                victim.update(quantized=False, why=f"kept float: {worst} dropped {drops[worst]:.2%} with it quantized "
-                                                   f"(bar {section.max_relative_drop:.0%})")
+                m = gate["gated"][worst]
+                victim.update(quantized=False, why=f"kept float by the accuracy gate: {worst} change "
+                                                   f"{m['relative_change']:+.2%}, interval [{m['ci'][0]:+.2%}, "
+                                                   f"{m['ci'][1]:+.2%}] below the bar -{section.max_relative_drop:.2%}")
                 rel_err[kind] = write_int8(*paths[kind], feeds[kind], reference[kind], section, caches[kind],
                                            sensitivity[kind])
-                int8 = evaluate(test, scorer(1), tasks)
-                drops = _drops(fp32, int8)
+                gate, int8_out = _gate(test, fp32_out, scorer(1), section, tasks)
         report = {k: {"sensitivity": sensitivity[k], "quantized": sum(r["quantized"] for r in sensitivity[k]),
                       "kept_float": sum(not r["quantized"] for r in sensitivity[k]),
                       "calibration_rel_error": rel_err[k]} for k in paths}
-        accuracy = {"fp32": fp32, "int8": int8, "relative_drop": drops, "bar": section.max_relative_drop,
-                    "within_bar": all(d <= section.max_relative_drop for d in drops.values()),
-                    "split": "test (leave-one-out)", "calibration": f"{len(calib.users)} users of the validation split",
-                    "method": section.method}
+        fp32, int8 = agreement.metrics(test, fp32_out, tasks), agreement.metrics(test, int8_out, tasks)
+        accuracy = {"rule": GATE_RULE.format(confidence=section.gate_confidence, resamples=section.gate_resamples,
+                                             bar=section.max_relative_drop),
+                    "passed": gate["passed"], "gated": gate["gated"], "agreement": gate["agreement"],
+                    "fp32": fp32, "int8": int8, "bar": section.max_relative_drop,
+                    "split": f"test (leave-one-out), {len(test.users)} users",
+                    "calibration": f"{len(calib.users)} users of the validation split", "method": section.method}
         write_json_atomic(ctx.out_dir / "accuracy.json", accuracy)
         write_json_atomic(ctx.out_dir / "sensitivity.json", report)
-        worst = max(drops.values())
         quantized = sum(r["quantized"] for r in report.values())
         total = quantized + sum(r["kept_float"] for r in report.values())
+        lows = {k: m["ci"][0] for k, m in gate["gated"].items()}
+        worst = min(lows, key=lows.get)
         return {
             "accuracy": accuracy, "quantized_matmuls": quantized, "matmuls": total,
-            "headline": f"{quantized}/{total} MatMuls int8 ({section.method}); worst relative drop {worst:+.2%} "
-                        f"({'within' if accuracy['within_bar'] else 'OVER'} the {section.max_relative_drop:.0%} bar)",
-            "tables": [{"title": "INT8 vs FP32 (onnxruntime, held-out test split)",
-                        "columns": ["metric", "fp32", "int8", "relative drop"],
-                        "rows": [[k, fp32[k], int8[k], f"{drops[k]:+.2%}" if k in drops else ""] for k in fp32]}],
+            "headline": f"{quantized}/{total} MatMuls int8 ({section.method}); gate "
+                        f"{'passed' if gate['passed'] else 'FAILED'}: lowest interval end {worst} {lows[worst]:+.2%} "
+                        f"(bar -{section.max_relative_drop:.2%})",
+            "tables": [{"title": "INT8 vs FP32 (onnxruntime, held-out test split, paired bootstrap over users)",
+                        "columns": ["metric", "fp32", "int8", "relative change", "interval", "gate"],
+                        "rows": [[k, fp32[k], int8[k], f"{(int8[k] - fp32[k]) / fp32[k]:+.2%}" if fp32[k] else "",
+                                  (f"[{gate['gated'][k]['ci'][0]:+.2%}, {gate['gated'][k]['ci'][1]:+.2%}]"
+                                   if k in gate["gated"] else "(reported)"),
+                                  ("pass" if gate["gated"][k]["passed"] else "FAIL") if k in gate["gated"] else ""]
+                                 for k in fp32]}],
         }
