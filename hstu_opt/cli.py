@@ -128,6 +128,9 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     target: Optional[str] = typer.Option(None, "--target", help=_TARGET_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help=_PRECISION_HELP),
+    env_file: Optional[Path] = typer.Option(
+        None, "--env-file", help="Also append name=value lines (bundle, artifact, cache_key, cache_prefix) to this "
+        "file: the format of $GITHUB_OUTPUT and of GitLab dotenv files."),
 ) -> None:
     """What `build` would do, without doing it: stages in order, cached or not, keys, CI cache key."""
     from hstu_opt import bundle as bundle_mod
@@ -147,10 +150,21 @@ def plan(
                     "sections": list(f.stage.key_sections(r)), "inputs": list(f.stage.input_stages(r))}
                    for f in stages],
     }
+    if env_file is not None:
+        _append_env(env_file, report)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_plan(report)
+
+
+def _append_env(path: Path, report: dict) -> None:
+    """What a pipeline reads from a plan: the bundle's path, an artifact name, the CI cache key and prefix."""
+    artifact = "-".join(v for v in (report["name"], report["version"], report["target"], report["precision"]) if v)
+    lines = {"bundle": report["bundle"], "artifact": artifact, "cache_key": report["ci_cache"]["key"],
+             "cache_prefix": report["ci_cache"]["restore_prefix"]}
+    with path.open("a") as f:
+        f.writelines(f"{k}={v}\n" for k, v in lines.items())
 
 
 def _print_plan(report: dict) -> None:
