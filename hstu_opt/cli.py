@@ -6,6 +6,7 @@ The only place that turns an HstuOptError into a one-line message and exit code 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 import traceback
@@ -75,12 +76,23 @@ def _metrics_table(record: dict) -> Table:
     return table
 
 
-def _build(recipe_path: Path, out: Path, until: Optional[str], force: list[str]) -> None:
-    from hstu_opt import pipeline
+def _load(recipe_path: Path, target: Optional[str] = None, precision: Optional[str] = None):
     from hstu_opt.recipe import load_recipe
+    from hstu_opt.targets import for_target
+
+    return for_target(load_recipe(recipe_path), target, precision)
+
+
+_TARGET_HELP = "Build for this target: cpu (onnxruntime), sm89 (TensorRT-RTX plans), sm90 (compiled, on that GPU)."
+_PRECISION_HELP = "float (the recipe's dtype only) or int8 (also the INT8 Q/DQ engines)."
+
+
+def _build(recipe_path: Path, out: Path, until: Optional[str], force: list[str], target: Optional[str] = None,
+           precision: Optional[str] = None) -> None:
+    from hstu_opt import pipeline
 
     with _errors():
-        recipe = load_recipe(recipe_path)
+        recipe = _load(recipe_path, target, precision)
         console.print(f"[bold]hstu-opt build[/] {recipe_path} -> {out}/{recipe.name}/{recipe.version}")
         reporter = RichReporter()
         bundle, results = pipeline.build(recipe, out, reporter, until=until, force=tuple(force))
@@ -102,9 +114,88 @@ def build(
     out: Path = typer.Option(Path("artifacts"), "--out", help="Output root."),
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
     force: list[str] = typer.Option([], "--force", help="Rerun this stage even if cached (repeatable)."),
+    target: Optional[str] = typer.Option(None, "--target", help=_TARGET_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=_PRECISION_HELP),
 ) -> None:
     """Run every stage of RECIPE (reusing cached ones) and write the bundle."""
-    _build(recipe, out, until, force)
+    _build(recipe, out, until, force, target, precision)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    out: Path = typer.Option(Path("artifacts"), "--out", help="Output root whose cache is looked at."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    target: Optional[str] = typer.Option(None, "--target", help=_TARGET_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=_PRECISION_HELP),
+    env_file: Optional[Path] = typer.Option(
+        None, "--env-file", help="Also append name=value lines (bundle, artifact, cache_key, cache_prefix) to this "
+        "file: the format of $GITHUB_OUTPUT and of GitLab dotenv files."),
+) -> None:
+    """What `build` would do, without doing it: stages in order, cached or not, keys, CI cache key."""
+    from hstu_opt import bundle as bundle_mod
+    from hstu_opt import pipeline, toolchain
+
+    with _errors():
+        r = _load(recipe, target, precision)
+        stages = pipeline.plan(r, out)
+    report = {
+        "recipe": str(recipe), "name": r.name, "version": r.version, "recipe_sha256": r.digest(),
+        "target": target, "precision": precision, "out": str(out), "bundle": str(bundle_mod.bundle_dir(out, r)),
+        "toolchain_fingerprint": toolchain.fingerprint(), "toolchain": toolchain.toolchain(),
+        "ci_cache": {"path": str(out / ".cache"), "key": pipeline.ci_cache_key(r),
+                     "restore_prefix": pipeline.ci_cache_prefix(r)},
+        "stages": [{"stage": f.stage.name, "version": f.stage.version, "cached": f.saved is not None, "key": f.key,
+                    "note": f"unknown until {f.waits_for} runs" if f.key is None else None,
+                    "sections": list(f.stage.key_sections(r)), "inputs": list(f.stage.input_stages(r))}
+                   for f in stages],
+    }
+    if env_file is not None:
+        _append_env(env_file, report)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_plan(report)
+
+
+def _append_env(path: Path, report: dict) -> None:
+    """What a pipeline reads from a plan: the bundle's path, an artifact name, the CI cache key and prefix."""
+    artifact = "-".join(v for v in (report["name"], report["version"], report["target"], report["precision"]) if v)
+    lines = {"bundle": report["bundle"], "artifact": artifact, "cache_key": report["ci_cache"]["key"],
+             "cache_prefix": report["ci_cache"]["restore_prefix"]}
+    with path.open("a") as f:
+        f.writelines(f"{k}={v}\n" for k, v in lines.items())
+
+
+def _print_plan(report: dict) -> None:
+    console.print(f"[bold]hstu-opt plan[/] {report['recipe']} -> {report['bundle']}", highlight=False)
+    for label, value in (("recipe sha256", report["recipe_sha256"]),
+                         ("toolchain fingerprint", report["toolchain_fingerprint"]),
+                         ("CI cache key", f"{report['ci_cache']['key']} (path {report['ci_cache']['path']})")):
+        console.print(f"  {label:<22} {value}", highlight=False)
+    table = Table(title="stages, in order")
+    for col in ("#", "stage", "cached", "key", "keyed on"):
+        table.add_column(col)
+    for i, s in enumerate(report["stages"], 1):
+        cached = "[green]cached[/]" if s["cached"] else "[yellow]will run[/]"
+        table.add_row(str(i), s["stage"], cached, s["key"][:16] if s["key"] else f"[dim]{s['note']}[/]",
+                      ", ".join(s["sections"] + s["inputs"]))
+    console.print(table)
+    n = sum(s["cached"] for s in report["stages"])
+    console.print(f"{n}/{len(report['stages'])} stages cached")
+
+
+@app.command("recipe-schema")
+def recipe_schema(path: Optional[Path] = typer.Argument(None, help="Write here (default: stdout).")) -> None:
+    """The recipe's JSON Schema, for editors (e.g. `# yaml-language-server: $schema=recipe.schema.json`)."""
+    from hstu_opt.recipe_doc import recipe_schema as schema
+
+    text = json.dumps(schema(), indent=2) + "\n"
+    if path is None:
+        typer.echo(text, nl=False)
+        return
+    path.write_text(text)
+    console.print(f"wrote {path}", highlight=False)
 
 
 def _stage_command(stage_name: str):

@@ -5,6 +5,9 @@ key = sha256(stage name, stage version, its recipe sections, its inputs' digests
 A stage runs into a temp dir that is renamed into the cache only when it returns, so an
 interrupted build never leaves a half artifact; the bundle is then assembled (hard links) in a
 temp dir and renamed into `<root>/<name>/<version>/`.
+
+`lookup` is the one place that turns (stage, recipe, upstream digests) into a key and a cache
+entry: `run_stages` (build) and `plan` (what a build would do, without doing it) both call it.
 """
 
 from __future__ import annotations
@@ -67,6 +70,58 @@ def cache_key(stage: Stage, recipe: Recipe, input_digests: dict[str, str]) -> st
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """A stage's key and cache entry, found before running it."""
+    stage: Stage
+    key: str | None  # None while an upstream output (and so its digest) does not exist yet
+    input_digests: dict[str, str]
+    entry: Path | None
+    saved: dict | None  # the entry's record when it exists and every file still has its hash
+    waits_for: str | None  # the last upstream stage without an output, when key is None
+
+
+def lookup(stage: Stage, recipe: Recipe, root: Path, digests: dict[str, str | None],
+           force: tuple[str, ...] = ()) -> Lookup:
+    """Key and cache entry of `stage`, given the output digests of the stages before it (None: not run)."""
+    inputs = stage.input_stages(recipe)
+    unknown = [name for name in inputs if digests.get(name) is None]
+    if unknown:
+        return Lookup(stage, None, {}, None, None, unknown[-1])
+    input_digests = {name: digests[name] for name in inputs}
+    key = cache_key(stage, recipe, input_digests)
+    entry = root / ".cache" / stage.name / key
+    saved = None if stage.name in force else _load_cached(entry)
+    return Lookup(stage, key, input_digests, entry, saved, None)
+
+
+def plan(recipe: Recipe, root: Path, until: str | None = None) -> list[Lookup]:
+    """What `build` would do, without running anything: each stage's key and whether it is cached.
+    A stage after an uncached one has no key yet (its key hashes that stage's output)."""
+    digests: dict[str, str | None] = {}
+    found = []
+    for stage in resolve(recipe, until):
+        f = lookup(stage, recipe, root, digests)
+        digests[stage.name] = digest_of(f.saved["outputs"]) if f.saved is not None else None
+        found.append(f)
+    return found
+
+
+def ci_cache_key(recipe: Recipe) -> str:
+    """A key for a CI cache of `<root>/.cache`: equal keys mean equal stage keys, so a restored cache
+    holds this build's entries. It hashes what every stage key hashes, except the upstream outputs
+    (which follow from the rest): the recipe, the stages' names and versions, the toolchain."""
+    parts = {"recipe": recipe.digest(), "stages": {s.name: s.version for s in resolve(recipe)},
+             "toolchain": toolchain.fingerprint()}
+    return f"{ci_cache_prefix(recipe)}{hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]}"
+
+
+def ci_cache_prefix(recipe: Recipe) -> str:
+    """The shared start of this recipe's CI cache keys: restoring by prefix reuses an older cache, whose
+    unchanged stages (training, usually) are then still hits."""
+    return f"hstu-opt-{recipe.name}-{recipe.version}-"
+
+
 def _load_cached(entry: Path) -> dict | None:
     """A cache entry is usable only if its record exists and every file still has its recorded hash."""
     record_path = entry / RECORD
@@ -100,18 +155,18 @@ def run_stages(recipe: Recipe, root: Path, reporter: Reporter, until: str | None
                force: tuple[str, ...] = ()) -> list[StageResult]:
     results: dict[str, StageResult] = {}
     for stage in resolve(recipe, until):
-        input_digests = {name: results[name].digest for name in stage.input_stages(recipe)}
-        key = cache_key(stage, recipe, input_digests)
-        entry = root / ".cache" / stage.name / key
+        found = lookup(stage, recipe, root, {name: r.digest for name, r in results.items()}, force)
+        assert found.key is not None and found.entry is not None, "every upstream stage has run"
         reporter.stage_started(stage.name)
-        saved = None if stage.name in force else _load_cached(entry)
+        saved = found.saved
         cached = saved is not None
         if saved is None:
-            saved, _ = _run_stage(stage, recipe, key, {n: results[n].path for n in input_digests},
+            saved, _ = _run_stage(stage, recipe, found.key, {n: results[n].path for n in found.input_digests},
                                   root / ".cache" / stage.name, reporter)
         seconds = 0.0 if cached else saved["seconds"]
-        results[stage.name] = StageResult(stage, key, cached, seconds, saved["outputs"], digest_of(saved["outputs"]),
-                                          saved["record"], input_digests, entry)
+        results[stage.name] = StageResult(stage, found.key, cached, seconds, saved["outputs"],
+                                          digest_of(saved["outputs"]), saved["record"], found.input_digests,
+                                          found.entry)
         reporter.stage_finished(stage.name, saved["record"], cached, seconds)
     return list(results.values())
 

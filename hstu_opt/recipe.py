@@ -184,7 +184,7 @@ def _describe(path: Path, err: dict) -> str:
         valid = _fields_at(loc)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
-        return f"{path}: unknown key '{where}': {hint}"
+        return f"{path}: unknown key '{where}' ({hint})"
     if err["type"] == "missing":
         return f"{path}: missing required key '{where}': add it"
     return f"{path}: {where}: {err['msg']} (got {err.get('input')!r}): fix this value"
@@ -205,7 +205,10 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(_describe(path, exc.errors()[0])) from exc
+        # A misspelled key also makes its correct spelling "missing": name the unknown key first,
+        # since its did-you-mean is the fix (pydantic lists missing fields before extra ones).
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise RecipeError(_describe(path, errors[0])) from exc
     if recipe.data.path is not None and not recipe.data.path.is_absolute():
         recipe = recipe.model_copy(
             update={"data": recipe.data.model_copy(update={"path": (path.parent / recipe.data.path).resolve()})}

@@ -156,8 +156,8 @@ def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndar
     """Copy the padded feed, as int64, into the front of `buffer` in PADDED_INPUTS order (a few flat copies,
     nothing per user); returns the number of elements written. numpy's copies run on the calling thread:
     a torch.cat of the flat inputs, which copies on several threads, was 2.5x faster in a tight loop on the
-    H200 machine's host (benchmarks/batch16_probe.py) but slower between requests (batch 16 host
-    preparation 0.46 against 0.32 ms, run 35), when its idle threads must wake first."""
+    H200 machine's host (benchmarks/results/batch16_probe_h200_2026-11-29_run35.json) but slower between
+    requests (batch 16 host preparation 0.46 against 0.32 ms, run 35), when its idle threads must wake first."""
     B, Nh = feed["hist_ids"].shape
     sizes = staged_sizes(B, Nh, feed["cand_ids"].shape[1], contextual_len)
     at = 0

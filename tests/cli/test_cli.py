@@ -20,8 +20,10 @@ def one_line_error(proc) -> str:
 
 
 @pytest.mark.parametrize("yaml_text,expected", [
-    ("name: x\nversion: '1'\nmodel:\n  num_head: 2\n", "unknown key 'model.num_head': did you mean 'num_heads'?"),
-    ("name: x\nversion: '1'\ntrian: {}\n", "unknown key 'trian': did you mean 'train'?"),
+    ("name: x\nversion: '1'\nmodel:\n  num_head: 2\n", "unknown key 'model.num_head' (did you mean 'num_heads'?)"),
+    ("name: x\nversion: '1'\ntrian: {}\n", "unknown key 'trian' (did you mean 'train'?)"),
+    # a misspelled required key: the unknown key and its match, not only "missing 'name'"
+    ("nmae: x\nversion: '1'\n", "unknown key 'nmae' (did you mean 'name'?)"),
     ("name: x\nversion: '1'\nmodel:\n  num_heads: two\n", "model.num_heads"),
     ("name: x\nversion: '1'\nmodel: [1, 2\n", "not valid YAML at line"),
     ("version: '1'\n", "missing required key 'name'"),
