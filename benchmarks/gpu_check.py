@@ -48,8 +48,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BARS = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 # name, contextual rows, window, min_full_attn_seq_len, targets
 MASKS = [("causal", 0, 0, 0, False), ("targets+ctx", 2, 0, 0, True), ("window", 2, 24, 0, True),
-         ("window+min_full", 2, 24, 9, True)]
+         ("window+min_full", 2, 24, 9, True), ("many users", 2, 0, 0, True)]
 LENGTHS = [300, 7, 129, 64, 1, 200, 33]  # N = 300: bf16 head dim 128 without a window routes to the Gluon kernel
+# "many users": 160 users, so cached scoring needs no key split and routes bf16 head dim 128 to the Gluon kernel
+MANY = [20 + (37 * i) % 280 for i in range(160)]
 
 
 def sweep_cases() -> list[tuple[int, int, str]]:
@@ -87,11 +89,11 @@ def float64_attention(q, k, v, offsets, nt, N, alpha, C, window, full) -> torch.
     return out
 
 
-def jagged_case(dqk: int, dv: int, dtype: torch.dtype, C: int, targets: bool, H: int, seed: int):
+def jagged_case(dqk: int, dv: int, dtype: torch.dtype, C: int, targets: bool, H: int, seed: int, many: bool = False):
     """q, k, v as strided views of one [L, H*(2dv+2dqk)] buffer (the layout uvqk produces), offsets, targets."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([max(n, C + 1 + 8 * targets) for n in LENGTHS])
-    nt = (torch.randint(1, 9, (len(LENGTHS),), generator=g) if targets else torch.zeros(len(LENGTHS), dtype=torch.long))
+    lengths = torch.tensor([max(n, C + 1 + 8 * targets) for n in (MANY if many else LENGTHS)])
+    nt = (torch.randint(1, 9, (len(lengths),), generator=g) if targets else torch.zeros(len(lengths), dtype=torch.long))
     nt = torch.minimum(nt, lengths - C - 1)
     offsets = torch.tensor([0, *lengths.cumsum(0).tolist()])
     L = int(offsets[-1])
@@ -180,7 +182,8 @@ def kernel_rows(dqk: int, dv: int, dtype: torch.dtype) -> list[dict]:
     rows = []
     H = 2 if max(dqk, dv) >= 192 else 4
     for i, (mask, C, window, full, targets) in enumerate(MASKS):
-        q, k, v, offsets, nt, N = jagged_case(dqk, dv, dtype, C, targets, H, seed=1000 * dqk + dv + i)
+        q, k, v, offsets, nt, N = jagged_case(dqk, dv, dtype, C, targets, H, seed=1000 * dqk + dv + i,
+                                              many=mask == "many users")
         alpha = dqk ** -0.5
         want = float64_attention(q, k, v, offsets, nt, N, alpha, C, window, full)
         op = ops.hstu_attention(q, k, v, offsets, nt, max_seq_len=N, alpha=alpha, contextual_len=C, max_attn_len=window,
