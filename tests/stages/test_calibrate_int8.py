@@ -1,5 +1,7 @@
 """The Q/DQ graph follows the rules TensorRT needs, and INT8 accuracy stays within the recipe's bar."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -72,3 +74,49 @@ def test_int8_gate_passed_and_sensitivity_reported(tiny_build):
                 assert "threshold" in s["why"]
             else:  # returned to float by the accuracy gate
                 assert "accuracy gate" in s["why"] and "bar" in s["why"]
+
+
+def test_gate_reverts_exactly_a_deliberately_harmed_matmul(tiny_build, tmp_path, monkeypatch):
+    """One MatMul's weight scale is tripled wherever it is quantized; with the sensitivity threshold out of the way
+    (every MatMul int8 by sensitivity), the accuracy gate must put back to float exactly that MatMul."""
+    import json
+
+    from hstu_opt.stages import calibrate_int8 as stage
+    from hstu_opt.stages.base import StageContext
+    from tests.conftest import SilentReporter
+
+    path, _ = tiny_build
+    sens = json.loads((path / "calibrate-int8" / "sensitivity.json").read_text())
+    victim = next(r["node"] for r in sens["ranking"]["sensitivity"] if r["quantized"])
+    ranking_src = path / "export-onnx" / "model.onnx"
+    original = stage._quantize
+
+    def harmful(src, dst, feeds, method, percentile, cache, nodes=None):
+        original(src, dst, feeds, method, percentile, cache, nodes)
+        if Path(src).resolve() != ranking_src.resolve() or (nodes is not None and victim not in nodes):
+            return
+        model = onnx.load(str(dst))
+        producers = {o: n for n in model.graph.node for o in n.output}
+        node = next(n for n in model.graph.node if n.name == victim)
+        dq = next(producers[i] for i in node.input[:2] if i in producers and producers[i].op_type == "DequantizeLinear"
+                  and producers[i].input[0] in {t.name for t in model.graph.initializer})
+        scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 3, scale.name))
+        onnx.save(model, str(dst))
+
+    monkeypatch.setattr(stage, "_quantize", harmful)
+    from hstu_opt.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml")
+    recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"sensitivity_threshold": 1e9})})
+    out = tmp_path / "int8"
+    out.mkdir()
+    ctx = StageContext(recipe=recipe, out_dir=out, reporter=SilentReporter(),
+                       inputs={"train-stub": path / "train-stub", "export-onnx": path / "export-onnx"})
+    record = stage.CalibrateInt8().run(ctx)
+    report = json.loads((out / "sensitivity.json").read_text())
+    reverted = [(g, r["node"]) for g, rep in report.items() for r in rep["sensitivity"] if not r["quantized"]]
+    assert reverted == [("ranking", victim)], reverted
+    why = next(r["why"] for r in report["ranking"]["sensitivity"] if r["node"] == victim)
+    assert "accuracy gate" in why
+    assert record["accuracy"]["passed"] and record["quantized_matmuls"] == record["matmuls"] - 1
