@@ -3,9 +3,9 @@
     python benchmarks/gpu_hstu.py --out DIR [--skip-check] [--skip-bench] [--skip-sweep] [--skip-model]
 
 1. ceilings measured in the same run: dense bf16 8192^3 matmul, device-to-device copy;
-2. correctness: Triton full and cached attention and the fused uvqk / hstu_output in bf16 / fp16 / fp32
-   on fresh random inputs (length 1, odd lengths, targets, contextual rows, windows, long sequences, odd
-   widths) against float64 math, with outputs poisoned (NaN) before each launch so unwritten elements show;
+2. correctness of the fused uvqk / hstu_output in bf16 / fp16 / fp32 against float64 math, outputs poisoned
+   (NaN) before each launch so unwritten elements show (the attention kernels and whole models:
+   benchmarks/gpu_check.py, which sweeps every shape the router admits);
 3. attention kernel speed (bf16 forward): TFLOP/s counting 2*H*(dqk+dv)*sum(len^2)/2, and its ratio
    to the matmul ceiling; tile sweeps for the attention and the fused projection;
 4. end to end at recipes/dlrm-v3-ranking.yaml sizes (5 layers, D=512, 4 heads, d=128, 4 contextual
@@ -45,7 +45,7 @@ from hstu_opt.backends.eager import example_feed  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.ops.hstu_attention.triton import (  # noqa: E402
-    _blocks, cached_partials_shape, fwd_splits, launch_cached, launch_fwd, takes_cached_ws, takes_ws, tma_ok)
+    _blocks, fwd_splits, launch_fwd, takes_ws, tma_ok)
 from hstu_opt.ops._triton import tma_ready  # noqa: E402
 from hstu_opt.ops.embedding_rows.triton import launch as embedding_rows_launch  # noqa: E402
 from hstu_opt.ops.hstu_output.triton import launch as output_launch  # noqa: E402
@@ -88,71 +88,12 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30))
 
 
-CHECKS = [  # name, B, N, H, dqk, dv, C, window, fixed lengths
-    ("odd+len1", 6, 300, 2, 64, 64, 0, 0, [1, 7, 129, 300, 33, 2]),
-    ("d50-ctx", 8, 700, 2, 50, 50, 3, 0, None),
-    ("window", 8, 512, 4, 128, 128, 2, 64, None),
-    ("d100", 4, 1024, 3, 100, 100, 0, 0, None),
-    ("long", 2, 4096, 4, 128, 128, 0, 0, None),
-    ("d256", 2, 600, 1, 256, 256, 0, 0, None),
-    ("many users", 160, 300, 2, 64, 64, 1, 0, None),  # cached: 320 programs, one key split
-    ("dlrm-like", 4, 4352, 4, 128, 128, 4, 0, [4352, 4001, 2100, 5]),  # bf16 full: the Gluon kernel (takes_ws)
-    ("many short", 96, 384, 4, 128, 128, 2, 0, None),  # bf16 full: the Gluon kernel, 3 blocks per user
-]
-
-
 def check_row(kernel: str, case: str, dtype: torch.dtype, got: torch.Tensor, want: torch.Tensor) -> dict:
     """One check: relative error against float64 math, and no element left unwritten (outputs are NaN-poisoned)."""
     err = rel_err(got, want)
     unwritten = int((~torch.isfinite(got)).sum())
     return {"kernel": kernel, "case": case, "dtype": str(dtype).split(".")[-1], "rel_err": err, "bar": BARS[dtype],
             "unwritten": unwritten, "ok": unwritten == 0 and err <= BARS[dtype]}
-
-
-def check(gen) -> list[dict]:
-    rows = []
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for dtype in (dtypes[d] for d in os.environ.get("HSTU_CHECK_DTYPES", "bf16,fp16,fp32").split(",")):
-        for name, B, N, H, dqk, dv, C, window, lens in CHECKS:
-            (q, k, v, offsets, nt), lengths = jagged(B, N, H, dqk, dv, dtype, gen, C=C, lengths=lens)
-            kw = dict(max_seq_len=N, alpha=dqk ** -0.5, contextual_len=C, max_attn_len=window)
-            want = ops.hstu_attention(q.double(), k.double(), v.double(), offsets, nt, **kw)
-            out = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
-            ws = takes_ws(q, k, v, out, N, window)  # (the warp-specialized Gluon kernel takes it)
-            launch_fwd(q, k, v, offsets, nt, out, N, kw["alpha"], C, window)
-            rows.append(check_row("full/ws" if ws else "full", name, dtype, out, want))
-            if tma_ok(dtype, q, k, v):  # the pointer kernel too: what traced launches (the compiled engine) run
-                out_p = torch.full((q.shape[0], H, dv), float("nan"), dtype=dtype, device=DEV)
-                launch_fwd(q, k, v, offsets, nt, out_p, N, kw["alpha"], C, window, config={"TMA": False})
-                rows.append(check_row("full/pointers", name, dtype, out_p, want))
-            # the same with the keys split across programs (float32 partials, poisoned, then summed)
-            splits = 3
-            parts = torch.full((splits, q.shape[0], H, dv), float("nan"), device=DEV)
-            launch_fwd(q, k, v, offsets, nt, parts, N, kw["alpha"], C, window)
-            rows.append(check_row(f"full/{splits} splits", name, dtype, parts.sum(0).to(dtype), want))
-            # cached: the last rows of each user are new (targets), the rest is the cache
-            c_len = (lengths - nt.cpu()).tolist()
-            rows_c = torch.cat([torch.arange(int(offsets[b]), int(offsets[b]) + c_len[b]) for b in range(len(c_len))]).to(DEV)
-            rows_d = torch.cat([torch.arange(int(offsets[b]) + c_len[b], int(offsets[b + 1])) for b in range(len(c_len))]).to(DEV)
-            co = torch.tensor([0, *np.cumsum(c_len)], dtype=torch.int64, device=DEV)
-            do = torch.tensor([0, *np.cumsum(nt.cpu().numpy())], dtype=torch.int64, device=DEV)
-            qd = q[rows_d]
-            # None: the op's choice (the Gluon kernel's cached form where takes_cached_ws); True / False: Triton's
-            # TMA and pointer kernels (pointers: the engine's traced launch)
-            for tma in (None, True, False) if tma_ok(dtype, q, k, v) else (False,):
-                shape = cached_partials_shape(qd, v, do, N, int(nt.max()))
-                one = shape[0] == 1  # one key split: the kernel writes the result in q's dtype (the op's path)
-                parts = torch.full(shape[1:] if one else shape, float("nan"), device=DEV,
-                                   dtype=dtype if one else torch.float32)
-                out_c = parts[None] if one else parts
-                if tma is None and not takes_cached_ws(qd, k[rows_d], v[rows_d], k[rows_c], v[rows_c], out_c, window, None):
-                    continue  # (the same launch as tma=True)
-                launch_cached(qd, k[rows_d], v[rows_d], do, k[rows_c], v[rows_c], co, out_c, N, kw["alpha"], C, window,
-                              int(nt.max()), tma=tma)
-                kernel = {None: "cached/ws", True: "cached", False: "cached/pointers"}[tma]
-                rows.append(check_row(kernel + ("/1 split" if one else ""), name, dtype,
-                                      parts if one else parts.sum(0).to(dtype), want[rows_d]))
-    return rows
 
 
 BENCH = [  # B, N, H, d
@@ -697,7 +638,8 @@ def main() -> None:
     print(f"ceilings: {result['ceilings']}", flush=True)
     save()
     if not args.skip_check:
-        result["check"] = check(gen) + check_projections(gen)
+        # (attention correctness: benchmarks/gpu_check.py sweeps every head dim, dtype, kernel and mask option)
+        result["check"] = check_projections(gen)
         for r in result["check"]:
             print(f"check {r['kernel']:11} {r['case']:20} {r['dtype']:8} rel_err {r['rel_err']:.2e} "
                   f"unwritten {r['unwritten']} {'ok' if r['ok'] else 'FAIL'}")
