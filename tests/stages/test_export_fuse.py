@@ -78,3 +78,29 @@ def test_fused_matches_unfused_in_onnxruntime(tiny_build, tiny_model, kind):
         feed = _feed(tiny_model, kind, rng, *shape)
         a, b = fused.run(None, feed)[0], unfused.run(None, feed)[0]
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), shape
+
+
+def test_windowed_contextual_model_exports_the_spec_mask(tmp_path):
+    """A model with contextual rows, a window and min_full_attn_seq_len: the exported graph (whose mask is
+    layout.Padded's, checked element for element against HSTU.md's pseudo-code in tests/ops) matches the
+    eager model in onnxruntime, at lengths where the window hides the contextual rows."""
+    from dataclasses import replace
+
+    from hstu_opt.backends.eager import example_feed
+    from hstu_opt.model import HstuModel
+    from hstu_opt.stages.export_onnx import check_parity, export_graph
+    from tests.model.helpers import tiny_model as make
+
+    base = make(C=2, window=3, D=32, H=2, dqk=16, dv=16, seed=5)
+    model = HstuModel(replace(base.cfg, min_full_attn_seq_len=2)).eval()
+    model.load_state_dict(base.state_dict())
+    path = tmp_path / "model.onnx"
+    export_graph(model, "ranking", path, opset=18, max_batch=8)
+    result = check_parity(model, "ranking", path, rtol=1e-4, seed=3)
+    assert result["passed"], result
+    feed = example_feed(model, "ranking", np.random.default_rng(1), 3, model.cfg.max_history_len, 4)
+    got = ort_backend.session(path).run(None, feed)[0]
+    unwindowed = HstuModel(replace(model.cfg, max_attn_len=0)).eval()
+    unwindowed.load_state_dict(model.state_dict())
+    assert got.shape[:2] == (3, feed["cand_ids"].shape[1])
+    assert np.abs(got - EagerRunner(graph_module(unwindowed, "ranking"), "ranking").run(feed)["probs"]).max() > 1e-4
