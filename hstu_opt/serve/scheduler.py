@@ -19,9 +19,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from hstu_opt.serve.runners.base import QueueFull
+from hstu_opt.serve.runners.base import QueueFull, Unavailable
 
-class SchedulerClosed(Exception):
+class SchedulerClosed(Unavailable):
     """The scheduler no longer admits work (the server is shutting down)."""
 
 
