@@ -43,7 +43,8 @@ def field_path(loc: tuple) -> str:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0]
-    field = field_path(tuple(err.get("loc", ())))
+    # (a JSON syntax error's location is the character offset, not a field)
+    field = "body" if err.get("type") == "json_invalid" else field_path(tuple(err.get("loc", ())))
     got = f" (got {err['input']!r:.60})" if err.get("type") not in ("missing", "json_invalid") and "input" in err else ""
     return error_response(422, f"{field}: {err.get('msg', 'invalid')}{got}", request_id(request), field)
 
