@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,7 +39,8 @@ def _errors() -> Iterator[None]:
     except HstuOptError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages such as "pip install 'hstu-opt[serve]'" hold brackets rich would take for markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
