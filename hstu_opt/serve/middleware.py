@@ -11,6 +11,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.requests import InvalidRequest
@@ -49,6 +50,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, f"{field}: {err.get('msg', 'invalid')}{got}", request_id(request), field)
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own HTTP errors in our shape; its 400 for a body it cannot decode (e.g. not UTF-8) is bad
+    input like any other: 422 naming the body."""
+    if exc.status_code == 400:
+        return error_response(422, f"body: {exc.detail}: send a UTF-8 JSON object", request_id(request), "body")
+    return error_response(exc.status_code, str(exc.detail), request_id(request))
+
+
 async def _invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
     return error_response(422, str(exc), request_id(request), exc.field)
 
@@ -63,6 +72,7 @@ async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
 
 def install(app: FastAPI, metrics: ServeMetrics, max_body_bytes: int) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(InvalidRequest, _invalid_request)
     app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(Unavailable, _unavailable)
