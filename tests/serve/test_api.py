@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from tests.serve.conftest import user_body
 
 FP32_EXACT = 1e-6  # hit vs miss: the same K/V through the same scoring path
 FP32_TOL = dict(atol=1e-5, rtol=1e-4)  # cached scoring vs a full forward (tests/conftest TOLERANCES)
+DELAYED_ACK_MS = 40  # Linux's minimum delayed-ACK timeout
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +183,16 @@ def test_body_over_limit_413(live, bundle_path):
         after = c.post("/v1/rank", json={"history": {"item_ids": [1], "timestamps": [1]}, "candidates": [1]})
     assert r.status_code == 413 and r.json()["field"] == "body" and "limit" in r.json()["error"]
     assert after.status_code == 200
+
+
+def test_keep_alive_responses_do_not_wait_for_delayed_acks(live):
+    """The listening socket says TCP, so asyncio sets TCP_NODELAY on each connection: a keep-alive request
+    is not held ~40 ms (a delayed ACK) between the response's header and body writes."""
+    with live.client() as c:
+        c.get("/healthz")
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            c.get("/healthz")
+            times.append((time.perf_counter() - t0) * 1e3)
+    assert np.median(times) < DELAYED_ACK_MS / 2, times
