@@ -27,7 +27,7 @@ class LiveServer:
     def client(self, **kw):
         import httpx
 
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+        return httpx.Client(base_url=self.url, **{"timeout": 60, **kw})
 
     def stop(self) -> None:
         self.server.should_exit = True
