@@ -1,0 +1,1 @@
+"""Runners: what executes validated requests (native scheduler + engine, or vLLM)."""

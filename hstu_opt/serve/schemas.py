@@ -1,0 +1,149 @@
+"""The HTTP API contract: pydantic request and response models (what /openapi.json publishes).
+
+Types and static bounds live here; checks that depend on the bundle (item ids in 1..num_items, the
+contextual row count) and between fields (list lengths) live in hstu_opt.serve.requests, shared by
+every runner. Imports pydantic only (no fastapi), so runners and tests can use it alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_K = 1000  # most items one /v1/retrieve returns
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class History(_Model):
+    item_ids: list[int] = Field(description="The user's past items, oldest first; ids 1..num_items (GET /v1/model).")
+    ratings: list[int] | None = Field(None, description="One per item (0 = unknown, 1..num_ratings); null = all 0.")
+    timestamps: list[int] = Field(description="One per item, seconds (>= 0).")
+
+
+class UserRequest(_Model):
+    user_id: str | None = Field(None, max_length=256, description="Part of the cache key; null = anonymous.")
+    history: History
+    query_time: int | None = Field(None, description="Seconds; null = the last history timestamp. Floored to the "
+                                                     "bundle's serving.time_granularity_s.")
+    contextual_ids: list[int] | None = Field(None, description="Exactly contextual_len ids (GET /v1/model) when the "
+                                                               "model has contextual rows; else null.")
+
+
+class RankRequest(UserRequest):
+    candidates: list[int] = Field(description="Items to score, ids 1..num_items; any count (scored in groups of "
+                                              "max_targets against one history pass).")
+
+
+class RetrieveRequest(UserRequest):
+    k: int = Field(10, ge=1, le=MAX_K, description="How many items to return.")
+    exclude_seen: bool = Field(True, description="Leave out items already in the history.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    engine: str
+
+
+class ScoredItem(BaseModel):
+    item_id: int
+    scores: dict[str, float] = Field(description="Probability per ranking task.")
+
+
+class RankResponse(BaseModel):
+    results: list[ScoredItem] = Field(description="Every candidate, sorted by the first task's probability, highest first.")
+    model: ModelRef
+    cache: Literal["hit", "miss", "off"]
+    truncated: bool = Field(description="True when older history rows were dropped to fit max_history_len.")
+    timing_ms: dict[str, float]
+
+
+class RetrievedItem(BaseModel):
+    item_id: int
+    score: float = Field(description="Dot product of the query embedding and the item's (both L2-normalized).")
+
+
+class RetrieveResponse(BaseModel):
+    results: list[RetrievedItem]
+    model: ModelRef
+    truncated: bool
+    timing_ms: dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="One line: what was wrong and what to do.")
+    field: str | None = Field(None, description="The offending request field (dotted path), when there is one.")
+    request_id: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    engine: str
+
+
+class ModelLimits(BaseModel):
+    num_items: int
+    num_ratings: int
+    max_history_len: int
+    max_targets: int
+    contextual_len: int
+    contextual_cardinality: int
+    time_granularity_s: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    created_utc: str
+    recipe_sha256: str
+    tasks: list[str]
+    limits: ModelLimits
+    runner: dict = Field(description="The runner's own description: runner, engine, why this engine, cache, batching.")
+
+
+# ---- the bundle's bounds in the published schema ------------------------------------------------
+INT64_MAX = 2**63 - 1
+
+
+def _variants(prop: dict) -> list[dict]:
+    return prop.get("anyOf", [prop])
+
+
+def _bound_ints(prop: dict, lo: int, hi: int, min_items: int | None = None, max_items: int | None = None) -> None:
+    """Bounds on an integer (or on the items of an integer array) property, in each anyOf variant."""
+    for v in _variants(prop):
+        if v.get("type") == "array":
+            v["items"].update(minimum=lo, maximum=hi)
+            v.update({k: n for k, n in (("minItems", min_items), ("maxItems", max_items)) if n is not None})
+        elif v.get("type") == "integer":
+            v.update(minimum=lo, maximum=hi)
+
+
+def openapi_with_limits(openapi: dict, limits) -> dict:
+    """The bundle's id ranges and contextual row count (a RequestLimits), written into the OpenAPI
+    document, so clients and generated tests see them. List lengths that must match (ratings and
+    timestamps per item) are beyond JSON Schema: the server checks those (422)."""
+    comps = openapi["components"]["schemas"]
+    hist = comps["History"]["properties"]
+    _bound_ints(hist["item_ids"], 1, limits.num_items, min_items=1)
+    _bound_ints(hist["ratings"], 0, limits.num_ratings)
+    _bound_ints(hist["timestamps"], 0, INT64_MAX, min_items=1)
+    C = limits.contextual_len
+    for name in ("RankRequest", "RetrieveRequest"):
+        props = comps[name]["properties"]
+        _bound_ints(props["query_time"], 0, INT64_MAX)
+        if C:  # exactly C ids, no null
+            props["contextual_ids"] = {**_variants(props["contextual_ids"])[0], "description": props["contextual_ids"]["description"]}
+            _bound_ints(props["contextual_ids"], 1, limits.contextual_cardinality, C, C)
+        else:
+            _bound_ints(props["contextual_ids"], 0, 0, max_items=0)
+    _bound_ints(comps["RankRequest"]["properties"]["candidates"], 1, limits.num_items, min_items=1)
+    return openapi
