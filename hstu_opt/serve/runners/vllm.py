@@ -1,0 +1,240 @@
+"""`--runner vllm`: the bundle's model served through vLLM's engine (scheduler, continuous batching),
+in this process, through vLLM's official plugin interfaces only (vllm_plugin/: an out-of-tree pooling
+model registered from a vllm.general_plugins entry point, and an IO processor plugin).
+
+What vLLM does and does not give this model: docs/serving-vllm.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from hstu_opt._lazy import require
+from hstu_opt.bundle import load_manifest
+from hstu_opt.errors import BundleError
+from hstu_opt.model.checkpoint import META, WEIGHTS, read_meta
+from hstu_opt.serve.runners.base import QueueFull, RankInput, RankOutput, RetrieveInput, Runner
+from hstu_opt.serve.runners.vllm_plugin import ARCHITECTURE, IO_PROCESSOR, MODEL_TYPE
+
+CHECKPOINT = "train-stub/checkpoint"  # inside a bundle
+
+# An engine in this process (the server's event loop drives it), no GPU, a token KV-cache reservation:
+# vLLM keeps no KV cache for this model (vllm_plugin/model.py), but its CPU platform wants a size.
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
+
+
+def write_model_dir(bundle: Path, out: Path) -> Path:
+    """The directory vLLM loads: config.json (architecture, HstuConfig, IO processor) and the bundle's
+    checkpoint weights, linked rather than copied."""
+    load_manifest(bundle)
+    ckpt = bundle / CHECKPOINT
+    if not (ckpt / WEIGHTS).is_file():
+        raise BundleError(f"{bundle}: no {CHECKPOINT}/{WEIGHTS}: the vLLM runner serves the bundle's trained "
+                          "checkpoint; rebuild the bundle with a train-stub stage")
+    meta = read_meta(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "hstu": meta["config"],
+              "io_processor_plugin": IO_PROCESSOR, "dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / WEIGHTS).symlink_to((ckpt / WEIGHTS).resolve())
+    (out / META).symlink_to((ckpt / META).resolve())
+    return out
+
+
+class EngineThread:
+    """Owns vLLM's in-process engine (LLMEngine; VLLM_ENABLE_V1_MULTIPROCESSING=0). That engine is not
+    thread-safe and its steps block, so one thread builds it, adds requests and steps it while any are
+    unfinished; the event loop hands requests over and awaits futures. Requests that arrive during a step
+    join the scheduler's next one (continuous batching)."""
+
+    def __init__(self, make_engine, loop: asyncio.AbstractEventLoop):
+        self._make_engine, self._loop = make_engine, loop
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: dict[str, asyncio.Future] = {}
+        self.engine = None
+        self.started: asyncio.Future = loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt, params) -> asyncio.Future:
+        fut = self._loop.create_future()
+        self._inbox.put((uuid.uuid4().hex, prompt, params, fut))
+        return fut
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._make_engine()
+        except BaseException as exc:  # noqa: BLE001 (handed to start(), which raises it)
+            self._loop.call_soon_threadsafe(_settle, self.started, None, exc)
+            return
+        self._loop.call_soon_threadsafe(_settle, self.started, None, None)
+        try:
+            while self._admit(block=not self.engine.has_unfinished_requests()):
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            self._settle(out.request_id, out, None)
+        except BaseException as exc:  # noqa: BLE001 (the engine is unusable: fail whatever waits on it)
+            for rid in list(self._waiting):
+                self._settle(rid, None, exc)
+        finally:
+            self.engine.engine_core.shutdown()
+
+    def _admit(self, block: bool) -> bool:
+        """Add every request handed over so far (waiting for one when the engine is idle); False on close."""
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            rid, prompt, params, fut = item
+            self._waiting[rid] = fut
+            try:
+                self.engine.add_request(rid, prompt, params)
+            except Exception as exc:  # noqa: BLE001 (vLLM rejected this request: its caller gets the error)
+                self._settle(rid, None, exc)
+            block = False
+
+    def _settle(self, rid: str, out, exc: BaseException | None) -> None:
+        self._loop.call_soon_threadsafe(_settle, self._waiting.pop(rid), out, exc)
+
+
+def _settle(fut: asyncio.Future, out, exc: BaseException | None) -> None:
+    if fut.done():  # the caller went away
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(out)
+
+
+class VllmRunner(Runner):
+    name = "vllm"
+    engine = "vllm"
+
+    def __init__(self, bundle: Path, *, max_candidates: int, max_num_seqs: int = 32, max_queue: int = 256,
+                 batch_tokens: int | None = None):
+        self.bundle = Path(bundle)
+        self.max_candidates, self.max_num_seqs, self.max_queue = max_candidates, max_num_seqs, max_queue
+        self.batch_tokens = batch_tokens
+        self._thread: EngineThread | None = None
+        self._io = self._dir = self._cfg = None
+        self._ready = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        os.environ.update(VLLM_ENV)
+        require("vllm", backend="vllm runner", extra="vllm")
+        from vllm.plugins.io_processors import get_io_processor
+
+        self._dir = Path(tempfile.mkdtemp(prefix="hstu-vllm-"))
+        model_dir = write_model_dir(self.bundle, self._dir / "model")
+        self._cfg = json.loads((model_dir / "config.json").read_text())["hstu"]
+        self._thread = EngineThread(lambda: self._make_engine(model_dir), asyncio.get_running_loop())
+        await self._thread.started
+        engine = self._thread.engine
+        self._io = get_io_processor(engine.vllm_config, engine.renderer)
+        await self._encode(self._warm_up_request())
+        self._ready = True
+
+    def _make_engine(self, model_dir: Path):
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        max_len = self._cfg["contextual_len"] + self._cfg["max_history_len"] + self.max_candidates
+        args = EngineArgs(
+            model=str(model_dir), runner="pooling", skip_tokenizer_init=True, dtype="float32",
+            max_model_len=max_len, max_num_seqs=self.max_num_seqs,
+            # A request is scored in the step its whole prompt is scheduled (HstuPooler): no chunking.
+            enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, self.batch_tokens or 4 * max_len),
+            enable_prefix_caching=False, enforce_eager=True, disable_log_stats=True,
+        )
+        return LLMEngine.from_engine_args(args)
+
+    def _warm_up_request(self) -> RankInput:
+        one = np.ones(1, np.int64)
+        C = self._cfg["contextual_len"]
+        return RankInput(user_id=None, item_ids=one, ratings=one, timestamps=one * 0, candidates=one, query_time=0,
+                         contextual_ids=np.zeros(C, np.int64) if C else None, truncated=False)
+
+    async def stop(self) -> None:
+        self._ready = False
+        await self._idle.wait()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.close)
+            self._thread = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def ready(self) -> bool:
+        return self._ready
+
+    # ---- requests ------------------------------------------------------------------------
+    async def rank(self, req: RankInput) -> RankOutput:
+        t0 = time.perf_counter()
+        probs = await self._admit(req)
+        return RankOutput(probs=probs, cache="off", timing_ms={"engine": (time.perf_counter() - t0) * 1e3})
+
+    async def retrieve(self, req: RetrieveInput) -> np.ndarray:
+        return await self._admit(req)
+
+    async def _admit(self, req: RankInput | RetrieveInput) -> np.ndarray:
+        if self._in_flight >= self.max_queue:
+            raise QueueFull(retry_after_s=1.0)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._encode(req)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _encode(self, req: RankInput | RetrieveInput) -> np.ndarray:
+        io = self._io
+        request = io.parse_data(req)
+        out = await self._thread.submit(io.pre_process(request), io.pooling_params(request))
+        return io.post_process([out])
+
+    def describe(self) -> dict:
+        engine = self._thread.engine if self._thread is not None else None
+        cfg = engine.vllm_config if engine is not None else None
+        return {
+            "runner": self.name, "engine": self.engine,
+            "why": "requested with --runner vllm: hstu-opt's eager PyTorch model (the bundle's checkpoint) run "
+                   "by vLLM's in-process engine, its scheduler batching concurrent requests",
+            "cache": {"mode": "off", "why": "vLLM's KV cache is built for softmax attention; HSTU's pointwise "
+                                             "attention keeps no cache under this runner (docs/serving-vllm.md)"},
+            "vllm": {} if cfg is None else {
+                "version": _vllm_version(), "max_num_seqs": cfg.scheduler_config.max_num_seqs,
+                "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+                "max_model_len": cfg.model_config.max_model_len,
+            },
+        }
+
+
+def _vllm_version() -> str:
+    from vllm import __version__
+
+    return __version__
