@@ -145,6 +145,11 @@ class BenchSection(Section):
         return [(b, h, c) for b in self.batch_sizes for h in self.history_lengths for c in self.candidates]
 
 
+class ServingSection(Section):
+    time_granularity_s: int = Field(60, ge=1, description="`hstu-opt serve` floors every request's query time to "
+                                    "this many seconds, so cached and uncached scores agree")
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     version: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -156,6 +161,7 @@ class Recipe(Section):
     quantize: QuantizeSection = QuantizeSection()
     engine: EngineSection = EngineSection()
     bench: BenchSection = BenchSection()
+    serving: ServingSection = ServingSection()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)

@@ -3,6 +3,13 @@
 Routes build a RankInput/RetrieveInput with hstu_opt.serve.requests (validation, truncation,
 query-time flooring happen there, once, for every runner), await the runner, and format its output.
 A runner never sees HTTP; the routes never see tensors.
+
+Errors a runner raises that the routes turn into answers: QueueFull and Unavailable -> 503 with
+Retry-After; anything else -> 500 with the request id (and the traceback in the server log only).
+
+A runner module other than native (e.g. runners/vllm.py) exposes
+`create_runner(bundle: ServedBundle, settings: ServeSettings) -> Runner`, which `hstu-opt serve
+--runner NAME` calls (hstu_opt/serve/server.py).
 """
 
 from __future__ import annotations
@@ -79,6 +86,14 @@ class Runner(ABC):
     @abstractmethod
     def describe(self) -> dict:
         """JSON-able summary for GET /v1/model: runner, engine, why this engine, cache settings."""
+
+
+class Unavailable(Exception):
+    """The runner does not take work now (still loading, or draining for shutdown); the route answers 503."""
+
+    def __init__(self, why: str, retry_after_s: float = 1):
+        super().__init__(why)
+        self.retry_after_s = retry_after_s
 
 
 class QueueFull(Exception):

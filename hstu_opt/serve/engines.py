@@ -1,0 +1,263 @@
+"""Engine adapters: one interface over the bundle's engines for the native runner, and the `auto` rule.
+
+An adapter scores *rows*: a user's history with at most max_targets of its candidates (one padded
+engine row). Every adapter runs full forwards over the padded engine contract (rank_full). Adapters
+with `supports_cache` also expose the cached path (HSTU.md "M-FALCON"): prefill a user's
+[contextual][history] rows once into a UserKV, then score any number of candidate rows against it
+(score_cached). onnxruntime graphs are full-forward only; eager and compiled hold the PyTorch model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hstu_opt.data.batching import PaddedBatch, padded_batch
+from hstu_opt.errors import HstuOptError
+from hstu_opt.model.heads import l2_normalize
+from hstu_opt.model.hstu import HstuModel, KVCache
+from hstu_opt.model.scoring import to_tensors
+from hstu_opt.ops import Impl
+from hstu_opt.serve.kv_cache import UserKV
+from hstu_opt.serve.runners.base import RankInput, RetrieveInput
+from hstu_opt.serve.served_bundle import CHECKPOINT, ServedBundle
+
+User = RankInput | RetrieveInput
+
+ENGINE_RULE = ("auto: `compiled` on a GPU the bundle's compiled engine was built for; otherwise `eager` when the cache "
+               "is on (cached scoring, prefill + score_cached, needs the PyTorch model: onnxruntime graphs are "
+               "full-forward only); otherwise `onnxruntime`, int8 when the bundle's INT8 passed its accuracy gate, "
+               "else fp32")
+
+
+class ServeError(HstuOptError):
+    """The server cannot start as asked (engine missing from the bundle, wrong machine, bad option)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One engine row: a user and at most max_targets of its candidates."""
+
+    user: RankInput
+    candidates: np.ndarray  # [n] int64, 1 <= n <= max_targets
+
+
+def padded(users: list[User], cands: list[np.ndarray], contextual_len: int) -> PaddedBatch:
+    """The engine contract for these users: history and candidates right-padded to the batch's longest."""
+    hist = [(u.item_ids, u.ratings, u.timestamps) for u in users]
+    qt = np.array([u.query_time for u in users], np.int64)
+    ctx = (np.stack([u.contextual_ids for u in users]) if contextual_len
+           else np.zeros((len(users), 0), np.int64))  # [B, C]
+    return padded_batch(hist, cands, qt, ctx)
+
+
+def split_padded(probs: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """[B, Nc, T] with row b's first counts[b] slots real -> one [counts[b], T] array per row."""
+    return [np.ascontiguousarray(probs[b, :n], dtype=np.float32) for b, n in enumerate(counts)]
+
+
+class EngineAdapter(ABC):
+    name: str  # the engine label clients see: "eager", "onnxruntime.int8", "compiled", ...
+    supports_cache: bool = False
+
+    def __init__(self, max_rows: int, contextual_len: int):
+        self.max_rows = max_rows  # padded rows one engine call takes
+        self.contextual_len = contextual_len
+
+    @abstractmethod
+    def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
+        """Full forward per row -> probabilities [n_i, T] per row (len(rows) <= max_rows)."""
+
+    @abstractmethod
+    def retrieve(self, users: list[RetrieveInput]) -> np.ndarray:
+        """Query embeddings [B, D] float32, L2-normalized."""
+
+    def prefill(self, users: list[RankInput]) -> list[UserKV]:
+        raise NotImplementedError(f"engine {self.name} has no cached path (supports_cache is False)")
+
+    def score_cached(self, kvs: list[UserKV], cands: list[np.ndarray]) -> list[np.ndarray]:
+        """Row i: candidates cands[i] (at most max_targets) against kvs[i] -> [n_i, T]."""
+        raise NotImplementedError(f"engine {self.name} has no cached path (supports_cache is False)")
+
+    def warm_up(self) -> None:
+        """One smallest request through every path, so the first real request finds everything loaded."""
+        one = np.ones(1, np.int64)
+        ctx = np.ones(self.contextual_len, np.int64) if self.contextual_len else None
+        user = RankInput(None, one, one * 0, one * 0, one, 0, ctx, False)
+        self.rank_full([Row(user, one)])
+        self.retrieve([RetrieveInput(None, one, one * 0, one * 0, 0, ctx, False)])
+        if self.supports_cache:
+            self.score_cached(self.prefill([user]), [one])
+
+
+class TorchAdapter(EngineAdapter):
+    """The PyTorch model: full forwards (model.rank), the cached path, and retrieval from the jagged trunk."""
+
+    supports_cache = True
+
+    def __init__(self, model: HstuModel, name: str, max_rows: int):
+        super().__init__(max_rows, model.cfg.contextual_len)
+        self.model, self.name = model.eval(), name
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
+        batch = padded([r.user for r in rows], [r.candidates for r in rows], self.contextual_len)
+        probs = self.model.rank(**to_tensors(batch.ranking_feed(), self.device))  # [B, Nc, T]
+        return split_padded(probs.float().cpu().numpy(), [len(r.candidates) for r in rows])
+
+    def _jagged(self, users: list[User]) -> tuple[torch.Tensor, ...]:
+        """[contextual][history] rows per user (contextual rows: rating 0, the query time)."""
+        C = self.contextual_len
+        none = np.zeros(0, np.int64)
+        parts = [(np.r_[u.contextual_ids if C else none, u.item_ids], np.r_[np.zeros(C, np.int64), u.ratings],
+                  np.r_[np.full(C, u.query_time, np.int64), u.timestamps]) for u in users]
+        ids, ratings, ts = (torch.from_numpy(np.concatenate(p).astype(np.int64)).to(self.device) for p in zip(*parts))
+        offsets = torch.tensor(np.r_[0, np.cumsum([len(p[0]) for p in parts])], dtype=torch.int64, device=self.device)
+        qt = torch.tensor([u.query_time for u in users], dtype=torch.int64, device=self.device)
+        return ids, ratings, ts, offsets, qt  # [L], [L], [L], [B+1], [B]
+
+    @torch.no_grad()
+    def prefill(self, users: list[RankInput]) -> list[UserKV]:
+        cache = self.model.prefill(*self._jagged(users))
+        bounds = cache.offsets.tolist()
+        # clones, not views: an entry must not keep the whole batch's K/V alive (the store counts its bytes)
+        return [UserKV([k[s:e].clone() for k in cache.keys], [v[s:e].clone() for v in cache.values])
+                for s, e in zip(bounds[:-1], bounds[1:])]
+
+    @torch.no_grad()
+    def score_cached(self, kvs: list[UserKV], cands: list[np.ndarray]) -> list[np.ndarray]:
+        layers = range(len(kvs[0].keys))
+        keys = [torch.cat([kv.keys[i] for kv in kvs]) for i in layers]  # each [sum Lc, H, dqk]
+        values = [torch.cat([kv.values[i] for kv in kvs]) for i in layers]
+        cache_offsets = self._offsets([kv.rows for kv in kvs])
+        counts = [len(c) for c in cands]
+        cache = KVCache(keys, values, cache_offsets, torch.zeros(len(kvs), dtype=torch.int64, device=self.device))
+        cand = torch.from_numpy(np.concatenate(cands)).to(self.device)  # [Ld]
+        probs = self.model.score_cached(cache, cand, self._offsets(counts)).float().cpu().numpy()  # [Ld, T]
+        return np.split(probs, np.cumsum(counts)[:-1])
+
+    def _offsets(self, counts: list[int]) -> torch.Tensor:
+        return torch.tensor(np.r_[0, np.cumsum(counts)], dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def retrieve(self, users: list[RetrieveInput]) -> np.ndarray:
+        ids, ratings, ts, offsets, qt = self._jagged(users)
+        states, _ = self.model.forward_jagged(ids, ratings, ts, offsets, torch.zeros_like(qt), qt)  # [L, D]
+        return l2_normalize(states[offsets[1:] - 1].float()).cpu().numpy()  # the last history row per user
+
+
+class OrtAdapter(EngineAdapter):
+    """The bundle's onnxruntime engines (ranking + retrieval, one precision): full forwards only."""
+
+    def __init__(self, bundle: ServedBundle, precision: str):
+        from hstu_opt.backends import onnxruntime as ort_backend
+
+        super().__init__(bundle.engine_max_batch, bundle.cfg.contextual_len)
+        self.name = f"onnxruntime.{precision}"
+        self._run = ort_backend.run
+        self.ranking = ort_backend.load(bundle.ort_session_dir("ranking", precision), f"ranking.{precision}")
+        self.retrieval = ort_backend.load(bundle.ort_session_dir("retrieval", precision), f"retrieval.{precision}")
+
+    def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
+        batch = padded([r.user for r in rows], [r.candidates for r in rows], self.contextual_len)
+        probs = self._run(self.ranking, batch.ranking_feed())["probs"]
+        return split_padded(probs, [len(r.candidates) for r in rows])
+
+    def retrieve(self, users: list[RetrieveInput]) -> np.ndarray:
+        batch = padded(users, [np.zeros(0, np.int64)] * len(users), self.contextual_len)
+        return self._run(self.retrieval, batch.retrieval_feed())["query_embedding"].astype(np.float32)
+
+
+class CompiledAdapter(TorchAdapter):
+    """The bundle's compiled engine for full forwards; its model (Triton ops on a GPU) for the cached
+    path and retrieval, which the compiled graph does not cover."""
+
+    def __init__(self, bundle: ServedBundle):
+        from hstu_opt.backends.compiled import CompiledRunner
+
+        self.runner = CompiledRunner(bundle.compiled_dir())  # loads the shipped artifacts and warms up
+        super().__init__(self.runner.model, "compiled", self.runner.meta["limits"]["batch"][1])
+
+    def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
+        batch = padded([r.user for r in rows], [r.candidates for r in rows], self.contextual_len)
+        probs = self.runner.run(batch.ranking_feed())["probs"]
+        return split_padded(probs, [len(r.candidates) for r in rows])
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    engine: str  # "eager" | "onnxruntime" | "compiled"
+    precision: str | None  # onnxruntime's "fp32" | "int8"
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine}.{self.precision}" if self.precision else self.engine
+
+
+def gpu_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def choose_engine(bundle: ServedBundle, requested: str, cache_on: bool, gpu: str | None) -> EngineChoice:
+    """The engine to serve: `requested`, checked against the bundle, or the ENGINE_RULE for "auto"."""
+    if requested == "auto":
+        return _auto(bundle, cache_on, gpu)
+    if requested == "compiled":
+        if bundle.compiled_dir() is None:
+            raise ServeError(f"{bundle.path}: --engine compiled, but the bundle has no compiled engine (it has "
+                             f"{', '.join(bundle.engines())}): add 'compiled' to engine.backends and rebuild")
+        return EngineChoice("compiled", None, "asked for (--engine compiled)")
+    if requested == "onnxruntime":
+        return _onnxruntime(bundle, "asked for (--engine onnxruntime)")
+    if requested == "eager":
+        return EngineChoice("eager", None, "asked for (--engine eager)")
+    raise ServeError(f"--engine {requested!r}: choose auto, compiled, onnxruntime or eager")
+
+
+def _auto(bundle: ServedBundle, cache_on: bool, gpu: str | None) -> EngineChoice:
+    meta = bundle.compiled_meta()
+    if gpu and meta and meta["device"] == "cuda" and meta["gpu"] == gpu:
+        return EngineChoice("compiled", None, f"auto: the bundle's compiled engine was built for this GPU ({gpu})")
+    where = f"GPU {gpu} (the bundle has no compiled engine built for it)" if gpu else "a CPU machine"
+    if cache_on:
+        return EngineChoice("eager", None, f"auto: {where} with the cache on: cached scoring (prefill + score_cached) "
+                                           "needs the PyTorch model; onnxruntime graphs are full-forward only")
+    return _onnxruntime(bundle, f"auto: {where} with the cache off")
+
+
+def _onnxruntime(bundle: ServedBundle, why: str) -> EngineChoice:
+    if bundle.ort_session_dir("ranking", "fp32") is None:
+        raise ServeError(f"{bundle.path}: no onnxruntime engine in the bundle (it has {', '.join(bundle.engines())}): "
+                         "add 'onnxruntime' to engine.backends and rebuild, or pass --engine eager")
+    if bundle.int8_passed() and bundle.ort_session_dir("ranking", "int8") and bundle.ort_session_dir("retrieval", "int8"):
+        return EngineChoice("onnxruntime", "int8", f"{why}; int8 because the bundle's INT8 passed its accuracy gate")
+    return EngineChoice("onnxruntime", "fp32", f"{why}; fp32 because the bundle has no INT8 engine that passed its "
+                                               "accuracy gate")
+
+
+def adapter_class(choice: EngineChoice) -> type[EngineAdapter]:
+    return {"onnxruntime": OrtAdapter, "compiled": CompiledAdapter, "eager": TorchAdapter}[choice.engine]
+
+
+def load_adapter(bundle: ServedBundle, choice: EngineChoice) -> EngineAdapter:
+    if choice.engine == "onnxruntime":
+        return OrtAdapter(bundle, choice.precision)
+    if choice.engine == "compiled":
+        return CompiledAdapter(bundle)
+    return TorchAdapter(eager_model(bundle), "eager", bundle.engine_max_batch)
+
+
+def eager_model(bundle: ServedBundle) -> HstuModel:
+    """The checkpoint's model: reference ops on a CPU, Triton ops on a CUDA GPU, in the recipe's dtype."""
+    from hstu_opt.model.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(bundle.path / CHECKPOINT)
+    if torch.cuda.is_available():
+        model.impl = Impl.TRITON
+        return model.to("cuda", model.cfg.torch_dtype).eval()
+    return model.to(model.cfg.torch_dtype).eval()

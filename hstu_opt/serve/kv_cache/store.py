@@ -1,0 +1,107 @@
+"""The user cache: each user's per-layer K/V of [contextual][history] rows, under a byte budget.
+
+Exact by construction: the key holds a digest of every history row and the floored query time, so
+an entry is reused only for a request whose prefill would compute the very same K/V. Which entry
+goes when the budget is exceeded is the policy's choice (policy.py). Single-threaded: only the
+scheduler's worker thread touches a store; `stats` is read (not written) by /metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from hstu_opt.serve.kv_cache.policy import EvictionPolicy, LRUPolicy
+from hstu_opt.serve.runners.base import RankInput, RetrieveInput
+
+CacheKey = tuple[str | None, str, int]  # (user_id, sha256 of the history rows, floored query time)
+
+
+def history_digest(item_ids: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray,
+                   contextual_ids: np.ndarray | None) -> str:
+    """sha256 over the rows' ids, ratings, timestamps and the contextual ids, each length-prefixed."""
+    h = hashlib.sha256()
+    for a in (item_ids, ratings, timestamps, np.zeros(0, np.int64) if contextual_ids is None else contextual_ids):
+        h.update(np.int64(a.size).tobytes())
+        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def cache_key(req: RankInput | RetrieveInput) -> CacheKey:
+    return req.user_id, history_digest(req.item_ids, req.ratings, req.timestamps, req.contextual_ids), req.query_time
+
+
+@dataclass
+class UserKV:
+    """One user's cache entry: what HstuModel.prefill keeps for its rows, one tensor pair per layer."""
+
+    keys: list[Tensor]  # each [Lc, H, dqk], Lc = contextual + history rows
+    values: list[Tensor]  # each [Lc, H, dv]
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    inserts: int = 0
+    evictions: int = 0
+    too_large: int = 0  # entries larger than the whole budget, not stored
+    bytes: int = 0
+    entries: int = 0
+
+
+class KVStore:
+    def __init__(self, budget_bytes: int, policy: EvictionPolicy | None = None):
+        self.budget_bytes = budget_bytes
+        self.policy = policy or LRUPolicy()
+        self.stats = CacheStats()
+        self._entries: dict[Hashable, UserKV] = {}
+
+    def get(self, key: CacheKey) -> UserKV | None:
+        kv = self._entries.get(key)
+        if kv is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.policy.accessed(key)
+        return kv
+
+    def put(self, key: CacheKey, kv: UserKV) -> bool:
+        """Store `kv` (evicting as the policy says until it fits); False when it exceeds the whole budget."""
+        if kv.nbytes > self.budget_bytes:
+            self.stats.too_large += 1
+            return False
+        if key in self._entries:
+            self._remove(key)
+        while self.stats.bytes + kv.nbytes > self.budget_bytes:
+            self._remove(self.policy.victim())
+            self.stats.evictions += 1
+        self._entries[key] = kv
+        self.policy.inserted(key, kv.nbytes)
+        self.stats.inserts += 1
+        self._account(kv.nbytes, +1)
+        return True
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return key in self._entries
+
+    def _remove(self, key: Hashable) -> None:
+        kv = self._entries.pop(key)
+        self.policy.removed(key)
+        self._account(kv.nbytes, -1)
+
+    def _account(self, nbytes: int, sign: int) -> None:
+        self.stats.bytes += sign * nbytes
+        self.stats.entries += sign

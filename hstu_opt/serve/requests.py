@@ -1,0 +1,131 @@
+"""Request validation and normalization, in one place for every runner (native and vLLM).
+
+API request (schemas) -> RankInput / RetrieveInput: lists become int64 arrays, every id is checked
+against the bundle, histories longer than max_history_len keep their most recent rows, and the query
+time (the last history timestamp when not given) is floored to serving.time_granularity_s. A bad
+field raises InvalidRequest naming it; the routes answer 422 with that line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hstu_opt.errors import HstuOptError
+from hstu_opt.model.config import HstuConfig
+from hstu_opt.serve.runners.base import RankInput, RetrieveInput
+from hstu_opt.serve.schemas import RankRequest, RetrieveRequest, UserRequest
+
+
+class InvalidRequest(HstuOptError):
+    """A request field is wrong; `field` is its dotted path (e.g. history.item_ids[3])."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the bundle's model accepts."""
+
+    num_items: int
+    num_ratings: int
+    max_history_len: int
+    max_targets: int
+    contextual_len: int
+    contextual_cardinality: int
+    time_granularity_s: int
+
+    @classmethod
+    def from_config(cls, cfg: HstuConfig, time_granularity_s: int) -> "RequestLimits":
+        return cls(cfg.num_items, cfg.num_ratings, cfg.max_history_len, cfg.max_targets, cfg.contextual_len,
+                   cfg.contextual_cardinality, time_granularity_s)
+
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def int_array(values: list[int], field: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.int64).reshape(-1)  # [n]
+    except OverflowError:
+        raise InvalidRequest(field, "a value does not fit in a signed 64-bit integer") from None
+
+
+def check_range(values: np.ndarray, lo: int, hi: int, field: str, what: str) -> None:
+    bad = np.flatnonzero((values < lo) | (values > hi))
+    if bad.size:
+        i = int(bad[0])
+        span = f"below {lo}" if hi == INT64_MAX else f"outside {lo}..{hi}"
+        raise InvalidRequest(f"{field}[{i}]", f"{what} {int(values[i])} is {span}")
+
+
+def floor_time(t: int, granularity_s: int) -> int:
+    return t - t % granularity_s
+
+
+@dataclass(frozen=True)
+class _History:
+    item_ids: np.ndarray  # [H] int64
+    ratings: np.ndarray  # [H]
+    timestamps: np.ndarray  # [H]
+    query_time: int  # floored
+    contextual_ids: np.ndarray | None  # [C]
+    truncated: bool
+
+
+def _history(req: UserRequest, lim: RequestLimits) -> _History:
+    h = req.history
+    ids = int_array(h.item_ids, "history.item_ids")
+    if ids.size == 0:
+        raise InvalidRequest("history.item_ids", "is empty: send at least one past item")
+    check_range(ids, 1, lim.num_items, "history.item_ids", "item id")
+    ts = _same_length(int_array(h.timestamps, "history.timestamps"), ids, "history.timestamps", "timestamp")
+    check_range(ts, 0, INT64_MAX, "history.timestamps", "timestamp")
+    ratings = np.zeros_like(ids)
+    if h.ratings is not None:
+        ratings = _same_length(int_array(h.ratings, "history.ratings"), ids, "history.ratings", "rating")
+        check_range(ratings, 0, lim.num_ratings, "history.ratings", "rating")
+    qt = int(ts[-1]) if req.query_time is None else req.query_time
+    if not 0 <= qt <= INT64_MAX:
+        raise InvalidRequest("query_time", f"{qt} is outside 0..2^63-1 (seconds)")
+    keep = slice(max(0, ids.size - lim.max_history_len), None)  # the most recent rows
+    return _History(ids[keep], ratings[keep], ts[keep], floor_time(qt, lim.time_granularity_s),
+                    _contextual(req.contextual_ids, lim), ids.size > lim.max_history_len)
+
+
+def _same_length(values: np.ndarray, ids: np.ndarray, field: str, what: str) -> np.ndarray:
+    if values.size != ids.size:
+        raise InvalidRequest(field, f"has {values.size} rows but history.item_ids has {ids.size}: give one {what} per item")
+    return values
+
+
+def _contextual(values: list[int] | None, lim: RequestLimits) -> np.ndarray | None:
+    C = lim.contextual_len
+    if C == 0:
+        if values:
+            raise InvalidRequest("contextual_ids", f"this model has no contextual rows; got {len(values)} ids: omit it")
+        return None
+    if values is None or len(values) != C:
+        got = "none" if values is None else len(values)
+        raise InvalidRequest("contextual_ids", f"this model takes exactly {C} contextual ids, got {got}")
+    ctx = int_array(values, "contextual_ids")
+    check_range(ctx, 1, lim.contextual_cardinality, "contextual_ids", "contextual id")
+    return ctx
+
+
+def rank_input(req: RankRequest, lim: RequestLimits) -> RankInput:
+    h = _history(req, lim)
+    cands = int_array(req.candidates, "candidates")
+    if cands.size == 0:
+        raise InvalidRequest("candidates", "is empty: send at least one item to score")
+    check_range(cands, 1, lim.num_items, "candidates", "item id")
+    return RankInput(req.user_id, h.item_ids, h.ratings, h.timestamps, cands, h.query_time, h.contextual_ids,
+                     h.truncated)
+
+
+def retrieve_input(req: RetrieveRequest, lim: RequestLimits) -> RetrieveInput:
+    h = _history(req, lim)
+    return RetrieveInput(req.user_id, h.item_ids, h.ratings, h.timestamps, h.query_time, h.contextual_ids, h.truncated)

@@ -1,0 +1,177 @@
+"""The native runner: scheduler (batching) + engine adapter + user cache, all in this process.
+
+Ranking, per batch (on the scheduler's worker thread):
+  * engines with the cached path (eager, compiled): look every user up in the cache; prefill the
+    misses once (one entry per distinct key), then score every candidate group (max_targets
+    candidates each) against its user's K/V. A hit and a miss take the same scoring path on the same
+    K/V, so they return the same scores. With the cache off the same path runs without storing.
+  * full-forward engines (onnxruntime): one padded row per (user, candidate group).
+Engine calls carry at most the engine's max rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+
+import numpy as np
+
+from hstu_opt.serve.engines import ENGINE_RULE, EngineAdapter, EngineChoice, Row, adapter_class, load_adapter
+from hstu_opt.serve.kv_cache import CacheStats, KVStore, UserKV, cache_key
+from hstu_opt.serve.runners.base import RankInput, RankOutput, RetrieveInput, Runner
+from hstu_opt.serve.scheduler import BatchPolicy, Job, Scheduler
+from hstu_opt.serve.served_bundle import ServedBundle
+
+RANK, RETRIEVE = "rank", "retrieve"
+
+
+def length_class(n: int) -> int:
+    """Histories of n rows share a batch with those of the same power-of-two class (padding waste < 2x)."""
+    return int(n).bit_length()
+
+
+def groups(candidates: np.ndarray, size: int) -> list[np.ndarray]:
+    return [candidates[i:i + size] for i in range(0, len(candidates), size)]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def ms(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1e3, 3)
+
+
+class NativeRunner(Runner):
+    name = "native"
+
+    def __init__(self, bundle: ServedBundle, choice: EngineChoice, cache_bytes: int, batching: BatchPolicy,
+                 on_batch: Callable[[str, int], None] | None = None, on_depth: Callable[[int], None] | None = None):
+        self.bundle, self.choice, self.batching = bundle, choice, batching
+        self.engine = choice.label
+        self.cache_bytes = cache_bytes
+        cache_on = cache_bytes > 0 and adapter_class(choice).supports_cache
+        self.store = KVStore(cache_bytes) if cache_on else None
+        self.adapter: EngineAdapter | None = None
+        self.max_targets = bundle.cfg.max_targets
+        self._ready = False
+        report = on_batch or (lambda kind, size: None)
+        self.scheduler = Scheduler(self._execute, batching, on_batch=lambda bucket, size: report(bucket[0], size),
+                                   on_depth=on_depth)
+
+    # ---- Runner -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.adapter = await asyncio.to_thread(self._load)
+        self.scheduler.start()
+        self._ready = True
+
+    def _load(self) -> EngineAdapter:
+        adapter = load_adapter(self.bundle, self.choice)
+        adapter.warm_up()
+        return adapter
+
+    async def stop(self) -> None:
+        self._ready = False
+        self.scheduler.close()
+        await asyncio.to_thread(self.scheduler.join)
+
+    async def rank(self, req: RankInput) -> RankOutput:
+        return await self._submit((RANK, length_class(len(req.item_ids))), req)
+
+    async def retrieve(self, req: RetrieveInput) -> np.ndarray:
+        return await self._submit((RETRIEVE, length_class(len(req.item_ids))), req)
+
+    async def _submit(self, bucket: Hashable, payload) -> object:
+        future: Future = self.scheduler.submit(bucket, payload)  # QueueFull / SchedulerClosed
+        return await asyncio.wrap_future(future)
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def cache_stats(self) -> CacheStats | None:
+        return self.store.stats if self.store else None
+
+    def describe(self) -> dict:
+        return {"runner": self.name, "engine": self.engine, "engine_reason": self.choice.reason,
+                "engine_rule": ENGINE_RULE, "cache": self._describe_cache(),
+                "batching": {"max_batch": self.batching.max_batch, "max_wait_ms": self.batching.max_wait_s * 1e3,
+                             "max_queue": self.batching.max_queue, "engine_max_rows": self.bundle.engine_max_batch,
+                             "candidate_group": self.max_targets}}
+
+    def _describe_cache(self) -> dict:
+        if self.store is not None:
+            return {"enabled": True, "budget_bytes": self.cache_bytes, "policy": type(self.store.policy).__name__,
+                    "key": "(user_id, sha256 of history rows and contextual ids, floored query time)"}
+        why = ("--cache-gb 0" if self.cache_bytes <= 0
+               else f"engine {self.engine} has no cached path (full-forward graphs only)")
+        return {"enabled": False, "why": why}
+
+    # ---- the worker thread --------------------------------------------------------------------
+    def _execute(self, bucket: Hashable, jobs: list[Job]) -> list:
+        if bucket[0] == RETRIEVE:
+            return self._retrieve_batch([j.payload for j in jobs])
+        t0 = time.perf_counter()
+        users = [j.payload for j in jobs]
+        if self.adapter.supports_cache:
+            probs, status, phases = self._rank_cached(users)
+        else:
+            probs, status, phases = self._rank_full(users), ["off"] * len(users), {}
+        batch_ms = ms(t0, time.perf_counter())
+        return [RankOutput(p, s, {"queue": ms(j.enqueued, j.started), "batch": batch_ms, **phases})
+                for j, p, s in zip(jobs, probs, status)]
+
+    def _rank_full(self, users: list[RankInput]) -> list[np.ndarray]:
+        rows = [(i, Row(u, g)) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
+        out = []
+        for chunk in chunks(rows, self.adapter.max_rows):
+            out += self.adapter.rank_full([r for _, r in chunk])
+        return self._per_user(len(users), [i for i, _ in rows], out)
+
+    def _rank_cached(self, users: list[RankInput]) -> tuple[list[np.ndarray], list[str], dict[str, float]]:
+        t0 = time.perf_counter()
+        kvs, status = self._user_kvs(users)
+        t1 = time.perf_counter()
+        rows = [(i, g) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
+        out = []
+        for chunk in chunks(rows, self.adapter.max_rows):
+            out += self.adapter.score_cached([kvs[i] for i, _ in chunk], [g for _, g in chunk])
+        t2 = time.perf_counter()
+        return self._per_user(len(users), [i for i, _ in rows], out), status, {"prefill": ms(t0, t1), "score": ms(t1, t2)}
+
+    def _user_kvs(self, users: list[RankInput]) -> tuple[list[UserKV], list[str]]:
+        """Each user's K/V: from the cache, or prefilled (once per distinct key in the batch) and stored."""
+        kvs: list[UserKV | None] = [None] * len(users)
+        status = ["off"] * len(users)
+        todo: dict[Hashable, list[int]] = {}  # key -> the users needing that prefill
+        for i, u in enumerate(users):
+            key = cache_key(u) if self.store is not None else i
+            kv = self.store.get(key) if self.store is not None else None
+            if self.store is not None:
+                status[i] = "hit" if kv is not None else "miss"
+            if kv is None:
+                todo.setdefault(key, []).append(i)
+            kvs[i] = kv
+        pending = list(todo.items())
+        for chunk in chunks(pending, self.adapter.max_rows):
+            for (key, idx), kv in zip(chunk, self.adapter.prefill([users[ix[0]] for _, ix in chunk])):
+                if self.store is not None:
+                    self.store.put(key, kv)
+                for i in idx:
+                    kvs[i] = kv
+        return kvs, status
+
+    @staticmethod
+    def _per_user(n: int, owner: list[int], outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Row outputs (in row order, grouped by user, candidate order kept) -> [M_u, T] per user."""
+        parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+        for i, o in zip(owner, outputs):
+            parts[i].append(o)
+        return [np.concatenate(p).astype(np.float32, copy=False) for p in parts]
+
+    def _retrieve_batch(self, users: list[RetrieveInput]) -> list[np.ndarray]:
+        out = []
+        for chunk in chunks(users, self.adapter.max_rows):
+            out += list(self.adapter.retrieve(chunk))  # [D] each
+        return out
