@@ -21,55 +21,60 @@ from pathlib import Path
 import numpy as np
 
 from hstu_opt._lazy import require
-from hstu_opt.bundle import load_manifest
 from hstu_opt.errors import BundleError
-from hstu_opt.model.checkpoint import META, WEIGHTS, read_meta
-from hstu_opt.serve.runners.base import QueueFull, RankInput, RankOutput, RetrieveInput, Runner
+from hstu_opt.model.checkpoint import META, WEIGHTS
+from hstu_opt.serve.runners.base import QueueFull, RankInput, RankOutput, RetrieveInput, Runner, Unavailable
 from hstu_opt.serve.runners.vllm_plugin import ARCHITECTURE, IO_PROCESSOR, MODEL_TYPE
+from hstu_opt.serve.served_bundle import CHECKPOINT, ServedBundle
 
-CHECKPOINT = "train-stub/checkpoint"  # inside a bundle
-
-# An engine in this process (the server's event loop drives it), no GPU, a token KV-cache reservation:
+# An engine in this process (the runner's own thread steps it), no GPU, a token KV-cache reservation:
 # vLLM keeps no KV cache for this model (vllm_plugin/model.py), but its CPU platform wants a size.
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
 
 
-def write_model_dir(bundle: Path, out: Path) -> Path:
-    """The directory vLLM loads: config.json (architecture, HstuConfig, IO processor) and the bundle's
-    checkpoint weights, linked rather than copied."""
-    load_manifest(bundle)
-    ckpt = bundle / CHECKPOINT
+def write_model_dir(bundle: ServedBundle, out: Path) -> Path:
+    """The directory vLLM loads: config.json (architecture, the checkpoint's HstuConfig, IO processor) and
+    the bundle's checkpoint files, linked rather than copied."""
+    ckpt = bundle.path / CHECKPOINT
     if not (ckpt / WEIGHTS).is_file():
-        raise BundleError(f"{bundle}: no {CHECKPOINT}/{WEIGHTS}: the vLLM runner serves the bundle's trained "
-                          "checkpoint; rebuild the bundle with a train-stub stage")
-    meta = read_meta(ckpt)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "hstu": meta["config"],
+        raise BundleError(f"{bundle.path}: no {CHECKPOINT / WEIGHTS}: rebuild the bundle")
+    out.mkdir(parents=True)
+    config = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "hstu": bundle.cfg.to_dict(),
               "io_processor_plugin": IO_PROCESSOR, "dtype": "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / WEIGHTS).symlink_to((ckpt / WEIGHTS).resolve())
-    (out / META).symlink_to((ckpt / META).resolve())
+    for name in (WEIGHTS, META):
+        (out / name).symlink_to((ckpt / name).resolve())
     return out
+
+
+class EngineDead(Unavailable):
+    """vLLM's engine failed a step (its scheduler state is then unusable); the server must be restarted."""
 
 
 class EngineThread:
     """Owns vLLM's in-process engine (LLMEngine; VLLM_ENABLE_V1_MULTIPROCESSING=0). That engine is not
     thread-safe and its steps block, so one thread builds it, adds requests and steps it while any are
     unfinished; the event loop hands requests over and awaits futures. Requests that arrive during a step
-    join the scheduler's next one (continuous batching)."""
+    join the scheduler's next one (continuous batching). A failed step ends the engine, as it ends vLLM's
+    own engine core: everything waiting and everything submitted later fails with EngineDead."""
 
     def __init__(self, make_engine, loop: asyncio.AbstractEventLoop):
         self._make_engine, self._loop = make_engine, loop
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[str, asyncio.Future] = {}
+        self._lock = threading.Lock()  # orders submit() against the engine's death
         self.engine = None
+        self.dead: EngineDead | None = None
         self.started: asyncio.Future = loop.create_future()
         self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompt, params) -> asyncio.Future:
         fut = self._loop.create_future()
-        self._inbox.put((uuid.uuid4().hex, prompt, params, fut))
+        with self._lock:
+            if self.dead is not None:
+                raise self.dead
+            self._inbox.put((uuid.uuid4().hex, prompt, params, fut))
         return fut
 
     def close(self) -> None:
@@ -89,11 +94,25 @@ class EngineThread:
                     for out in self.engine.step():
                         if out.finished:
                             self._settle(out.request_id, out, None)
-        except BaseException as exc:  # noqa: BLE001 (the engine is unusable: fail whatever waits on it)
-            for rid in list(self._waiting):
-                self._settle(rid, None, exc)
+        except Exception as exc:  # noqa: BLE001 (a failed step: the engine is unusable)
+            self._die(exc)
         finally:
             self.engine.engine_core.shutdown()
+
+    def _die(self, exc: Exception) -> None:
+        dead = EngineDead(f"vLLM's engine failed ({type(exc).__name__}: {exc}); restart the server")
+        dead.__cause__ = exc
+        with self._lock:
+            self.dead = dead
+            while True:  # requests handed over but never added
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._waiting[item[0]] = item[3]
+        for rid in list(self._waiting):
+            self._settle(rid, None, dead)
 
     def _admit(self, block: bool) -> bool:
         """Add every request handed over so far (waiting for one when the engine is idle); False on close."""
@@ -129,13 +148,17 @@ class VllmRunner(Runner):
     name = "vllm"
     engine = "vllm"
 
-    def __init__(self, bundle: Path, *, max_candidates: int, max_num_seqs: int = 32, max_queue: int = 256,
+    def __init__(self, bundle: ServedBundle, *, max_num_seqs: int = 32, max_queue: int = 1024,
                  batch_tokens: int | None = None):
-        self.bundle = Path(bundle)
-        self.max_candidates, self.max_num_seqs, self.max_queue = max_candidates, max_num_seqs, max_queue
-        self.batch_tokens = batch_tokens
+        """max_num_seqs: vLLM's cap on sequences per engine step (a ranking request is one sequence per
+        group of max_targets candidates); batch_tokens: its cap on rows per step (default: max_num_seqs
+        sequences of the longest length);
+        max_queue: requests admitted at once before QueueFull."""
+        self.bundle, self.max_num_seqs, self.max_queue = bundle, max_num_seqs, max_queue
+        self.max_len = bundle.cfg.max_seq_len  # C + max_history_len + max_targets: one candidate group
+        self.batch_tokens = max(self.max_len, batch_tokens or max_num_seqs * self.max_len)
         self._thread: EngineThread | None = None
-        self._io = self._dir = self._cfg = None
+        self._io = self._dir = None
         self._ready = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -149,11 +172,10 @@ class VllmRunner(Runner):
 
         self._dir = Path(tempfile.mkdtemp(prefix="hstu-vllm-"))
         model_dir = write_model_dir(self.bundle, self._dir / "model")
-        self._cfg = json.loads((model_dir / "config.json").read_text())["hstu"]
         self._thread = EngineThread(lambda: self._make_engine(model_dir), asyncio.get_running_loop())
         await self._thread.started
         engine = self._thread.engine
-        self._io = get_io_processor(engine.vllm_config, engine.renderer)
+        self._io = get_io_processor(engine.vllm_config, engine.renderer)  # config.json names the plugin
         await self._encode(self._warm_up_request())
         self._ready = True
 
@@ -161,21 +183,19 @@ class VllmRunner(Runner):
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        max_len = self._cfg["contextual_len"] + self._cfg["max_history_len"] + self.max_candidates
         args = EngineArgs(
             model=str(model_dir), runner="pooling", skip_tokenizer_init=True, dtype="float32",
-            max_model_len=max_len, max_num_seqs=self.max_num_seqs,
-            # A request is scored in the step its whole prompt is scheduled (HstuPooler): no chunking.
-            enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, self.batch_tokens or 4 * max_len),
-            enable_prefix_caching=False, enforce_eager=True, disable_log_stats=True,
+            max_model_len=self.max_len, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.batch_tokens,
+            # a sequence is scored in the step that schedules its whole prompt (HstuPooler): no chunking
+            enable_chunked_prefill=False, enable_prefix_caching=False, enforce_eager=True, disable_log_stats=True,
         )
         return LLMEngine.from_engine_args(args)
 
     def _warm_up_request(self) -> RankInput:
         one = np.ones(1, np.int64)
-        C = self._cfg["contextual_len"]
-        return RankInput(user_id=None, item_ids=one, ratings=one, timestamps=one * 0, candidates=one, query_time=0,
-                         contextual_ids=np.zeros(C, np.int64) if C else None, truncated=False)
+        C = self.bundle.cfg.contextual_len
+        return RankInput(user_id=None, item_ids=one, ratings=one * 0, timestamps=one * 0, candidates=one,
+                         query_time=0, contextual_ids=one.repeat(C) if C else None, truncated=False)
 
     async def stop(self) -> None:
         self._ready = False
@@ -188,18 +208,20 @@ class VllmRunner(Runner):
             self._dir = None
 
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self._thread is not None and self._thread.dead is None
 
     # ---- requests ------------------------------------------------------------------------
     async def rank(self, req: RankInput) -> RankOutput:
         t0 = time.perf_counter()
         probs = await self._admit(req)
-        return RankOutput(probs=probs, cache="off", timing_ms={"engine": (time.perf_counter() - t0) * 1e3})
+        return RankOutput(probs=probs, cache="off", timing_ms={"vllm": round((time.perf_counter() - t0) * 1e3, 3)})
 
     async def retrieve(self, req: RetrieveInput) -> np.ndarray:
         return await self._admit(req)
 
     async def _admit(self, req: RankInput | RetrieveInput) -> np.ndarray:
+        if not self._ready:
+            raise Unavailable("the vLLM engine is " + ("loading" if self._io is None else "draining for shutdown"))
         if self._in_flight >= self.max_queue:
             raise QueueFull(retry_after_s=1.0)
         self._in_flight += 1
@@ -214,24 +236,29 @@ class VllmRunner(Runner):
     async def _encode(self, req: RankInput | RetrieveInput) -> np.ndarray:
         io = self._io
         request = io.parse_data(req)
-        out = await self._thread.submit(io.pre_process(request), io.pooling_params(request))
-        return io.post_process([out])
+        prompts, params = io.pre_process(request), io.pooling_params(request)
+        outputs = await asyncio.gather(*(self._thread.submit(p, q) for p, q in zip(prompts, params)))
+        return io.post_process(outputs)
 
     def describe(self) -> dict:
         engine = self._thread.engine if self._thread is not None else None
         cfg = engine.vllm_config if engine is not None else None
         return {
             "runner": self.name, "engine": self.engine,
-            "why": "requested with --runner vllm: hstu-opt's eager PyTorch model (the bundle's checkpoint) run "
-                   "by vLLM's in-process engine, its scheduler batching concurrent requests",
-            "cache": {"mode": "off", "why": "vLLM's KV cache is built for softmax attention; HSTU's pointwise "
-                                             "attention keeps no cache under this runner (docs/serving-vllm.md)"},
-            "vllm": {} if cfg is None else {
-                "version": _vllm_version(), "max_num_seqs": cfg.scheduler_config.max_num_seqs,
-                "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
-                "max_model_len": cfg.model_config.max_model_len,
-            },
+            "engine_reason": "--runner vllm: the bundle's checkpoint in hstu-opt's PyTorch model, run by vLLM's "
+                             "in-process engine (its scheduler batches concurrent requests)",
+            "cache": {"enabled": False, "why": "vLLM's KV cache is built for softmax attention; under this runner "
+                                               "every candidate group runs its history again (docs/serving-vllm.md)"},
+            "batching": {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.batch_tokens,
+                         "max_model_len": self.max_len, "max_queue": self.max_queue,
+                         "candidate_group": self.bundle.cfg.max_targets},
+            "vllm": {"version": _vllm_version() if cfg is not None else None},
         }
+
+
+def create_runner(bundle: ServedBundle, settings) -> VllmRunner:
+    """`hstu-opt serve --runner vllm` (runners/base.py)."""
+    return VllmRunner(bundle, max_num_seqs=settings.batching.max_batch, max_queue=settings.batching.max_queue)
 
 
 def _vllm_version() -> str:
