@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	# ML-100k ships inside the recbole wheel; its (heavy) dependencies are not needed.
 	$(PIP) install --no-deps recbole==1.2.1
-	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,dev]'
+	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,serve,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -195,6 +195,35 @@ def import_stu_cmd(
     console.print(f"[green]imported[/] {layers} STU layers from {state_dict} -> {out}")
 
 
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="Bundle directory (artifacts/<name>/<version>)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port; the URL is printed)."),
+    engine: str = typer.Option("auto", "--engine", help="auto, compiled, onnxruntime or eager (auto says why)."),
+    runner: str = typer.Option("native", "--runner", help="native or vllm."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most requests per engine batch."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", help="Longest a request waits for its batch to fill."),
+    cache_gb: float = typer.Option(1.0, "--cache-gb", help="User K/V cache budget in GB (0: off)."),
+    max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests beyond this get 503 + Retry-After."),
+    max_body_mb: float = typer.Option(1.0, "--max-body-mb", help="Larger request bodies get 413."),
+) -> None:
+    """Serve BUNDLE over HTTP (POST /v1/rank, /v1/retrieve; docs at /docs) until SIGINT/SIGTERM. Needs the serve extra."""
+    with _errors():
+        from hstu_opt.serve.settings import ServeSettings
+
+        settings = ServeSettings(bundle, host, port, engine, runner, max_batch, max_wait_ms, max_queue, cache_gb,
+                                 max_body_mb)
+        from hstu_opt.serve import server  # fastapi and uvicorn: only here (BackendUnavailable names the extra)
+
+        server.serve(settings, _announce)
+
+
+def _announce(line: str) -> None:
+    console.print(line, markup=False, highlight=False)
+    sys.stdout.flush()  # (a pipe reading the startup lines, e.g. a supervisor, sees them at once)
+
+
 def main() -> None:
     _register_stage_commands()
     app()

@@ -40,3 +40,7 @@ class BuildLocked(HstuOptError):
 
 class StageError(HstuOptError):
     """A stage cannot run with the inputs it was given."""
+
+
+class ServeError(HstuOptError):
+    """`hstu-opt serve` cannot start as asked (bad option, engine missing from the bundle, port taken)."""

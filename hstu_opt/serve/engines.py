@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hstu_opt.data.batching import PaddedBatch, padded_batch
-from hstu_opt.errors import HstuOptError
+from hstu_opt.errors import ServeError
 from hstu_opt.model.heads import l2_normalize
 from hstu_opt.model.hstu import HstuModel, KVCache
 from hstu_opt.model.scoring import to_tensors
@@ -31,10 +31,6 @@ ENGINE_RULE = ("auto: `compiled` on a GPU the bundle's compiled engine was built
                "is on (cached scoring, prefill + score_cached, needs the PyTorch model: onnxruntime graphs are "
                "full-forward only); otherwise `onnxruntime`, int8 when the bundle's INT8 passed its accuracy gate, "
                "else fp32")
-
-
-class ServeError(HstuOptError):
-    """The server cannot start as asked (engine missing from the bundle, wrong machine, bad option)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""The routes: parse (schemas) -> normalize (requests) -> submit (runner) -> format. Nothing else."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI, Response
+
+from hstu_opt.errors import HstuOptError
+from hstu_opt.serve import middleware, requests
+from hstu_opt.serve.metrics import ServeMetrics
+from hstu_opt.serve.retrieval import ItemIndex
+from hstu_opt.serve.runners.base import RankInput, RankOutput, Runner, Unavailable
+from hstu_opt.serve.schemas import (ErrorBody, Health, ModelInfo, ModelLimits, ModelRef, RankRequest, RankResponse,
+                                    Readiness, RetrievedItem, RetrieveRequest, RetrieveResponse, ScoredItem)
+from hstu_opt.serve.served_bundle import ServedBundle
+
+ERRORS = {413: {"model": ErrorBody, "description": "Body over the server's limit"},
+          422: {"model": ErrorBody, "description": "A field is invalid (`field` names it)"},
+          500: {"model": ErrorBody, "description": "The engine failed on this request (see the server log)"},
+          503: {"model": ErrorBody, "description": "Queue full, loading or shutting down (see Retry-After)"}}
+
+
+def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: ServeMetrics,
+               max_body_bytes: int) -> FastAPI:
+    limits, tasks = bundle.limits, list(bundle.cfg.ranking_tasks)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            await runner.start()
+        except HstuOptError as exc:  # the server reports it as one line (server.serve)
+            app.state.start_error = exc
+            raise
+        yield
+        await runner.stop()  # (uvicorn has already let every in-flight request finish)
+
+    app = FastAPI(title="hstu-opt serve", version="1", lifespan=lifespan,
+                  description=f"Ranking and retrieval with the bundle {bundle.name} {bundle.version}.")
+
+    def model_ref() -> ModelRef:
+        return ModelRef(name=bundle.name, version=bundle.version, engine=runner.engine)
+
+    def check_ready() -> None:
+        if not runner.ready():
+            raise Unavailable("the engine is not ready (loading, or the server is shutting down)")
+
+    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
+    async def rank(body: RankRequest) -> RankResponse:
+        """Task probabilities for every candidate, best first."""
+        t0 = time.perf_counter()
+        check_ready()
+        inp = requests.rank_input(body, limits)
+        out = await runner.rank(inp)
+        return rank_response(inp, out, tasks, model_ref(), t0)
+
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS)
+    async def retrieve(body: RetrieveRequest) -> RetrieveResponse:
+        """The k items of the bundle's item table closest to the user's query embedding."""
+        t0 = time.perf_counter()
+        check_ready()
+        inp = requests.retrieve_input(body, limits)
+        query = await runner.retrieve(inp)  # [D]
+        ids, scores = items.top_k(query, body.k, inp.item_ids if body.exclude_seen else None)
+        results = [RetrievedItem(item_id=int(i), score=float(s)) for i, s in zip(ids, scores)]
+        return RetrieveResponse(results=results, model=model_ref(), truncated=inp.truncated,
+                                timing_ms={"total": elapsed_ms(t0)})
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """The process is up (says nothing about the engine: see /readyz)."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+    async def readyz(response: Response) -> Readiness:
+        """200 once the engine is loaded and warmed; 503 before that and while draining for shutdown."""
+        if not runner.ready():
+            response.status_code = 503
+            response.headers["Retry-After"] = "1"
+        return Readiness(ready=runner.ready(), engine=runner.engine)
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model() -> ModelInfo:
+        """The bundle's summary, its limits, and which engine serves it and why."""
+        m = bundle.manifest
+        return ModelInfo(name=bundle.name, version=bundle.version, created_utc=m.get("created_utc", ""),
+                         recipe_sha256=m.get("recipe_sha256", ""), tasks=tasks,
+                         limits=ModelLimits(**vars(limits)), runner=runner.describe())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        payload, content_type = metrics.render()
+        return Response(payload, media_type=content_type)
+
+    middleware.install(app, metrics, max_body_bytes)
+    return app
+
+
+def elapsed_ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1e3, 3)
+
+
+def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: ModelRef, t0: float) -> RankResponse:
+    order = np.argsort(-out.probs[:, 0], kind="stable")  # by the first task, highest first
+    results = [ScoredItem(item_id=int(inp.candidates[i]), scores=dict(zip(tasks, out.probs[i].tolist())))
+               for i in order]
+    return RankResponse(results=results, model=model, cache=out.cache, truncated=inp.truncated,
+                        timing_ms={**out.timing_ms, "total": elapsed_ms(t0)})

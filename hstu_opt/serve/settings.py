@@ -1,0 +1,50 @@
+"""The server's settings (the `hstu-opt serve` options), shared by the CLI, the server and runner factories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hstu_opt.errors import ServeError
+from hstu_opt.serve.scheduler import BatchPolicy
+
+ENGINES = ("auto", "compiled", "onnxruntime", "eager")
+RUNNERS = ("native", "vllm")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the startup line prints the one taken)
+    engine: str = "auto"
+    runner: str = "native"
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 1024
+    cache_gb: float = 1.0  # 0 turns the user cache off
+    max_body_mb: float = 1.0
+
+    def __post_init__(self) -> None:
+        for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS)):
+            if value not in allowed:
+                raise ServeError(f"{option} {value!r}: choose one of {', '.join(allowed)}")
+        for option, value, least in (("--port", self.port, 0), ("--max-batch", self.max_batch, 1),
+                                     ("--max-wait-ms", self.max_wait_ms, 0), ("--max-queue", self.max_queue, 1),
+                                     ("--cache-gb", self.cache_gb, 0), ("--max-body-mb", self.max_body_mb, 0.001)):
+            if value < least:
+                raise ServeError(f"{option} {value}: must be at least {least}")
+        if self.port > 65535:
+            raise ServeError(f"--port {self.port}: must be at most 65535")
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_gb * 2**30)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def batching(self) -> BatchPolicy:
+        return BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3, max_queue=self.max_queue)
