@@ -16,19 +16,23 @@ import tempfile
 import threading
 import time
 import uuid
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
 from hstu_opt._lazy import require
-from hstu_opt.errors import BundleError
+from hstu_opt.errors import BundleError, ServeError
 from hstu_opt.model.checkpoint import META, WEIGHTS
 from hstu_opt.serve.runners.base import QueueFull, RankInput, RankOutput, RetrieveInput, Runner, Unavailable
 from hstu_opt.serve.runners.vllm_plugin import ARCHITECTURE, IO_PROCESSOR, MODEL_TYPE
 from hstu_opt.serve.served_bundle import CHECKPOINT, ServedBundle
+from hstu_opt.serve.settings import ServeSettings
 
 # An engine in this process (the runner's own thread steps it), no GPU, a token KV-cache reservation:
 # vLLM keeps no KV cache for this model (vllm_plugin/model.py), but its CPU platform wants a size.
+ENGINE_RULE = "--runner vllm always runs the checkpoint's PyTorch model inside vLLM (--engine auto or eager)"
+
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
 
 
@@ -65,17 +69,19 @@ class EngineThread:
         self._lock = threading.Lock()  # orders submit() against the engine's death
         self.engine = None
         self.dead: EngineDead | None = None
+        self.steps = self.sequences = self.largest_step = 0  # what vLLM's scheduler batched (describe())
         self.started: asyncio.Future = loop.create_future()
         self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt, params) -> asyncio.Future:
-        fut = self._loop.create_future()
+    def submit(self, prompts: list, params: list) -> list[asyncio.Future]:
+        """One request's sequences, handed over together so that they reach the same step when they fit."""
+        batch = [(uuid.uuid4().hex, p, q, self._loop.create_future()) for p, q in zip(prompts, params)]
         with self._lock:
             if self.dead is not None:
                 raise self.dead
-            self._inbox.put((uuid.uuid4().hex, prompt, params, fut))
-        return fut
+            self._inbox.put(batch)
+        return [fut for *_, fut in batch]
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -89,15 +95,23 @@ class EngineThread:
             return
         self._loop.call_soon_threadsafe(_settle, self.started, None, None)
         try:
-            while self._admit(block=not self.engine.has_unfinished_requests()):
+            while self._add_handed_over(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
-                        if out.finished:
-                            self._settle(out.request_id, out, None)
+                    done = [out for out in self.engine.step() if out.finished]
+                    for out in done:
+                        self._settle(out.request_id, out, None)
+                    self._count(len(done))
         except Exception as exc:  # noqa: BLE001 (a failed step: the engine is unusable)
             self._die(exc)
         finally:
             self.engine.engine_core.shutdown()
+
+    def _count(self, finished: int) -> None:
+        """Without chunked prefill every sequence a step schedules finishes in it: `finished` is its batch."""
+        if finished:
+            self.steps += 1
+            self.sequences += finished
+            self.largest_step = max(self.largest_step, finished)
 
     def _die(self, exc: Exception) -> None:
         dead = EngineDead(f"vLLM's engine failed ({type(exc).__name__}: {exc}); restart the server")
@@ -106,33 +120,43 @@ class EngineThread:
             self.dead = dead
             while True:  # requests handed over but never added
                 try:
-                    item = self._inbox.get_nowait()
+                    batch = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
-                    self._waiting[item[0]] = item[3]
+                self._waiting.update({rid: fut for rid, _, _, fut in batch or ()})
         for rid in list(self._waiting):
             self._settle(rid, None, dead)
 
-    def _admit(self, block: bool) -> bool:
+    def _add_handed_over(self, block: bool) -> bool:
         """Add every request handed over so far (waiting for one when the engine is idle); False on close."""
         while True:
             try:
-                item = self._inbox.get(block=block)
+                batch = self._inbox.get(block=block)
             except queue.Empty:
                 return True
-            if item is None:
+            if batch is None:
                 return False
-            rid, prompt, params, fut = item
-            self._waiting[rid] = fut
+            self._waiting.update({rid: fut for rid, _, _, fut in batch})
             try:
-                self.engine.add_request(rid, prompt, params)
-            except Exception as exc:  # noqa: BLE001 (vLLM rejected this request: its caller gets the error)
-                self._settle(rid, None, exc)
+                self._add(batch)
+            except Exception as exc:  # noqa: BLE001 (vLLM rejected the request: its caller gets the error)
+                for rid, *_ in batch:
+                    self._settle(rid, None, exc)
             block = False
 
+    def _add(self, batch: list) -> None:
+        """Prompts -> vLLM's engine inputs (its renderer checks them, e.g. against max_model_len) -> requests."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        model_config = self.engine.vllm_config.model_config
+        inputs = self.engine.renderer.render_cmpl([parse_model_prompt(model_config, p) for _, p, _, _ in batch])
+        for (rid, _, params, _), engine_input in zip(batch, inputs):
+            self.engine.add_request(rid, engine_input, params)
+
     def _settle(self, rid: str, out, exc: BaseException | None) -> None:
-        self._loop.call_soon_threadsafe(_settle, self._waiting.pop(rid), out, exc)
+        fut = self._waiting.pop(rid, None)  # None: its request already failed (another of its sequences)
+        if fut is not None:
+            self._loop.call_soon_threadsafe(_settle, fut, out, exc)
 
 
 def _settle(fut: asyncio.Future, out, exc: BaseException | None) -> None:
@@ -236,32 +260,38 @@ class VllmRunner(Runner):
     async def _encode(self, req: RankInput | RetrieveInput) -> np.ndarray:
         io = self._io
         request = io.parse_data(req)
-        prompts, params = io.pre_process(request), io.pooling_params(request)
-        outputs = await asyncio.gather(*(self._thread.submit(p, q) for p, q in zip(prompts, params)))
+        outputs = await asyncio.gather(*self._thread.submit(io.pre_process(request), io.pooling_params(request)))
         return io.post_process(outputs)
 
     def describe(self) -> dict:
-        engine = self._thread.engine if self._thread is not None else None
-        cfg = engine.vllm_config if engine is not None else None
+        t = self._thread
         return {
             "runner": self.name, "engine": self.engine,
-            "engine_reason": "--runner vllm: the bundle's checkpoint in hstu-opt's PyTorch model, run by vLLM's "
-                             "in-process engine (its scheduler batches concurrent requests)",
+            "engine_reason": "--runner vllm: the bundle's checkpoint in hstu-opt's PyTorch model (reference ops), "
+                             "run by vLLM's in-process engine",
+            "engine_rule": ENGINE_RULE,
             "cache": {"enabled": False, "why": "vLLM's KV cache is built for softmax attention; under this runner "
                                                "every candidate group runs its history again (docs/serving-vllm.md)"},
-            "batching": {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.batch_tokens,
-                         "max_model_len": self.max_len, "max_queue": self.max_queue,
-                         "candidate_group": self.bundle.cfg.max_targets},
-            "vllm": {"version": _vllm_version() if cfg is not None else None},
+            "batching": {"by": "vLLM's scheduler", "max_num_seqs": self.max_num_seqs,
+                         "max_num_batched_tokens": self.batch_tokens, "max_model_len": self.max_len,
+                         "max_queue": self.max_queue, "candidate_group": self.bundle.cfg.max_targets,
+                         "steps": t.steps if t else 0, "sequences": t.sequences if t else 0,
+                         "largest_step": t.largest_step if t else 0},
+            "vllm": _vllm_version(),
         }
 
 
-def create_runner(bundle: ServedBundle, settings) -> VllmRunner:
-    """`hstu-opt serve --runner vllm` (runners/base.py)."""
-    return VllmRunner(bundle, max_num_seqs=settings.batching.max_batch, max_queue=settings.batching.max_queue)
+def create_runner(bundle: ServedBundle, settings: ServeSettings) -> VllmRunner:
+    """`hstu-opt serve --runner vllm` (runners/base.py). --max-batch caps the sequences of one vLLM step;
+    --max-wait-ms has no counterpart (vLLM steps as soon as anything waits); the cache is always off."""
+    if settings.engine not in ("auto", "eager"):
+        raise ServeError(f"--engine {settings.engine} with --runner vllm: vLLM runs the checkpoint's PyTorch model "
+                         "(eager); drop --engine, or use --runner native for the bundle's other engines")
+    return VllmRunner(bundle, max_num_seqs=settings.max_batch, max_queue=settings.max_queue)
 
 
-def _vllm_version() -> str:
-    from vllm import __version__
-
-    return __version__
+def _vllm_version() -> str | None:
+    try:
+        return version("vllm-cpu")
+    except PackageNotFoundError:
+        return None
