@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,7 +39,8 @@ def _errors() -> Iterator[None]:
     except HstuOptError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages such as "pip install 'hstu-opt[serve]'" hold brackets rich would take for markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -207,13 +209,14 @@ def serve(
     cache_gb: float = typer.Option(1.0, "--cache-gb", help="User K/V cache budget in GB (0: off)."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests beyond this get 503 + Retry-After."),
     max_body_mb: float = typer.Option(1.0, "--max-body-mb", help="Larger request bodies get 413."),
+    torch_threads: int = typer.Option(0, "--torch-threads", help="PyTorch intra-op threads (0: its default)."),
 ) -> None:
     """Serve BUNDLE over HTTP (POST /v1/rank, /v1/retrieve; docs at /docs) until SIGINT/SIGTERM. Needs the serve extra."""
     with _errors():
         from hstu_opt.serve.settings import ServeSettings
 
         settings = ServeSettings(bundle, host, port, engine, runner, max_batch, max_wait_ms, max_queue, cache_gb,
-                                 max_body_mb)
+                                 max_body_mb, torch_threads)
         from hstu_opt.serve import server  # fastapi and uvicorn: only here (BackendUnavailable names the extra)
 
         server.serve(settings, _announce)

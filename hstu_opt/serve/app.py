@@ -14,7 +14,8 @@ from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.retrieval import ItemIndex
 from hstu_opt.serve.runners.base import RankInput, RankOutput, Runner, Unavailable
 from hstu_opt.serve.schemas import (ErrorBody, Health, ModelInfo, ModelLimits, ModelRef, RankRequest, RankResponse,
-                                    Readiness, RetrievedItem, RetrieveRequest, RetrieveResponse, ScoredItem)
+                                    Readiness, RetrievedItem, RetrieveRequest, RetrieveResponse, ScoredItem,
+                                    openapi_with_limits)
 from hstu_opt.serve.served_bundle import ServedBundle
 
 ERRORS = {413: {"model": ErrorBody, "description": "Body over the server's limit"},
@@ -95,6 +96,12 @@ def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: 
         return Response(payload, media_type=content_type)
 
     middleware.install(app, metrics, max_body_bytes)
+    default_openapi = app.openapi
+
+    def bundle_openapi() -> dict:  # (FastAPI caches the result in app.openapi_schema)
+        return app.openapi_schema or openapi_with_limits(default_openapi(), limits)
+
+    app.openapi = bundle_openapi
     return app
 
 

@@ -58,6 +58,9 @@ def split_padded(probs: np.ndarray, counts: list[int]) -> list[np.ndarray]:
 class EngineAdapter(ABC):
     name: str  # the engine label clients see: "eager", "onnxruntime.int8", "compiled", ...
     supports_cache: bool = False
+    # with the cache off: score a user's candidate groups against one prefill (True), or run a full
+    # forward per group (False: the compiled engine, whose compiled graph is the fast path)
+    groups_via_prefill: bool = False
 
     def __init__(self, max_rows: int, contextual_len: int):
         self.max_rows = max_rows  # padded rows one engine call takes
@@ -93,6 +96,7 @@ class TorchAdapter(EngineAdapter):
     """The PyTorch model: full forwards (model.rank), the cached path, and retrieval from the jagged trunk."""
 
     supports_cache = True
+    groups_via_prefill = True
 
     def __init__(self, model: HstuModel, name: str, max_rows: int):
         super().__init__(max_rows, model.cfg.contextual_len)
@@ -172,6 +176,8 @@ class CompiledAdapter(TorchAdapter):
     """The bundle's compiled engine for full forwards; its model (Triton ops on a GPU) for the cached
     path and retrieval, which the compiled graph does not cover."""
 
+    groups_via_prefill = False
+
     def __init__(self, bundle: ServedBundle):
         from hstu_opt.backends.compiled import CompiledRunner
 
@@ -182,6 +188,11 @@ class CompiledAdapter(TorchAdapter):
         batch = padded([r.user for r in rows], [r.candidates for r in rows], self.contextual_len)
         probs = self.runner.run(batch.ranking_feed())["probs"]
         return split_padded(probs, [len(r.candidates) for r in rows])
+
+
+def uses_cached_path(adapter: EngineAdapter, cache_on: bool) -> bool:
+    """Whether ranking goes through prefill + score_cached (else a full forward per candidate group)."""
+    return adapter.supports_cache and (cache_on or adapter.groups_via_prefill)
 
 
 @dataclass(frozen=True)

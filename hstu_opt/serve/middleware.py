@@ -11,6 +11,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.requests import InvalidRequest
@@ -43,9 +44,18 @@ def field_path(loc: tuple) -> str:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0]
-    field = field_path(tuple(err.get("loc", ())))
+    # (a JSON syntax error's location is the character offset, not a field)
+    field = "body" if err.get("type") == "json_invalid" else field_path(tuple(err.get("loc", ())))
     got = f" (got {err['input']!r:.60})" if err.get("type") not in ("missing", "json_invalid") and "input" in err else ""
     return error_response(422, f"{field}: {err.get('msg', 'invalid')}{got}", request_id(request), field)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own HTTP errors in our shape; its 400 for a body it cannot decode (e.g. not UTF-8) is bad
+    input like any other: 422 naming the body."""
+    if exc.status_code == 400:
+        return error_response(422, f"body: {exc.detail}: send a UTF-8 JSON object", request_id(request), "body")
+    return error_response(exc.status_code, str(exc.detail), request_id(request))
 
 
 async def _invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
@@ -62,6 +72,7 @@ async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
 
 def install(app: FastAPI, metrics: ServeMetrics, max_body_bytes: int) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(InvalidRequest, _invalid_request)
     app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(Unavailable, _unavailable)

@@ -107,3 +107,43 @@ class ModelInfo(BaseModel):
     tasks: list[str]
     limits: ModelLimits
     runner: dict = Field(description="The runner's own description: runner, engine, why this engine, cache, batching.")
+
+
+# ---- the bundle's bounds in the published schema ------------------------------------------------
+INT64_MAX = 2**63 - 1
+
+
+def _variants(prop: dict) -> list[dict]:
+    return prop.get("anyOf", [prop])
+
+
+def _bound_ints(prop: dict, lo: int, hi: int, min_items: int | None = None, max_items: int | None = None) -> None:
+    """Bounds on an integer (or on the items of an integer array) property, in each anyOf variant."""
+    for v in _variants(prop):
+        if v.get("type") == "array":
+            v["items"].update(minimum=lo, maximum=hi)
+            v.update({k: n for k, n in (("minItems", min_items), ("maxItems", max_items)) if n is not None})
+        elif v.get("type") == "integer":
+            v.update(minimum=lo, maximum=hi)
+
+
+def openapi_with_limits(openapi: dict, limits) -> dict:
+    """The bundle's id ranges and contextual row count (a RequestLimits), written into the OpenAPI
+    document, so clients and generated tests see them. List lengths that must match (ratings and
+    timestamps per item) are beyond JSON Schema: the server checks those (422)."""
+    comps = openapi["components"]["schemas"]
+    hist = comps["History"]["properties"]
+    _bound_ints(hist["item_ids"], 1, limits.num_items, min_items=1)
+    _bound_ints(hist["ratings"], 0, limits.num_ratings)
+    _bound_ints(hist["timestamps"], 0, INT64_MAX, min_items=1)
+    C = limits.contextual_len
+    for name in ("RankRequest", "RetrieveRequest"):
+        props = comps[name]["properties"]
+        _bound_ints(props["query_time"], 0, INT64_MAX)
+        if C:  # exactly C ids, no null
+            props["contextual_ids"] = {**_variants(props["contextual_ids"])[0], "description": props["contextual_ids"]["description"]}
+            _bound_ints(props["contextual_ids"], 1, limits.contextual_cardinality, C, C)
+        else:
+            _bound_ints(props["contextual_ids"], 0, 0, max_items=0)
+    _bound_ints(comps["RankRequest"]["properties"]["candidates"], 1, limits.num_items, min_items=1)
+    return openapi

@@ -24,6 +24,7 @@ class ServeSettings:
     max_queue: int = 1024
     cache_gb: float = 1.0  # 0 turns the user cache off
     max_body_mb: float = 1.0
+    torch_threads: int = 0  # torch intra-op threads of the server process (0: torch's default)
 
     def __post_init__(self) -> None:
         for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS)):
@@ -31,7 +32,8 @@ class ServeSettings:
                 raise ServeError(f"{option} {value!r}: choose one of {', '.join(allowed)}")
         for option, value, least in (("--port", self.port, 0), ("--max-batch", self.max_batch, 1),
                                      ("--max-wait-ms", self.max_wait_ms, 0), ("--max-queue", self.max_queue, 1),
-                                     ("--cache-gb", self.cache_gb, 0), ("--max-body-mb", self.max_body_mb, 0.001)):
+                                     ("--cache-gb", self.cache_gb, 0), ("--max-body-mb", self.max_body_mb, 0.001),
+                                     ("--torch-threads", self.torch_threads, 0)):
             if value < least:
                 raise ServeError(f"{option} {value}: must be at least {least}")
         if self.port > 65535:

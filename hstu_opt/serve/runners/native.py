@@ -1,11 +1,13 @@
 """The native runner: scheduler (batching) + engine adapter + user cache, all in this process.
 
 Ranking, per batch (on the scheduler's worker thread):
-  * engines with the cached path (eager, compiled): look every user up in the cache; prefill the
-    misses once (one entry per distinct key), then score every candidate group (max_targets
-    candidates each) against its user's K/V. A hit and a miss take the same scoring path on the same
-    K/V, so they return the same scores. With the cache off the same path runs without storing.
-  * full-forward engines (onnxruntime): one padded row per (user, candidate group).
+  * engines with the cached path (eager, compiled) and the cache on: look every user up in the
+    cache; prefill the misses once (one entry per distinct key), then score every candidate group
+    (max_targets candidates each) against its user's K/V. A hit and a miss take the same scoring
+    path on the same K/V, so they return the same scores. With the cache off, eager runs the same
+    path without storing (groups_via_prefill).
+  * otherwise (onnxruntime; compiled with the cache off): one padded row per (user, candidate group)
+    through the engine's full forward.
 Engine calls carry at most the engine's max rows.
 """
 
@@ -18,7 +20,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from hstu_opt.serve.engines import ENGINE_RULE, EngineAdapter, EngineChoice, Row, adapter_class, load_adapter
+from hstu_opt.serve.engines import (ENGINE_RULE, EngineAdapter, EngineChoice, Row, adapter_class, load_adapter,
+                                    uses_cached_path)
 from hstu_opt.serve.kv_cache import CacheStats, KVStore, UserKV, cache_key
 from hstu_opt.serve.runners.base import RankInput, RankOutput, RetrieveInput, Runner
 from hstu_opt.serve.scheduler import BatchPolicy, Job, Scheduler
@@ -114,7 +117,7 @@ class NativeRunner(Runner):
             return self._retrieve_batch([j.payload for j in jobs])
         t0 = time.perf_counter()
         users = [j.payload for j in jobs]
-        if self.adapter.supports_cache:
+        if uses_cached_path(self.adapter, self.store is not None):
             probs, status, phases = self._rank_cached(users)
         else:
             probs, status, phases = self._rank_full(users), ["off"] * len(users), {}

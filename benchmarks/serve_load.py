@@ -1,0 +1,290 @@
+"""Loopback load test of `hstu-opt serve`: starts the server on 127.0.0.1 (a free port), sends a bounded
+number of /v1/rank requests at each concurrency, and reports served latency (p50/p90/p99) and requests/s,
+next to the engine's own latency for the same request shape measured in this process first.
+
+    python benchmarks/serve_load.py --bundle artifacts/tiny/1                     # CPU: 2,000 requests at 32
+    python benchmarks/serve_load.py --bundle B --engine compiled --cache-gb 0 \\
+        --concurrency 1,16,64 --history 4096 --candidates 256                     # GPU: the compiled engine
+
+Requests come from a fixed pool of --users synthetic users (ids, ratings, timestamps within the bundle's
+limits), drawn at random, so a user repeats (cache hits when the cache is on); --history and --candidates
+fix the sizes (default: random history lengths up to max_history_len, max_targets candidates).
+The engine row times the path the server uses for a request that misses: a full forward over the padded
+rows (cache off, or onnxruntime), or prefill + cached scoring (eager/compiled with the cache on), at
+batch 1 and at min(concurrency, --max-batch) users.
+
+Stops by itself: --requests per concurrency and --max-seconds overall. Exits 1 if any request failed.
+Needs only what `hstu-opt[serve]` installs (fastapi, uvicorn, pydantic, prometheus-client, httpx).
+Writes JSON (date, machine, versions, settings, rows) to --out (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata as md
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hstu_opt import toolchain  # noqa: E402
+from hstu_opt.serve.engines import Row, choose_engine, gpu_name, load_adapter, uses_cached_path  # noqa: E402
+from hstu_opt.serve.requests import rank_input  # noqa: E402
+from hstu_opt.serve.schemas import RankRequest  # noqa: E402
+from hstu_opt.serve.served_bundle import ServedBundle  # noqa: E402
+from hstu_opt.serve.server import set_torch_threads  # noqa: E402
+
+SERVE_PACKAGES = ("fastapi", "starlette", "uvicorn", "pydantic", "prometheus-client", "httpx")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--requests", type=int, default=2000, help="measured requests per concurrency")
+    ap.add_argument("--concurrency", default="32", help="comma-separated, e.g. 1,16,64")
+    ap.add_argument("--engine", default="auto")
+    ap.add_argument("--cache-gb", type=float, default=1.0)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--torch-threads", type=int, default=0, help="passed to the server (0: torch's default)")
+    ap.add_argument("--users", type=int, default=256, help="size of the synthetic user pool")
+    ap.add_argument("--history", type=int, default=0, help="history rows per user (0: random 1..max_history_len)")
+    ap.add_argument("--candidates", type=int, default=0, help="candidates per request (0: max_targets)")
+    ap.add_argument("--engine-repeats", type=int, default=30, help="timed engine calls per batch size (0: skip)")
+    ap.add_argument("--max-seconds", type=float, default=600, help="hard bound on the whole run")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args()
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+def user_pool(bundle: ServedBundle, args: argparse.Namespace) -> list[dict]:
+    cfg, rng = bundle.cfg, np.random.default_rng(args.seed)
+    n_cand = args.candidates or cfg.max_targets
+    pool = []
+    for u in range(args.users):
+        n = args.history or int(rng.integers(1, cfg.max_history_len + 1))
+        ts = np.sort(rng.integers(1_600_000_000, 1_700_000_000, n))
+        body = {"user_id": f"user{u}",
+                "history": {"item_ids": rng.integers(1, cfg.num_items + 1, n).tolist(),
+                            "ratings": rng.integers(1, cfg.num_ratings + 1, n).tolist(), "timestamps": ts.tolist()},
+                "candidates": rng.integers(1, cfg.num_items + 1, n_cand).tolist(), "query_time": int(ts[-1]) + 30}
+        if cfg.contextual_len:
+            body["contextual_ids"] = rng.integers(1, cfg.contextual_cardinality + 1, cfg.contextual_len).tolist()
+        pool.append(body)
+    return pool
+
+
+# ---- the engine alone -------------------------------------------------------------------------------
+def engine_latency(bundle: ServedBundle, args: argparse.Namespace, pool: list[dict], batches: list[int]) -> list[dict]:
+    """Time the engine path a missing request takes, in this process, before the server starts."""
+    if args.torch_threads:
+        set_torch_threads(args.torch_threads)  # as the server will
+    choice = choose_engine(bundle, args.engine, args.cache_gb > 0, gpu_name())
+    adapter = load_adapter(bundle, choice)
+    adapter.warm_up()
+    cached = uses_cached_path(adapter, args.cache_gb > 0)
+    users = [rank_input(RankRequest.model_validate(b), bundle.limits) for b in pool]
+    rows = []
+    for b in batches:
+        batch = users[:b]
+
+        def call():
+            if cached:
+                adapter.score_cached(adapter.prefill(batch), [u.candidates for u in batch])
+            else:
+                adapter.rank_full([Row(u, u.candidates) for u in batch])
+
+        for _ in range(3):
+            call()
+        ms = []
+        for _ in range(args.engine_repeats):
+            t0 = time.perf_counter()
+            call()
+            ms.append((time.perf_counter() - t0) * 1e3)
+        rows.append({"engine": choice.label, "path": "prefill+score_cached" if cached else "full forward",
+                     "batch": b, **percentiles(np.array(ms))})
+    del adapter
+    _free_gpu()
+    return rows
+
+
+def _free_gpu() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- the server ---------------------------------------------------------------------------------------
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "hstu_opt", "serve", str(args.bundle), "--port", "0", "--engine", args.engine,
+           "--cache-gb", str(args.cache_gb), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+           "--max-body-mb", "64", "--torch-threads", str(args.torch_threads)]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        print("  server:", line.rstrip())
+        if m := re.search(r"serving on (http://\S+)", line):
+            return proc, m.group(1)
+    raise SystemExit(f"the server exited ({proc.wait()}) before serving")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return -9
+    for line in (rest or "").splitlines():
+        print("  server:", line)
+    return proc.returncode
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def server_counters(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    names = {"cache_hits": "hstu_serve_cache_hits_total", "cache_misses": "hstu_serve_cache_misses_total",
+             "batches": 'hstu_serve_batch_size_count{kind="rank"}', "batched": 'hstu_serve_batch_size_sum{kind="rank"}'}
+    return {k: metric(text, n) for k, n in names.items()}
+
+
+# ---- load -----------------------------------------------------------------------------------------------
+@dataclass
+class Load:
+    latencies_ms: list[float]  # as the client saw them
+    server_ms: list[float]  # the route's own time (timing_ms.total): parse, queue, batch, format
+    statuses: dict[str, int]
+    seconds: float
+
+
+async def load(url: str, pool: list[dict], n: int, concurrency: int, rng: np.random.Generator, deadline: float) -> Load:
+    order = rng.integers(0, len(pool), n).tolist()
+    latencies: list[float] = []
+    server: list[float] = []
+    statuses: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            while order and time.monotonic() < deadline:
+                body = pool[order.pop()]
+                t0 = time.perf_counter()
+                try:
+                    response = await client.post("/v1/rank", json=body)
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    response, status = None, type(exc).__name__
+                latencies.append((time.perf_counter() - t0) * 1e3)
+                if status == "200":
+                    server.append(response.json()["timing_ms"]["total"])
+                statuses[status] = statuses.get(status, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Load(latencies, server, statuses, time.perf_counter() - t0)
+
+
+def percentiles(ms: np.ndarray) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": int(ms.size)}
+
+
+def run_level(url: str, pool: list[dict], args: argparse.Namespace, c: int, deadline: float) -> dict:
+    rng = np.random.default_rng(args.seed + c)
+    asyncio.run(load(url, pool, 2 * c, c, rng, deadline))  # warm-up: connections, first batches
+    before = server_counters(url)
+    result = asyncio.run(load(url, pool, args.requests, c, rng, deadline))
+    after = server_counters(url)
+    delta = {k: after[k] - before[k] for k in after}
+    errors = sum(v for k, v in result.statuses.items() if k != "200")
+    return {"concurrency": c, "requests": len(result.latencies_ms), "errors": errors, "statuses": result.statuses,
+            "requests_per_s": len(result.latencies_ms) / result.seconds, "seconds": result.seconds,
+            **percentiles(np.array(result.latencies_ms)),
+            **{f"server_{k}": v for k, v in percentiles(np.array(result.server_ms or [0.0])).items() if k != "n"},
+            "mean_batch": delta["batched"] / delta["batches"] if delta["batches"] else 0.0,
+            "cache_hits": int(delta["cache_hits"]), "cache_misses": int(delta["cache_misses"])}
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_name(),
+            "load_average_1m": os.getloadavg()[0]}  # (other work on the machine shows here)
+
+
+def versions() -> dict:
+    out = dict(toolchain.toolchain())
+    for dist in SERVE_PACKAGES:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def table(rows: list[dict], engine_rows: list[dict]) -> str:
+    lines = [f"{'concurrency':>11} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
+             f"{'p99 ms':>8} {'srv p50':>8} {'srv p99':>8} {'batch':>6} {'hits':>6} {'misses':>6}"]
+    for r in rows:
+        lines.append(f"{r['concurrency']:>11} {r['requests']:>8} {r['errors']:>6} {r['requests_per_s']:>8.1f} "
+                     f"{r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['server_p50_ms']:>8.2f} "
+                     f"{r['server_p99_ms']:>8.2f} {r['mean_batch']:>6.1f} {r['cache_hits']:>6} {r['cache_misses']:>6}")
+    lines.append("(p50/p90/p99: as the client saw them; srv: the server's own route time, timing_ms.total)")
+    for e in engine_rows:
+        lines.append(f"engine alone ({e['engine']}, {e['path']}), batch {e['batch']}: p50 {e['p50_ms']:.2f} ms, "
+                     f"p99 {e['p99_ms']:.2f} ms ({e['n']} calls)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = parse_args()
+    deadline = time.monotonic() + args.max_seconds
+    bundle = ServedBundle.open(args.bundle)
+    pool = user_pool(bundle, args)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    batches = sorted({1, *(min(c, args.max_batch) for c in levels)})
+    engine_rows = engine_latency(bundle, args, pool, batches) if args.engine_repeats else []
+    proc, url = start_server(args)
+    try:
+        model = httpx.get(f"{url}/v1/model", timeout=30).json()
+        rows = [run_level(url, pool, args, c, deadline) for c in levels]
+    finally:
+        exit_code = stop_server(proc)
+    report = {"benchmark": "serve_load", "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "versions": versions(), "bundle": {"path": str(args.bundle), "name": bundle.name,
+                                                                       "version": bundle.version},
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "server": model["runner"], "server_exit_code": exit_code, "rows": rows, "engine_alone": engine_rows}
+    print(table(rows, engine_rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    host = "gpu" if gpu_name() else "cpu"
+    path = args.out / f"serve_load_{bundle.name}_{host}_{report['date_utc'][:10]}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    failed = sum(r["errors"] for r in rows) or sum(r["requests"] < args.requests for r in rows) or exit_code != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Every route of a live server (eager engine, cache on) against the model computed directly."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hstu_opt.model.checkpoint import load_checkpoint
+from hstu_opt.model.scoring import to_tensors
+from hstu_opt.serve.engines import padded
+from hstu_opt.serve.requests import floor_time, rank_input
+from hstu_opt.serve.schemas import RankRequest
+from hstu_opt.serve.served_bundle import CHECKPOINT, ServedBundle
+from hstu_opt.serve.settings import ServeSettings
+from tests.serve.conftest import user_body
+
+FP32_EXACT = 1e-6  # hit vs miss: the same K/V through the same scoring path
+FP32_TOL = dict(atol=1e-5, rtol=1e-4)  # cached scoring vs a full forward (tests/conftest TOLERANCES)
+DELAYED_ACK_MS = 40  # Linux's minimum delayed-ACK timeout
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_path):
+    return ServedBundle.open(bundle_path)
+
+
+@pytest.fixture(scope="module")
+def model(bundle_path):
+    return load_checkpoint(bundle_path / CHECKPOINT)[0]
+
+
+def full_forward(model, bundle, body: dict) -> np.ndarray:
+    """Reference: model.rank (the engine contract) per group of max_targets candidates -> [M, T]."""
+    inp = rank_input(RankRequest.model_validate(body), bundle.limits)
+    T = bundle.cfg.max_targets
+    out = []
+    for g in range(0, len(inp.candidates), T):
+        cands = inp.candidates[g:g + T]
+        feed = padded([inp], [cands], bundle.cfg.contextual_len).ranking_feed()
+        with torch.no_grad():
+            out.append(model.rank(**to_tensors(feed))[0, :len(cands)].numpy())
+    return np.concatenate(out)
+
+
+def scores_by_item(resp: dict, tasks: list[str]) -> dict[int, list[float]]:
+    return {r["item_id"]: [r["scores"][t] for t in tasks] for r in resp["results"]}
+
+
+def as_array(resp: dict, candidates: list[int], tasks: list[str]) -> np.ndarray:
+    by_item = scores_by_item(resp, tasks)
+    return np.array([by_item[c] for c in candidates], np.float32)
+
+
+def test_rank_groups_miss_then_hit_equal(live, bundle, model):
+    """More candidates than max_targets: scored in groups against one prefill, equal to a full forward per
+    group; the repeat is a cache hit with the same scores; results come sorted by the first task."""
+    rng = np.random.default_rng(1)
+    tasks = list(bundle.cfg.ranking_tasks)
+    body = user_body(rng, bundle.cfg.num_items, 60, 3 * bundle.cfg.max_targets + 5, user_id="groups")
+    with live.client() as c:
+        first, second = c.post("/v1/rank", json=body).json(), c.post("/v1/rank", json=body).json()
+    assert (first["cache"], second["cache"]) == ("miss", "hit")
+    got = as_array(first, body["candidates"], tasks)
+    np.testing.assert_allclose(got, full_forward(model, bundle, body), **FP32_TOL)
+    np.testing.assert_allclose(as_array(second, body["candidates"], tasks), got, atol=FP32_EXACT, rtol=0)
+    first_task = [r["scores"][tasks[0]] for r in first["results"]]
+    assert first_task == sorted(first_task, reverse=True)
+    assert first["model"] == {"name": bundle.name, "version": bundle.version, "engine": "eager"}
+    assert first["truncated"] is False and first["timing_ms"]["total"] > 0
+
+
+def test_query_time_floored_and_defaulted(live, bundle):
+    """Query times within one granularity step share the cache entry and the scores; a null query time
+    means the last history timestamp."""
+    rng = np.random.default_rng(2)
+    g = bundle.serving.time_granularity_s
+    body = user_body(rng, bundle.cfg.num_items, 20, 8, user_id="floor")
+    last = body["history"]["timestamps"][-1]
+    base = floor_time(last, g)
+    with live.client() as c:
+        a = c.post("/v1/rank", json=body | {"query_time": base}).json()
+        b = c.post("/v1/rank", json=body | {"query_time": base + g - 1}).json()
+        d = c.post("/v1/rank", json=body | {"query_time": None}).json()
+        later = c.post("/v1/rank", json=body | {"query_time": base + 10 * g}).json()
+    assert (a["cache"], b["cache"], later["cache"]) == ("miss", "hit", "miss")
+    assert d["cache"] == "hit"  # null = the last timestamp, floored to `base` like a
+    assert scores_by_item(a, ["watched"]) == scores_by_item(b, ["watched"]) == scores_by_item(d, ["watched"])
+
+
+def test_truncated_history_keeps_most_recent_rows(live, bundle):
+    rng = np.random.default_rng(3)
+    n = bundle.cfg.max_history_len
+    long = user_body(rng, bundle.cfg.num_items, n + 25, 5, user_id=None)
+    short = {**long, "history": {k: v[-n:] for k, v in long["history"].items()}}
+    with live.client() as c:
+        got_long, got_short = c.post("/v1/rank", json=long).json(), c.post("/v1/rank", json=short).json()
+    assert got_long["truncated"] is True and got_short["truncated"] is False
+    assert got_long["results"] == got_short["results"]
+    assert got_short["cache"] == "hit"  # the same kept rows: the same cache entry
+
+
+def test_retrieve_top_k(live, bundle, model):
+    rng = np.random.default_rng(4)
+    body = user_body(rng, bundle.cfg.num_items, 30, 0)
+    del body["candidates"]
+    inp = rank_input(RankRequest.model_validate(body | {"candidates": [1]}), bundle.limits)
+    with torch.no_grad():
+        feed = padded([inp], [np.zeros(0, np.int64)], 0).retrieval_feed()
+        scores = model.item_table().numpy() @ model.retrieve(**to_tensors(feed))[0].numpy()
+    k = 10
+    with live.client() as c:
+        kept = c.post("/v1/retrieve", json=body | {"k": k, "exclude_seen": False}).json()
+        unseen = c.post("/v1/retrieve", json=body | {"k": k, "exclude_seen": True}).json()
+    want = np.argsort(-scores)[:k] + 1
+    assert [r["item_id"] for r in kept["results"]] == want.tolist()
+    np.testing.assert_allclose([r["score"] for r in kept["results"]], scores[want - 1], **FP32_TOL)
+    seen = set(body["history"]["item_ids"])
+    assert len(unseen["results"]) == k and not seen & {r["item_id"] for r in unseen["results"]}
+
+
+def test_model_health_ready_and_metrics(live, bundle):
+    with live.client() as c:
+        info = c.get("/v1/model").json()
+        health, ready = c.get("/healthz"), c.get("/readyz")
+        c.post("/v1/rank", json={"history": {"item_ids": [1], "timestamps": [5]}, "candidates": [2]})
+        metrics = c.get("/metrics").text
+    assert info["name"] == bundle.name and info["limits"]["max_targets"] == bundle.cfg.max_targets
+    assert info["runner"]["engine"] == "eager" and "cache on" in info["runner"]["engine_reason"]
+    assert info["runner"]["cache"]["enabled"] is True and info["runner"]["engine_rule"].startswith("auto:")
+    assert health.json() == {"status": "ok"} and ready.json() == {"ready": True, "engine": "eager"}
+    for series in ('hstu_serve_requests_total{route="/v1/rank",status="200"}', "hstu_serve_request_seconds_bucket",
+                   'hstu_serve_batch_size_count{kind="rank"}', "hstu_serve_queue_depth", "hstu_serve_cache_hits_total",
+                   "hstu_serve_cache_misses_total", "hstu_serve_cache_evictions_total", "hstu_serve_cache_bytes"):
+        assert series in metrics, series
+    hits = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("hstu_serve_cache_hits_total")))
+    assert hits == live.runner.cache_stats().hits > 0
+
+
+BAD = [  # (mutation of a valid body, the field the 422 must name)
+    (lambda b: b["history"].update(item_ids=[0] + b["history"]["item_ids"][1:]), "history.item_ids[0]"),
+    (lambda b: b.update(candidates=[1, 10**9]), "candidates[1]"),
+    (lambda b: b["history"].update(timestamps=b["history"]["timestamps"][:-1]), "history.timestamps"),
+    (lambda b: b["history"].update(ratings=[1]), "history.ratings"),
+    (lambda b: b["history"].update(item_ids=[], timestamps=[], ratings=[]), "history.item_ids"),
+    (lambda b: b["history"]["timestamps"].__setitem__(2, -5), "history.timestamps[2]"),
+    (lambda b: b.update(query_time=-1), "query_time"),
+    (lambda b: b.update(contextual_ids=[1, 2]), "contextual_ids"),
+    (lambda b: b.update(candidates=[]), "candidates"),
+    (lambda b: b["history"]["item_ids"].__setitem__(1, "seven"), "history.item_ids[1]"),
+    (lambda b: b.pop("candidates"), "candidates"),
+    (lambda b: b.update(extra_field=1), "extra_field"),
+]
+
+
+@pytest.mark.parametrize("mutate, field", BAD, ids=[f for _, f in BAD])
+def test_bad_input_422_names_the_field(live, bundle, mutate, field):
+    body = user_body(np.random.default_rng(5), bundle.cfg.num_items, 6, 3)
+    mutate(body)
+    with live.client() as c:
+        r = c.post("/v1/rank", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["field"] == field and err["error"].startswith(f"{field}:") and "\n" not in err["error"]
+    assert err["request_id"] == r.headers["x-request-id"]
+
+
+def test_not_json_and_wrong_k(live):
+    with live.client() as c:
+        r = c.post("/v1/rank", content=b"{not json", headers={"content-type": "application/json"})
+        k = c.post("/v1/retrieve", json={"history": {"item_ids": [1], "timestamps": [1]}, "k": 0})
+    assert r.status_code == 422 and r.json()["field"] == "body"
+    assert k.status_code == 422 and k.json()["field"] == "k"
+
+
+def test_body_over_limit_413(live, bundle_path):
+    limit = ServeSettings(bundle_path).max_body_bytes  # the live server's (default) limit
+    body = {"history": {"item_ids": [1], "timestamps": [1]}, "candidates": [1] * (limit // 2)}  # "1," per id
+    with live.client() as c:
+        r = c.post("/v1/rank", json=body)
+        after = c.post("/v1/rank", json={"history": {"item_ids": [1], "timestamps": [1]}, "candidates": [1]})
+    assert r.status_code == 413 and r.json()["field"] == "body" and "limit" in r.json()["error"]
+    assert after.status_code == 200
+
+
+def test_keep_alive_responses_do_not_wait_for_delayed_acks(live):
+    """The listening socket says TCP, so asyncio sets TCP_NODELAY on each connection: a keep-alive request
+    is not held ~40 ms (a delayed ACK) between the response's header and body writes."""
+    with live.client() as c:
+        c.get("/healthz")
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            c.get("/healthz")
+            times.append((time.perf_counter() - t0) * 1e3)
+    assert np.median(times) < DELAYED_ACK_MS / 2, times

@@ -1,0 +1,166 @@
+"""The server's parts alone (no HTTP, no model): cache store and policy, scheduler, request
+normalization, and the engine rule."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hstu_opt.errors import ServeError
+from hstu_opt.model.config import HstuConfig
+from hstu_opt.serve.engines import ENGINE_RULE, choose_engine
+from hstu_opt.serve.kv_cache import KVStore, LRUPolicy, UserKV, history_digest
+from hstu_opt.serve.requests import RequestLimits, rank_input
+from hstu_opt.serve.runners.base import QueueFull
+from hstu_opt.serve.scheduler import BatchPolicy, Scheduler, SchedulerClosed
+from hstu_opt.serve.schemas import RankRequest
+from hstu_opt.serve.served_bundle import COMPILED_DIR, INT8_ACCURACY, ORT_DIR, ServedBundle
+
+
+def kv(rows: int) -> UserKV:
+    return UserKV([torch.zeros(rows, 1, 2)], [torch.zeros(rows, 1, 2)])  # 2 * rows * 2 * 4 bytes
+
+
+def test_lru_evicts_least_recently_used_within_budget():
+    one = kv(4).nbytes
+    store = KVStore(3 * one, LRUPolicy())
+    for key in "abc":
+        assert store.put(key, kv(4))
+    assert store.get("a") is not None  # a is now the most recent: b goes first
+    store.put("d", kv(4))
+    assert "b" not in store and {"a", "c", "d"} == {k for k in "abcd" if k in store}
+    store.put("e", kv(8))  # two entries' worth: evicts c then a
+    assert [k for k in "acde" if k in store] == ["d", "e"]
+    assert store.stats.bytes == 3 * one and store.stats.evictions == 3 and store.stats.entries == 2
+    assert not store.put("huge", kv(16)) and store.stats.too_large == 1 and "huge" not in store
+    assert (store.stats.hits, store.stats.misses) == (1, 0)
+
+
+def test_history_digest_covers_every_row_field():
+    ids, ratings, ts = np.arange(1, 5), np.ones(4, np.int64), np.arange(10, 14)
+    base = history_digest(ids, ratings, ts, None)
+    assert base == history_digest(ids.copy(), ratings.copy(), ts.copy(), None)
+    changed = [history_digest(ids[::-1], ratings, ts, None), history_digest(ids, ratings * 2, ts, None),
+               history_digest(ids, ratings, ts + 1, None), history_digest(ids, ratings, ts, np.array([3]))]
+    assert len({base, *changed}) == 5
+
+
+LIMITS = RequestLimits(num_items=50, num_ratings=5, max_history_len=4, max_targets=3, contextual_len=0,
+                       contextual_cardinality=1, time_granularity_s=60)
+
+
+def test_request_normalization_truncates_floors_and_defaults():
+    body = {"history": {"item_ids": [1, 2, 3, 4, 5, 6], "timestamps": [1, 2, 3, 4, 5, 185]}, "candidates": [7]}
+    inp = rank_input(RankRequest.model_validate(body), LIMITS)
+    assert inp.item_ids.tolist() == [3, 4, 5, 6] and inp.timestamps.tolist() == [3, 4, 5, 185] and inp.truncated
+    assert inp.ratings.tolist() == [0] * 4 and inp.query_time == 180  # the last timestamp, floored to 60 s
+    assert rank_input(RankRequest.model_validate(body | {"query_time": 239}), LIMITS).query_time == 180
+
+
+def run_scheduler(policy: BatchPolicy, jobs: list[tuple[str, int]]):
+    batches = []
+
+    def execute(bucket, batch):
+        batches.append((bucket, [j.payload for j in batch]))
+        return [j.payload * 10 for j in batch]
+
+    s = Scheduler(execute, policy)
+    futures = [s.submit(bucket, payload) for bucket, payload in jobs]
+    s.start()
+    results = [f.result(10) for f in futures]
+    s.close()
+    s.join(10)
+    return batches, results
+
+
+def test_scheduler_batches_by_bucket_up_to_max_batch():
+    jobs = [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("b", 5), ("a", 6)]
+    batches, results = run_scheduler(BatchPolicy(max_batch=2, max_wait_s=0.05), jobs)
+    assert results == [10, 20, 30, 40, 50, 60]
+    # oldest first: a's first batch, then b (now the oldest), then a's rest
+    assert batches == [("a", [1, 3]), ("b", [2, 5]), ("a", [4, 6])]
+
+
+def test_scheduler_isolates_a_failing_job_and_drains_on_close():
+    def execute(bucket, batch):
+        if any(j.payload == "bad" for j in batch):
+            raise ValueError("bad payload")
+        return [j.payload.upper() for j in batch]
+
+    s = Scheduler(execute, BatchPolicy(max_batch=8, max_wait_s=0.05))
+    futures = [s.submit("x", p) for p in ("a", "bad", "c")]
+    s.start()
+    s.close()  # already queued jobs still run
+    s.join(10)
+    assert futures[0].result() == "A" and futures[2].result() == "C"
+    with pytest.raises(ValueError):
+        futures[1].result()
+    with pytest.raises(SchedulerClosed):
+        s.submit("x", "late")
+
+
+def test_scheduler_queue_full_raises_with_retry_after():
+    gate = threading.Event()
+
+    def execute(bucket, batch):
+        gate.wait(10)
+        return [None] * len(batch)
+
+    s = Scheduler(execute, BatchPolicy(max_batch=1, max_queue=1))
+    s.start()
+    first = s.submit("x", 1)
+    while s.depth:  # the worker has taken it and waits on the gate
+        time.sleep(0.005)
+    s.submit("x", 2)
+    with pytest.raises(QueueFull) as err:
+        s.submit("x", 3)
+    assert err.value.retry_after_s >= 1
+    gate.set()
+    first.result(10)
+    s.close()
+    s.join(10)
+
+
+# ---- the engine rule ----------------------------------------------------------------------------
+def fake_bundle(tmp_path, *, ort=("fp32", "int8"), int8_passed=True, compiled_gpu: str | None = None) -> ServedBundle:
+    cfg = HstuConfig(embedding_dim=8, num_layers=1, num_heads=1, attention_dim=4, linear_dim=4, max_history_len=8,
+                     max_targets=2, num_items=10)
+    for precision in ort:
+        for kind in ("ranking", "retrieval"):
+            (tmp_path / ORT_DIR).mkdir(parents=True, exist_ok=True)
+            (tmp_path / ORT_DIR / f"{kind}.{precision}.session.json").write_text("{}")
+    (tmp_path / INT8_ACCURACY).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / INT8_ACCURACY).write_text(json.dumps({"within_bar": int8_passed}))
+    if compiled_gpu:
+        (tmp_path / COMPILED_DIR).mkdir(parents=True)
+        (tmp_path / COMPILED_DIR / "ranking.compiled.json").write_text(json.dumps({"device": "cuda", "gpu": compiled_gpu}))
+    manifest = {"name": "fake", "version": "1", "recipe": {"export": {"max_batch": 4}}}
+    return ServedBundle(tmp_path, manifest, cfg)
+
+
+@pytest.mark.parametrize("gpu, compiled_gpu, cache_on, int8_passed, want", [
+    (None, None, True, True, "eager"),  # CPU, cache on: the cached path needs the PyTorch model
+    (None, None, False, True, "onnxruntime.int8"),
+    (None, None, False, False, "onnxruntime.fp32"),  # the INT8 gate failed
+    ("NVIDIA H200", "NVIDIA H200", True, True, "compiled"),
+    ("NVIDIA H200", "NVIDIA L4", True, True, "eager"),  # compiled for another GPU
+    (None, "NVIDIA H200", False, True, "onnxruntime.int8"),  # no GPU here
+])
+def test_auto_engine_rule(tmp_path, gpu, compiled_gpu, cache_on, int8_passed, want):
+    bundle = fake_bundle(tmp_path, int8_passed=int8_passed, compiled_gpu=compiled_gpu)
+    choice = choose_engine(bundle, "auto", cache_on, gpu)
+    assert choice.label == want and choice.reason.startswith("auto:")
+    assert ENGINE_RULE.startswith("auto:")
+
+
+def test_asked_engine_missing_from_bundle_names_what_it_has(tmp_path):
+    with pytest.raises(ServeError, match="no compiled engine .* onnxruntime.fp32"):
+        choose_engine(fake_bundle(tmp_path), "compiled", True, None)
+    with pytest.raises(ServeError, match="no onnxruntime engine"):
+        choose_engine(fake_bundle(tmp_path / "b", ort=()), "onnxruntime", False, None)
+    assert choose_engine(fake_bundle(tmp_path / "c", int8_passed=False), "onnxruntime", True, None).label == "onnxruntime.fp32"

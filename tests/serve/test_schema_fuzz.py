@@ -1,0 +1,44 @@
+"""schemathesis against the live server's /openapi.json: generated requests, valid by the schema
+(positive) and not (negative), never get a 5xx, and every response matches the documented status
+codes, content types and schemas. Bounded: MAX_EXAMPLES per operation and mode."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import (content_type_conformance, not_a_server_error,  # noqa: E402
+                                 response_schema_conformance, status_code_conformance)
+
+MAX_EXAMPLES = 50
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+OPERATIONS = {"POST /v1/rank", "POST /v1/retrieve", "GET /healthz", "GET /readyz", "GET /v1/model"}
+
+
+def fuzz(operation, mode: GenerationMode, base_url: str) -> None:
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def run(case) -> None:
+        case.call_and_validate(base_url=base_url, checks=CHECKS)
+
+    run()
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+def test_api_conforms_to_its_schema(live, mode):
+    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} == OPERATIONS
+    for op in operations:
+        if mode == GenerationMode.NEGATIVE and not len(op.body):
+            continue  # (an operation without inputs has no invalid requests)
+        fuzz(op, mode, live.url)
+    if mode == GenerationMode.POSITIVE:  # the published bounds let generated requests reach the engine
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert re.search(r'^hstu_serve_requests_total\{route="/v1/rank",status="200"\} [1-9]', metrics, re.M), metrics
+
