@@ -1,5 +1,5 @@
 """`hstu-opt serve --runner vllm` against `--runner native`: two live servers (the real CLI, real uvicorn,
-127.0.0.1, a free port each) over the session's tiny bundle, in subprocesses: vLLM's CPU worker binds
+127.0.0.1, a free port each) over the serve tests' bundle (conftest.bundle_path), in subprocesses: vLLM's CPU worker binds
 threads and patches torch.set_num_threads in the process it runs in, which must not be pytest's.
 
 `make install` installs the vllm extra, so a missing vllm is a failure here, not a skip.
@@ -71,13 +71,6 @@ class Served:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def bundle_path(request) -> Path:
-    """The session's tiny bundle, or a prebuilt one named by HSTU_OPT_TEST_BUNDLE while iterating."""
-    prebuilt = os.environ.get("HSTU_OPT_TEST_BUNDLE")
-    return Path(prebuilt) if prebuilt else request.getfixturevalue("tiny_build")[0]
 
 
 @pytest.fixture(scope="module")
