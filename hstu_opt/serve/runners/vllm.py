@@ -174,10 +174,9 @@ class VllmRunner(Runner):
 
     def __init__(self, bundle: ServedBundle, *, max_num_seqs: int = 32, max_queue: int = 1024,
                  batch_tokens: int | None = None):
-        """max_num_seqs: vLLM's cap on sequences per engine step (a ranking request is one sequence per
-        group of max_targets candidates); batch_tokens: its cap on rows per step (default: max_num_seqs
-        sequences of the longest length);
-        max_queue: requests admitted at once before QueueFull."""
+        """max_num_seqs: vLLM's cap on sequences per engine step (a ranking request is one sequence per group
+        of max_targets candidates); batch_tokens: its cap on rows per step (default: max_num_seqs sequences
+        of the longest length); max_queue: requests admitted at once before QueueFull."""
         self.bundle, self.max_num_seqs, self.max_queue = bundle, max_num_seqs, max_queue
         self.max_len = bundle.cfg.max_seq_len  # C + max_history_len + max_targets: one candidate group
         self.batch_tokens = max(self.max_len, batch_tokens or max_num_seqs * self.max_len)
@@ -195,12 +194,16 @@ class VllmRunner(Runner):
         from vllm.plugins.io_processors import get_io_processor
 
         self._dir = Path(tempfile.mkdtemp(prefix="hstu-vllm-"))
-        model_dir = write_model_dir(self.bundle, self._dir / "model")
-        self._thread = EngineThread(lambda: self._make_engine(model_dir), asyncio.get_running_loop())
-        await self._thread.started
-        engine = self._thread.engine
-        self._io = get_io_processor(engine.vllm_config, engine.renderer)  # config.json names the plugin
-        await self._encode(self._warm_up_request())
+        try:
+            model_dir = write_model_dir(self.bundle, self._dir / "model")
+            self._thread = EngineThread(lambda: self._make_engine(model_dir), asyncio.get_running_loop())
+            await self._thread.started
+            engine = self._thread.engine
+            self._io = get_io_processor(engine.vllm_config, engine.renderer)  # config.json names the plugin
+            await self._encode(self._warm_up_request())
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
         self._ready = True
 
     def _make_engine(self, model_dir: Path):
