@@ -88,3 +88,17 @@ def tiny_build(tmp_path_factory):
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
     path, results = pipeline.build(recipe, tmp_path_factory.mktemp("tiny"), SilentReporter())
     return path, {r.stage.name: r for r in results}
+
+
+@pytest.fixture(scope="session")
+def tiny_compiled(tiny_build, tmp_path_factory):
+    """The tiny checkpoint's `compiled` engine on this CPU, built once per session (tests/backends and
+    tests/serve share it: a build is a cold compile plus a warm start, minutes on 2 cores)."""
+    from hstu_opt.backends import compiled
+    from hstu_opt.model.checkpoint import load_checkpoint
+
+    path, _ = tiny_build
+    model, _ = load_checkpoint(path / "train-stub" / "checkpoint")
+    out = tmp_path_factory.mktemp("compiled")
+    desc = compiled.build(model, out, max_batch=64, shapes=[(1, 200, 16), (8, 200, 16)])
+    return model, out, desc

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hstu_opt.data.batching import PaddedBatch, padded_batch
+from hstu_opt.data.batching import PaddedBatch, pad_rows, padded_batch
 from hstu_opt.errors import ServeError
 from hstu_opt.model.heads import l2_normalize
 from hstu_opt.model.hstu import HstuModel, KVCache
@@ -41,13 +41,18 @@ class Row:
     candidates: np.ndarray  # [n] int64, 1 <= n <= max_targets
 
 
-def padded(users: list[User], cands: list[np.ndarray], contextual_len: int) -> PaddedBatch:
-    """The engine contract for these users: history and candidates right-padded to the batch's longest."""
+def padded(users: list[User], cands: list[np.ndarray], contextual_len: int, hist_width: int | None = None,
+           cand_width: int | None = None) -> PaddedBatch:
+    """The engine contract for these users: history and candidates right-padded to the batch's longest
+    (or to the widths given)."""
     hist = [(u.item_ids, u.ratings, u.timestamps) for u in users]
     qt = np.array([u.query_time for u in users], np.int64)
     ctx = (np.stack([u.contextual_ids for u in users]) if contextual_len
            else np.zeros((len(users), 0), np.int64))  # [B, C]
-    return padded_batch(hist, cands, qt, ctx)
+    batch = padded_batch(hist, cands, qt, ctx, hist_width)
+    if cand_width is not None:
+        batch.cand_ids = pad_rows(cands, cand_width)
+    return batch
 
 
 def split_padded(probs: np.ndarray, counts: list[int]) -> list[np.ndarray]:
@@ -182,10 +187,15 @@ class CompiledAdapter(TorchAdapter):
         from hstu_opt.backends.compiled import CompiledRunner
 
         self.runner = CompiledRunner(bundle.compiled_dir())  # loads the shipped artifacts and warms up
-        super().__init__(self.runner.model, "compiled", self.runner.meta["limits"]["batch"][1])
+        limits = self.runner.meta["limits"]
+        super().__init__(self.runner.model, "compiled", limits["batch"][1])
+        self.widths = limits["history"][1], limits["candidates"][1]
 
     def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
-        batch = padded([r.user for r in rows], [r.candidates for r in rows], self.contextual_len)
+        # padded to the engine's full widths: only the batch size and the real row counts vary, which
+        # the warmed graphs already take as dynamic; a new padded width would compile again (seconds
+        # on a CPU) in the middle of a request. (The jagged rows it computes are the real ones.)
+        batch = padded([r.user for r in rows], [r.candidates for r in rows], self.contextual_len, *self.widths)
         probs = self.runner.run(batch.ranking_feed())["probs"]
         return split_padded(probs, [len(r.candidates) for r in rows])
 

@@ -2,7 +2,7 @@
 
 A batch is up to max_batch jobs of one bucket (kind and history-length class), taken oldest first:
 the worker starts it when it is full, when its oldest job has waited max_wait, or when the scheduler
-is closing. Jobs arriving while a batch runs wait for the next one. The queue holds at most max_queue
+is closing or flushing. Jobs arriving while a batch runs wait for the next one. The queue holds at most max_queue
 jobs; beyond that submit raises QueueFull with a Retry-After estimate. close() stops admission and the
 worker finishes every queued job before it exits (graceful shutdown).
 
@@ -54,6 +54,7 @@ class Scheduler:
         self._queue: list[Job] = []  # oldest first
         self._cond = threading.Condition()
         self._closing = False
+        self._flushing = False
         self._batch_s = 0.0  # running mean of batch durations, for Retry-After
         self._thread = threading.Thread(target=self._work, name="hstu-serve-worker", daemon=True)
 
@@ -80,6 +81,12 @@ class Scheduler:
         """Whole seconds until the queue has likely drained (at least 1)."""
         batches = math.ceil(len(self._queue) / self.policy.max_batch)
         return max(1, math.ceil(batches * self._batch_s))
+
+    def flush(self) -> None:
+        """From now on run every batch at once, without waiting for it to fill (shutdown drain)."""
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop admitting jobs; the worker finishes the queued ones, then exits."""
@@ -109,7 +116,7 @@ class Scheduler:
                 self._cond.wait()
             head = self._queue[0]
             deadline = head.enqueued + self.policy.max_wait_s
-            while not self._closing and self._count(head.bucket) < self.policy.max_batch:
+            while not (self._closing or self._flushing) and self._count(head.bucket) < self.policy.max_batch:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

@@ -103,9 +103,9 @@ def url_of(sock: socket.socket) -> str:
 class Server(uvicorn.Server):
     """uvicorn's server, announcing the URL once serving, and exiting normally after a signal."""
 
-    def __init__(self, config: uvicorn.Config, sock: socket.socket, announce: Announce):
+    def __init__(self, config: uvicorn.Config, sock: socket.socket, announce: Announce, runner: Runner):
         super().__init__(config)
-        self.sock, self.announce = sock, announce
+        self.sock, self.announce, self.runner = sock, announce, runner
 
     async def startup(self, sockets=None) -> None:
         try:
@@ -119,6 +119,7 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         self.announce("stopping: no new connections; finishing the requests in flight")
+        self.runner.draining()  # in-flight requests must not wait for batches that will not fill
         await super().shutdown(sockets)
 
     @contextlib.contextmanager
@@ -137,11 +138,11 @@ class Server(uvicorn.Server):
 
 
 def serve(settings: ServeSettings, announce: Announce) -> None:
-    app, _ = build(settings, announce)
+    app, runner = build(settings, announce)
     sock = listen(settings.host, settings.port)
     _log_to_stderr()
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=None)
-    server = Server(config, sock, announce)
+    server = Server(config, sock, announce, runner)
     server.run(sockets=[sock])
     if not server.started:
         raise getattr(app.state, "start_error", None) or ServeError("the server did not start: see the log above")

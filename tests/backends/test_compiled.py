@@ -10,7 +10,6 @@ import torch
 
 from hstu_opt.backends import compiled
 from hstu_opt.backends.eager import EagerRunner, ShapeOutOfRange, example_feed, graph_module
-from hstu_opt.model.checkpoint import load_checkpoint
 from hstu_opt.model.scoring import to_tensors
 from tests.model.helpers import jagged_from_padded, random_requests, tiny_model
 
@@ -86,12 +85,8 @@ def test_pack_jagged_equals_jagged_feed(C):
 
 
 @pytest.fixture(scope="module")
-def built(tiny_build, tmp_path_factory):
-    path, _ = tiny_build
-    model, _ = load_checkpoint(path / "train-stub" / "checkpoint")
-    out = tmp_path_factory.mktemp("compiled")
-    desc = compiled.build(model, out, max_batch=64, shapes=[(1, 200, 16), (8, 200, 16)])
-    return model, out, desc
+def built(tiny_compiled):
+    return tiny_compiled  # (tests/conftest.py: shared with tests/serve)
 
 
 def test_warm_start_uses_only_the_shipped_artifacts(built):

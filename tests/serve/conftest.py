@@ -9,27 +9,25 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed")
-
-from hstu_opt.serve import server  # noqa: E402
-from hstu_opt.serve.runners.base import Runner  # noqa: E402
-from hstu_opt.serve.settings import ServeSettings  # noqa: E402
+from hstu_opt.serve.runners.base import Runner
+from hstu_opt.serve.settings import ServeSettings
 
 
 @dataclass
 class LiveServer:
     url: str
     runner: Runner
-    server: server.Server
+    server: object  # hstu_opt.serve.server.Server (uvicorn's, imported only when a test serves)
     thread: threading.Thread
     lines: list[str]
 
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+    def client(self, **kw):
+        import httpx
+
+        return httpx.Client(base_url=self.url, **{"timeout": 60, **kw})
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -38,11 +36,14 @@ class LiveServer:
 
 
 def start_server(settings: ServeSettings) -> LiveServer:
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from hstu_opt.serve import server
+
     lines: list[str] = []
     app, runner = server.build(replace(settings, port=0), lines.append)
     sock = server.listen("127.0.0.1", 0)
     srv = server.Server(server.uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"), sock,
-                        lines.append)
+                        lines.append, runner)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

@@ -127,6 +127,10 @@ def test_model_health_ready_and_metrics(live, bundle):
         health, ready = c.get("/healthz"), c.get("/readyz")
         c.post("/v1/rank", json={"history": {"item_ids": [1], "timestamps": [5]}, "candidates": [2]})
         metrics = c.get("/metrics").text
+        docs, openapi = c.get("/docs"), c.get("/openapi.json").json()
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    item_ids = openapi["components"]["schemas"]["History"]["properties"]["item_ids"]["items"]
+    assert item_ids == {"type": "integer", "minimum": 1, "maximum": bundle.cfg.num_items}
     assert info["name"] == bundle.name and info["limits"]["max_targets"] == bundle.cfg.max_targets
     assert info["runner"]["engine"] == "eager" and "cache on" in info["runner"]["engine_reason"]
     assert info["runner"]["cache"]["enabled"] is True and info["runner"]["engine_rule"].startswith("auto:")

@@ -164,3 +164,15 @@ def test_asked_engine_missing_from_bundle_names_what_it_has(tmp_path):
     with pytest.raises(ServeError, match="no onnxruntime engine"):
         choose_engine(fake_bundle(tmp_path / "b", ort=()), "onnxruntime", False, None)
     assert choose_engine(fake_bundle(tmp_path / "c", int8_passed=False), "onnxruntime", True, None).label == "onnxruntime.fp32"
+
+
+def test_scheduler_flush_runs_a_batch_that_would_wait_to_fill():
+    s = Scheduler(lambda bucket, batch: [j.payload for j in batch], BatchPolicy(max_batch=8, max_wait_s=600))
+    s.start()
+    future = s.submit("x", 1)
+    time.sleep(0.05)
+    assert not future.done()  # waiting for 7 more jobs or 600 s
+    s.flush()
+    assert future.result(10) == 1
+    s.close()
+    s.join(10)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 
-import httpx
 import pytest
 
+httpx = pytest.importorskip("httpx", reason="the serve extra is not installed")
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402

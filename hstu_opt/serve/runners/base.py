@@ -71,6 +71,10 @@ class Runner(ABC):
     async def stop(self) -> None:
         """Stop admitting work, finish everything already admitted, release the engine."""
 
+    def draining(self) -> None:
+        """The server has stopped taking connections and waits for the requests in flight: run queued
+        work now rather than waiting for batches to fill. (Called before stop(); default: nothing.)"""
+
     @abstractmethod
     async def rank(self, req: RankInput) -> RankOutput:
         """Task probabilities for every candidate. Raises QueueFull when it cannot admit the request."""

@@ -75,6 +75,9 @@ class NativeRunner(Runner):
         adapter.warm_up()
         return adapter
 
+    def draining(self) -> None:
+        self.scheduler.flush()
+
     async def stop(self) -> None:
         self._ready = False
         self.scheduler.close()
