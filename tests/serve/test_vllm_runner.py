@@ -1,6 +1,7 @@
 """`hstu-opt serve --runner vllm` against `--runner native`: two live servers (the real CLI, real uvicorn,
-127.0.0.1, a free port each) over the serve tests' bundle (conftest.bundle_path), in subprocesses: vLLM's CPU worker binds
-threads and patches torch.set_num_threads in the process it runs in, which must not be pytest's.
+127.0.0.1, a free port each) over the serve tests' bundle (conftest.bundle_path), in subprocesses: in the
+process it runs in, vLLM's CPU worker turns torch.set_num_threads into a no-op, seeds the global RNGs and sets
+a NUMA memory policy; that process must not be pytest's.
 
 `make install` installs the vllm extra, so a missing vllm is a failure here, not a skip.
 """
