@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
                                                        "row times the native path)")
     ap.add_argument("--cache-gb", type=float, default=1.0)
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--max-wait-ms", type=float, default=0.0)
     ap.add_argument("--torch-threads", type=int, default=0, help="passed to the server (0: torch's default)")
     ap.add_argument("--users", type=int, default=256, help="size of the synthetic user pool")
     ap.add_argument("--history", type=int, default=0, help="history rows per user (0: random 1..max_history_len)")

@@ -296,7 +296,8 @@ def serve(
     engine: str = typer.Option("auto", "--engine", help="auto, compiled, onnxruntime or eager (auto says why)."),
     runner: str = typer.Option("native", "--runner", help="native or vllm."),
     max_batch: int = typer.Option(32, "--max-batch", help="Most requests per engine batch."),
-    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", help="Longest a request waits for its batch to fill."),
+    max_wait_ms: float = typer.Option(0.0, "--max-wait-ms", help="Longest a lone request is held for company when "
+                                      "the engine is idle (0: run at once; requests arriving meanwhile form the next batch)."),
     cache_gb: float = typer.Option(1.0, "--cache-gb", help="User K/V cache budget in GB (0: off)."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests beyond this get 503 + Retry-After."),
     max_body_mb: float = typer.Option(1.0, "--max-body-mb", help="Larger request bodies get 413."),

@@ -191,6 +191,19 @@ class CompiledAdapter(TorchAdapter):
         super().__init__(self.runner.model, "compiled", limits["batch"][1])
         self.widths = limits["history"][1], limits["candidates"][1]
 
+    def warm_up(self) -> None:
+        """Also one full-width batch of every size up to max_rows: the compiled graphs take the batch as a
+        dynamic dim, but each new size records its own CUDA graph, which cost 0.5-2 s in the middle of
+        requests on the H200 (c=16 p99 1.9 s, serve_load_dlrm-v3_h200_2026-12-04_run70). Real rows of other
+        lengths still record on first sight (the engine's graphs are keyed by the batch's total rows)."""
+        super().warm_up()
+        h, c = self.widths
+        one = np.ones(h, np.int64)
+        ctx = np.ones(self.contextual_len, np.int64) if self.contextual_len else None
+        user = RankInput(None, one, one, np.arange(h, dtype=np.int64), np.ones(c, np.int64), h, ctx, False)
+        for b in range(1, self.max_rows + 1):
+            self.rank_full([Row(user, user.candidates)] * b)
+
     def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
         # padded to the engine's full widths: only the batch size and the real row counts vary, which
         # the warmed graphs already take as dynamic; a new padded width would compile again (seconds

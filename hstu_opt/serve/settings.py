@@ -20,7 +20,7 @@ class ServeSettings:
     engine: str = "auto"
     runner: str = "native"
     max_batch: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_queue: int = 1024
     cache_gb: float = 1.0  # 0 turns the user cache off
     max_body_mb: float = 1.0
