@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hstu_opt.errors import ServeError
+from hstu_opt.serve.kv_cache.policy import POLICIES
 from hstu_opt.serve.scheduler import BatchPolicy
 
 ENGINES = ("auto", "compiled", "onnxruntime", "eager")
@@ -25,9 +26,11 @@ class ServeSettings:
     cache_gb: float = 1.0  # 0 turns the user cache off
     max_body_mb: float = 1.0
     torch_threads: int = 0  # torch intra-op threads of the server process (0: torch's default)
+    cache_policy: str = "lru"  # eviction policy: one of POLICIES
 
     def __post_init__(self) -> None:
-        for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS)):
+        for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS),
+                                       ("--cache-policy", self.cache_policy, POLICIES)):
             if value not in allowed:
                 raise ServeError(f"{option} {value!r}: choose one of {', '.join(allowed)}")
         for option, value, least in (("--port", self.port, 0), ("--max-batch", self.max_batch, 1),

@@ -22,7 +22,7 @@ import numpy as np
 
 from hstu_opt.serve.engines import (ENGINE_RULE, EngineAdapter, EngineChoice, Row, adapter_class, load_adapter,
                                     uses_cached_path)
-from hstu_opt.serve.kv_cache import CacheStats, KVStore, UserKV, cache_key
+from hstu_opt.serve.kv_cache import CacheStats, KVStore, UserKV, cache_key, make_policy
 from hstu_opt.serve.runners.base import RankInput, RankOutput, RetrieveInput, Runner
 from hstu_opt.serve.scheduler import BatchPolicy, Job, Scheduler
 from hstu_opt.serve.served_bundle import ServedBundle
@@ -51,12 +51,13 @@ class NativeRunner(Runner):
     name = "native"
 
     def __init__(self, bundle: ServedBundle, choice: EngineChoice, cache_bytes: int, batching: BatchPolicy,
-                 on_batch: Callable[[str, int], None] | None = None, on_depth: Callable[[int], None] | None = None):
+                 on_batch: Callable[[str, int], None] | None = None, on_depth: Callable[[int], None] | None = None,
+                 cache_policy: str = "lru"):
         self.bundle, self.choice, self.batching = bundle, choice, batching
         self.engine = choice.label
         self.cache_bytes = cache_bytes
         cache_on = cache_bytes > 0 and adapter_class(choice).supports_cache
-        self.store = KVStore(cache_bytes) if cache_on else None
+        self.store = KVStore(cache_bytes, make_policy(cache_policy)) if cache_on else None
         self.adapter: EngineAdapter | None = None
         self.max_targets = bundle.cfg.max_targets
         self._ready = False
