@@ -66,6 +66,9 @@ class PredictivePolicy(EvictionPolicy):
     request is gap + elapsed. That expected wait per byte held is the eviction score (largest goes):
     it blends frequency (gap) with recency (elapsed), and with equal gaps and sizes it reduces to LRU.
 
+    One visit: events of a user less than `same_visit_s` after their last one count as the same visit,
+    not a new arrival (a batch holding several keys of one user; an entry replaced right after its hit).
+
     Prior: a user seen once has no gap yet; it gets the mean of all gaps observed so far (over all users),
     or `prior_gap_s` before any gap was seen. Time comes from `clock` (default time.monotonic), so a trace
     replayer can drive it with trace timestamps. `victim()` scans the resident entries (O(entries)): scores
@@ -74,10 +77,11 @@ class PredictivePolicy(EvictionPolicy):
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, decay: float = 0.5,
-                 prior_gap_s: float = 3600.0, max_users: int = 1_000_000) -> None:
+                 prior_gap_s: float = 3600.0, same_visit_s: float = 1.0, max_users: int = 1_000_000) -> None:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay {decay}: must be in (0, 1]")
         self.clock, self.decay, self.prior_gap_s, self.max_users = clock, decay, prior_gap_s, max_users
+        self.same_visit_s = same_visit_s
         self._users: OrderedDict[Hashable, _Arrivals] = OrderedDict()  # least recently seen first
         self._sizes: dict[Hashable, int] = {}  # resident key -> bytes
         self._gap_sum, self._gap_count = 0.0, 0
@@ -116,7 +120,9 @@ class PredictivePolicy(EvictionPolicy):
                 self._users.popitem(last=False)
             return
         self._users.move_to_end(user)
-        gap = max(now - seen.last, 0.0)
+        gap = now - seen.last
+        if gap < self.same_visit_s:
+            return
         seen.mean_gap = gap if seen.mean_gap is None else self.decay * gap + (1 - self.decay) * seen.mean_gap
         seen.last = now
         self._gap_sum += gap
