@@ -289,7 +289,7 @@ def main() -> None:
               "versions": versions(), "data": {"file": "recbole ml-100k.inter", "sha256": data.fingerprint},
               "trace": {**asdict(cfg), "requests": len(trace), "users": len({r.user for r in trace}),
                         "distinct_bytes": distinct_bytes(trace)},
-              "assumptions": __doc__, "predictive_params": {"decay": 0.5, "prior_gap_s": 3600.0,
+              "assumptions": __doc__, "predictive_params": {"decay": 0.5, "prior_gap_s": 3600.0, "same_visit_s": 1.0,
                                                             "prior": "mean of all gaps seen so far"},
               "rows": rows, "tuning": tuning}
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
