@@ -13,7 +13,7 @@ from hstu_opt.serve import middleware, requests
 from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.retrieval import ItemIndex
 from hstu_opt.serve.runners.base import RankInput, RankOutput, Runner, Unavailable
-from hstu_opt.serve.schemas import (ErrorBody, Health, ModelInfo, ModelLimits, ModelRef, RankRequest, RankResponse,
+from hstu_opt.serve.schemas import (ErrorBody, Health, ModelInfo, ModelRef, RankRequest, RankResponse,
                                     Readiness, RetrievedItem, RetrieveRequest, RetrieveResponse, ScoredItem,
                                     openapi_with_limits)
 from hstu_opt.serve.served_bundle import ServedBundle
@@ -88,7 +88,7 @@ def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: 
         m = bundle.manifest
         return ModelInfo(name=bundle.name, version=bundle.version, created_utc=m.get("created_utc", ""),
                          recipe_sha256=m.get("recipe_sha256", ""), tasks=tasks,
-                         limits=ModelLimits(**vars(limits)), runner=runner.describe())
+                         limits=limits, runner=runner.describe())
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

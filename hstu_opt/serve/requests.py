@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hstu_opt.errors import HstuOptError
-from hstu_opt.model.config import HstuConfig
 from hstu_opt.serve.runners.base import RankInput, RetrieveInput
-from hstu_opt.serve.schemas import RankRequest, RetrieveRequest, UserRequest
+from hstu_opt.serve.schemas import INT64_MAX, RankRequest, RequestLimits, RetrieveRequest, UserRequest
 
 
 class InvalidRequest(HstuOptError):
@@ -26,25 +25,6 @@ class InvalidRequest(HstuOptError):
         self.field = field
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """What the bundle's model accepts."""
-
-    num_items: int
-    num_ratings: int
-    max_history_len: int
-    max_targets: int
-    contextual_len: int
-    contextual_cardinality: int
-    time_granularity_s: int
-
-    @classmethod
-    def from_config(cls, cfg: HstuConfig, time_granularity_s: int) -> "RequestLimits":
-        return cls(cfg.num_items, cfg.num_ratings, cfg.max_history_len, cfg.max_targets, cfg.contextual_len,
-                   cfg.contextual_cardinality, time_granularity_s)
-
-
-INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def int_array(values: list[int], field: str) -> np.ndarray:

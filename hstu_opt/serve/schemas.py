@@ -7,9 +7,13 @@ every runner. Imports pydantic only (no fastapi), so runners and tests can use i
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from hstu_opt.model.config import HstuConfig
 
 MAX_K = 1000  # most items one /v1/retrieve returns
 
@@ -89,7 +93,11 @@ class Readiness(BaseModel):
     engine: str
 
 
-class ModelLimits(BaseModel):
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the bundle's model accepts: every request is checked against it (requests.py), GET /v1/model
+    reports it, and the published schema carries its id ranges."""
+
     num_items: int
     num_ratings: int
     max_history_len: int
@@ -98,6 +106,11 @@ class ModelLimits(BaseModel):
     contextual_cardinality: int
     time_granularity_s: int
 
+    @classmethod
+    def from_config(cls, cfg: HstuConfig, time_granularity_s: int) -> RequestLimits:
+        return cls(cfg.num_items, cfg.num_ratings, cfg.max_history_len, cfg.max_targets, cfg.contextual_len,
+                   cfg.contextual_cardinality, time_granularity_s)
+
 
 class ModelInfo(BaseModel):
     name: str
@@ -105,7 +118,7 @@ class ModelInfo(BaseModel):
     created_utc: str
     recipe_sha256: str
     tasks: list[str]
-    limits: ModelLimits
+    limits: RequestLimits
     runner: dict = Field(description="The runner's own description: runner, engine, why this engine, cache, batching.")
 
 
