@@ -16,43 +16,23 @@ non-inferiority test), so a harmless graph passes with a tight interval and a ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from hstu_opt.data.metrics import Scorer, auc, hr_ndcg, target_ranks
+from hstu_opt.data.metrics import Outputs, Scorer, auc, point_metrics
+from hstu_opt.data.metrics import collect as metrics_collect
 from hstu_opt.data.splits import EvalSet
 
 TOP_K = 10
 
 
-@dataclass
-class Outputs:
-    """One scorer's per-user outputs on an EvalSet."""
-
-    ranks: np.ndarray  # [U] 0-based full-ranking rank of the held-out item
-    topk: np.ndarray  # [U, TOP_K] item ids ranked first
-    probs: np.ndarray  # [U, Nc, T] ranking probabilities of the candidates
-
-
 def collect(eval_set: EvalSet, scorer: Scorer, batch_size: int = 256) -> Outputs:
-    ranks, topk, probs = [], [], []
-    nc = eval_set.cands.shape[1]
-    for sl, batch in eval_set.batches(batch_size):
-        scores = np.asarray(scorer.score_items(batch))  # [B, I]
-        ranks.append(target_ranks(scores, eval_set.targets[sl]))
-        topk.append(np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K] + 1)
-        probs.append(np.asarray(scorer.rank(batch))[:, :nc])
-    return Outputs(np.concatenate(ranks), np.concatenate(topk), np.concatenate(probs))
+    """metrics.collect, with each user's top-TOP_K items (the agreement report's overlap)."""
+    return metrics_collect(eval_set, scorer, batch_size, topk=TOP_K)
 
 
 def metrics(eval_set: EvalSet, out: Outputs, tasks: tuple[str, ...]) -> dict[str, float]:
     """The usual point metrics (what `evaluate` reports), plus full-ranking NDCG."""
-    hr, ndcg = hr_ndcg(out.ranks, TOP_K)
-    res = {f"hr@{TOP_K}": hr, f"ndcg@{TOP_K}": ndcg, "ndcg_full": float(full_ndcg(out.ranks).mean())}
-    for t, name in enumerate(tasks):
-        res[f"auc_{name}"] = auc(eval_set.labels[..., t], out.probs[..., t])
-    return res
+    return {**point_metrics(eval_set, out, tasks, TOP_K), "ndcg_full": float(full_ndcg(out.ranks).mean())}
 
 
 def full_ndcg(ranks: np.ndarray) -> np.ndarray:

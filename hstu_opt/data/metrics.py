@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -54,14 +55,33 @@ class PopularityScorer:
         return np.broadcast_to(self.counts[1:], (len(batch.hist_lengths), len(self.counts) - 1))
 
 
-def evaluate(eval_set: EvalSet, scorer: Scorer, tasks: tuple[str, ...], batch_size: int = 256, k: int = 10) -> dict[str, float]:
-    ranks, probs = [], []
+@dataclass
+class Outputs:
+    """One scorer's per-user outputs on an EvalSet."""
+
+    ranks: np.ndarray  # [U] 0-based full-ranking rank of the held-out item
+    probs: np.ndarray  # [U, Nc, T] ranking probabilities of the candidates
+    topk: np.ndarray | None = None  # [U, k] item ids ranked first (collect(topk=k))
+
+
+def collect(eval_set: EvalSet, scorer: Scorer, batch_size: int = 256, topk: int = 0) -> Outputs:
+    ranks, probs, top = [], [], []
     for sl, batch in eval_set.batches(batch_size):
-        ranks.append(target_ranks(np.asarray(scorer.score_items(batch)), eval_set.targets[sl]))
+        scores = np.asarray(scorer.score_items(batch))  # [B, I]
+        ranks.append(target_ranks(scores, eval_set.targets[sl]))
+        if topk:
+            top.append(np.argsort(-scores, axis=1, kind="stable")[:, :topk] + 1)
         probs.append(np.asarray(scorer.rank(batch))[:, : eval_set.cands.shape[1]])
-    hr, ndcg = hr_ndcg(np.concatenate(ranks), k)
-    p = np.concatenate(probs)
-    out = {f"hr@{k}": hr, f"ndcg@{k}": ndcg}
+    return Outputs(np.concatenate(ranks), np.concatenate(probs), np.concatenate(top) if topk else None)
+
+
+def point_metrics(eval_set: EvalSet, out: Outputs, tasks: tuple[str, ...], k: int = 10) -> dict[str, float]:
+    hr, ndcg = hr_ndcg(out.ranks, k)
+    res = {f"hr@{k}": hr, f"ndcg@{k}": ndcg}
     for t, name in enumerate(tasks):
-        out[f"auc_{name}"] = auc(eval_set.labels[..., t], p[..., t])
-    return out
+        res[f"auc_{name}"] = auc(eval_set.labels[..., t], out.probs[..., t])
+    return res
+
+
+def evaluate(eval_set: EvalSet, scorer: Scorer, tasks: tuple[str, ...], batch_size: int = 256, k: int = 10) -> dict[str, float]:
+    return point_metrics(eval_set, collect(eval_set, scorer, batch_size), tasks, k)

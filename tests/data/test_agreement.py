@@ -36,7 +36,7 @@ def test_gate_passes_identical_and_slightly_perturbed_outputs():
     labels = (rng.random((900, 16, 1)) < base.probs).astype(np.float32)  # informative scores
     same = agreement.paired_gate(_Set(labels), base, base, ("t",), bar=0.01, resamples=200)
     assert same["passed"] and all(m["ci"] == [0.0, 0.0] for m in same["gated"].values())
-    jitter = agreement.Outputs(base.ranks, base.topk, base.probs + rng.normal(0, 1e-3, base.probs.shape))
+    jitter = agreement.Outputs(ranks=base.ranks, topk=base.topk, probs=base.probs + rng.normal(0, 1e-3, base.probs.shape))
     near = agreement.paired_gate(_Set(labels), base, jitter, ("t",), bar=0.01, resamples=200)
     assert near["passed"], near["gated"]
     assert near["agreement"]["prob_max_abs_diff"] < 1e-2
@@ -47,10 +47,10 @@ def test_gate_fails_a_real_loss_and_names_the_metric():
     base = _outputs(rng)
     labels = (rng.random((900, 16, 1)) < base.probs).astype(np.float32)
     worse_ranks = base.ranks + rng.integers(0, 30, 900)  # every user's held-out item drops a little
-    worse = agreement.Outputs(worse_ranks, base.topk, base.probs)
+    worse = agreement.Outputs(ranks=worse_ranks, topk=base.topk, probs=base.probs)
     gate = agreement.paired_gate(_Set(labels), base, worse, ("t",), bar=0.01, resamples=200)
     assert not gate["gated"]["ndcg_full"]["passed"] and gate["gated"]["auc_t"]["passed"]
     assert gate["gated"]["ndcg_full"]["ci"][1] < -0.01
-    noisy = agreement.Outputs(base.ranks, base.topk, base.probs + rng.normal(0, 0.3, base.probs.shape))
+    noisy = agreement.Outputs(ranks=base.ranks, topk=base.topk, probs=base.probs + rng.normal(0, 0.3, base.probs.shape))
     gate = agreement.paired_gate(_Set(labels), base, noisy, ("t",), bar=0.01, resamples=200)
     assert not gate["gated"]["auc_t"]["passed"] and not gate["passed"]
