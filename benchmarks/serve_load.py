@@ -6,6 +6,12 @@ next to the engine's own latency for the same request shape measured in this pro
     python benchmarks/serve_load.py --bundle B --engine compiled --cache-gb 0 \\
         --concurrency 1,16,64 --history 4096 --candidates 256                     # GPU: the compiled engine
 
+Request bodies are encoded once per pool user before the clock starts (a load generator's own JSON
+encoding is not the server's latency); --arrays packed sends the integer lists in the packed form
+(base64 of little-endian int64, see docs/serving.md). Each row reports three latencies: as the client
+saw them; the server's whole request (its Server-Timing header: body received to response encoded);
+and the route's own phases (timing_ms: input, queue, batch, total).
+
 Requests come from a fixed pool of --users synthetic users (ids, ratings, timestamps within the bundle's
 limits), drawn at random, so a user repeats (cache hits when the cache is on); --history and --candidates
 fix the sizes (default: random history lengths up to max_history_len, max_targets candidates).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import importlib.metadata as md
 import json
 import os
@@ -66,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--users", type=int, default=256, help="size of the synthetic user pool")
     ap.add_argument("--history", type=int, default=0, help="history rows per user (0: random 1..max_history_len)")
     ap.add_argument("--candidates", type=int, default=0, help="candidates per request (0: max_targets)")
+    ap.add_argument("--arrays", choices=("list", "packed"), default="list",
+                    help="integer lists as JSON lists, or packed (base64 of little-endian int64)")
     ap.add_argument("--engine-repeats", type=int, default=30, help="timed engine calls per batch size (0: skip)")
     ap.add_argument("--max-seconds", type=float, default=600, help="hard bound on the whole run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -89,6 +98,18 @@ def user_pool(bundle: ServedBundle, args: argparse.Namespace) -> list[dict]:
             body["contextual_ids"] = rng.integers(1, cfg.contextual_cardinality + 1, cfg.contextual_len).tolist()
         pool.append(body)
     return pool
+
+
+def pack(values: list[int]) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<i8").tobytes()).decode()
+
+
+def encoded(body: dict, arrays: str) -> bytes:
+    """The request as sent: JSON, with the long integer lists packed when asked."""
+    if arrays == "packed":
+        body = {**body, "history": {k: pack(v) for k, v in body["history"].items()},
+                "candidates": pack(body["candidates"])}
+    return json.dumps(body).encode()
 
 
 # ---- the engine alone -------------------------------------------------------------------------------
@@ -176,14 +197,23 @@ def server_counters(url: str) -> dict[str, float]:
 class Load:
     latencies_ms: list[float]  # as the client saw them
     server_ms: list[float]  # the route's own time (timing_ms.total): parse, queue, batch, format
+    whole_ms: list[float]  # the whole request in the server (Server-Timing): + body read and response encoding
+    phases: dict[str, list[float]]  # timing_ms per phase
     statuses: dict[str, int]
     seconds: float
 
 
-async def load(url: str, pool: list[dict], n: int, concurrency: int, rng: np.random.Generator, deadline: float) -> Load:
+def server_timing(header: str | None) -> float | None:
+    m = re.search(r"total;dur=([0-9.]+)", header or "")
+    return float(m.group(1)) if m else None
+
+
+async def load(url: str, pool: list[bytes], n: int, concurrency: int, rng: np.random.Generator, deadline: float) -> Load:
     order = rng.integers(0, len(pool), n).tolist()
     latencies: list[float] = []
     server: list[float] = []
+    whole: list[float] = []
+    phases: dict[str, list[float]] = {}
     statuses: dict[str, int] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
@@ -193,18 +223,24 @@ async def load(url: str, pool: list[dict], n: int, concurrency: int, rng: np.ran
                 body = pool[order.pop()]
                 t0 = time.perf_counter()
                 try:
-                    response = await client.post("/v1/rank", json=body)
+                    response = await client.post("/v1/rank", content=body,
+                                                 headers={"content-type": "application/json"})
                     status = str(response.status_code)
                 except httpx.HTTPError as exc:
                     response, status = None, type(exc).__name__
                 latencies.append((time.perf_counter() - t0) * 1e3)
                 if status == "200":
-                    server.append(response.json()["timing_ms"]["total"])
+                    timing = response.json()["timing_ms"]
+                    server.append(timing["total"])
+                    for k, v in timing.items():
+                        phases.setdefault(k, []).append(v)
+                    if (w := server_timing(response.headers.get("server-timing"))) is not None:
+                        whole.append(w)
                 statuses[status] = statuses.get(status, 0) + 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Load(latencies, server, statuses, time.perf_counter() - t0)
+    return Load(latencies, server, whole, phases, statuses, time.perf_counter() - t0)
 
 
 def percentiles(ms: np.ndarray) -> dict[str, float]:
@@ -212,7 +248,7 @@ def percentiles(ms: np.ndarray) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": int(ms.size)}
 
 
-def run_level(url: str, pool: list[dict], args: argparse.Namespace, c: int, deadline: float) -> dict:
+def run_level(url: str, pool: list[bytes], args: argparse.Namespace, c: int, deadline: float) -> dict:
     rng = np.random.default_rng(args.seed + c)
     asyncio.run(load(url, pool, 2 * c, c, rng, deadline))  # warm-up: connections, first batches
     before = server_counters(url)
@@ -224,6 +260,8 @@ def run_level(url: str, pool: list[dict], args: argparse.Namespace, c: int, dead
             "requests_per_s": len(result.latencies_ms) / result.seconds, "seconds": result.seconds,
             **percentiles(np.array(result.latencies_ms)),
             **{f"server_{k}": v for k, v in percentiles(np.array(result.server_ms or [0.0])).items() if k != "n"},
+            **{f"whole_{k}": v for k, v in percentiles(np.array(result.whole_ms or [0.0])).items() if k != "n"},
+            "phase_p50_ms": {k: float(np.median(v)) for k, v in result.phases.items()},
             "mean_batch": delta["batched"] / delta["batches"] if delta["batches"] else 0.0,
             "cache_hits": int(delta["cache_hits"]), "cache_misses": int(delta["cache_misses"])}
 
@@ -248,12 +286,16 @@ def versions() -> dict:
 
 def table(rows: list[dict], engine_rows: list[dict]) -> str:
     lines = [f"{'concurrency':>11} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
-             f"{'p99 ms':>8} {'srv p50':>8} {'srv p99':>8} {'batch':>6} {'hits':>6} {'misses':>6}"]
+             f"{'p99 ms':>8} {'whole50':>8} {'srv p50':>8} {'srv p99':>8} {'batch':>6} {'hits':>6} {'misses':>6}"]
     for r in rows:
         lines.append(f"{r['concurrency']:>11} {r['requests']:>8} {r['errors']:>6} {r['requests_per_s']:>8.1f} "
-                     f"{r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['server_p50_ms']:>8.2f} "
+                     f"{r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['whole_p50_ms']:>8.2f} {r['server_p50_ms']:>8.2f} "
                      f"{r['server_p99_ms']:>8.2f} {r['mean_batch']:>6.1f} {r['cache_hits']:>6} {r['cache_misses']:>6}")
-    lines.append("(p50/p90/p99: as the client saw them; srv: the server's own route time, timing_ms.total)")
+    lines.append("(p50/p90/p99: as the client saw them; whole50: the server's whole request, Server-Timing; "
+                 "srv: the route's own time, timing_ms.total)")
+    for r in rows:
+        lines.append(f"c={r['concurrency']} route phases p50 (ms): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in r["phase_p50_ms"].items()))
     for e in engine_rows:
         lines.append(f"engine alone ({e['engine']}, {e['path']}), batch {e['batch']}: p50 {e['p50_ms']:.2f} ms, "
                      f"p99 {e['p99_ms']:.2f} ms ({e['n']} calls)")
@@ -265,13 +307,14 @@ def main() -> int:
     deadline = time.monotonic() + args.max_seconds
     bundle = ServedBundle.open(args.bundle)
     pool = user_pool(bundle, args)
+    bodies = [encoded(b, args.arrays) for b in pool]
     levels = [int(c) for c in args.concurrency.split(",")]
     batches = sorted({1, *(min(c, args.max_batch) for c in levels)})
     engine_rows = engine_latency(bundle, args, pool, batches) if args.engine_repeats else []
     proc, url = start_server(args)
     try:
         model = httpx.get(f"{url}/v1/model", timeout=30).json()
-        rows = [run_level(url, pool, args, c, deadline) for c in levels]
+        rows = [run_level(url, bodies, args, c, deadline) for c in levels]
     finally:
         exit_code = stop_server(proc)
     report = {"benchmark": "serve_load", "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -282,7 +325,7 @@ def main() -> int:
     print(table(rows, engine_rows))
     args.out.mkdir(parents=True, exist_ok=True)
     host = "gpu" if gpu_name() else "cpu"
-    runner = "" if args.runner == "native" else f"_{args.runner}"
+    runner = ("" if args.runner == "native" else f"_{args.runner}") + ("_packed" if args.arrays == "packed" else "")
     path = args.out / f"serve_load_{bundle.name}{runner}_{host}_{report['date_utc'][:10]}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")

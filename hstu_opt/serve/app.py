@@ -6,7 +6,10 @@ import time
 from contextlib import asynccontextmanager
 
 import numpy as np
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 
 from hstu_opt.errors import HstuOptError
 from hstu_opt.serve import middleware, requests
@@ -14,7 +17,7 @@ from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.retrieval import ItemIndex
 from hstu_opt.serve.runners.base import RankInput, RankOutput, Runner, Unavailable
 from hstu_opt.serve.schemas import (ErrorBody, Health, ModelInfo, ModelRef, RankRequest, RankResponse,
-                                    Readiness, RetrievedItem, RetrieveRequest, RetrieveResponse, ScoredItem,
+                                    Readiness, RetrievedItem, RetrieveRequest, RetrieveResponse,
                                     openapi_with_limits)
 from hstu_opt.serve.served_bundle import ServedBundle
 
@@ -48,19 +51,23 @@ def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: 
         if not runner.ready():
             raise Unavailable("the engine is not ready (loading, or the server is shutting down)")
 
-    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS)
-    async def rank(body: RankRequest) -> RankResponse:
+    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS, openapi_extra=json_body(RankRequest))
+    async def rank(request: Request) -> Response:
         """Task probabilities for every candidate, best first."""
         t0 = time.perf_counter()
+        body = parse_body(RankRequest, await request.body())
         check_ready()
         inp = requests.rank_input(body, limits)
+        t_in = time.perf_counter()
         out = await runner.rank(inp)
-        return rank_response(inp, out, tasks, model_ref(), t0)
+        return rank_response(inp, out, tasks, model_ref(), t0, t_in)
 
-    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS)
-    async def retrieve(body: RetrieveRequest) -> RetrieveResponse:
+    @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS,
+              openapi_extra=json_body(RetrieveRequest))
+    async def retrieve(request: Request) -> RetrieveResponse:
         """The k items of the bundle's item table closest to the user's query embedding."""
         t0 = time.perf_counter()
+        body = parse_body(RetrieveRequest, await request.body())
         check_ready()
         inp = requests.retrieve_input(body, limits)
         query = await runner.retrieve(inp)  # [D]
@@ -99,19 +106,50 @@ def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: 
     default_openapi = app.openapi
 
     def bundle_openapi() -> dict:  # (FastAPI caches the result in app.openapi_schema)
-        return app.openapi_schema or openapi_with_limits(default_openapi(), limits)
+        if app.openapi_schema is None:
+            doc = default_openapi()
+            for model in (RankRequest, RetrieveRequest):  # the bodies the routes parse themselves
+                schema = model.model_json_schema(ref_template=f"{SCHEMAS}{{model}}")
+                doc.setdefault("components", {}).setdefault("schemas", {}).update(
+                    {**schema.pop("$defs", {}), model.__name__: schema})
+            app.openapi_schema = openapi_with_limits(doc, limits)
+        return app.openapi_schema
 
     app.openapi = bundle_openapi
     return app
+
+
+SCHEMAS = "#/components/schemas/"
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that parses its own body (parse_body)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"{SCHEMAS}{model.__name__}"}}}}}
+
+
+def parse_body(model: type[BaseModel], body: bytes):
+    """Validate the raw JSON body in one pass (pydantic's JSON parser: a 4096-row history in about half
+    the time of json.loads followed by validation, which FastAPI's own body parameter does). Errors go to
+    the same 422 handler as FastAPI's own."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 def elapsed_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1e3, 3)
 
 
-def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: ModelRef, t0: float) -> RankResponse:
+def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: ModelRef, t0: float,
+                  t_in: float) -> Response:
+    """The RankResponse, serialized directly (pydantic-core's JSON writer on plain lists and dicts):
+    building 256 ScoredItem models and FastAPI's validate-then-encode of them took 10x longer."""
     order = np.argsort(-out.probs[:, 0], kind="stable")  # by the first task, highest first
-    results = [ScoredItem(item_id=int(inp.candidates[i]), scores=dict(zip(tasks, out.probs[i].tolist())))
-               for i in order]
-    return RankResponse(results=results, model=model, cache=out.cache, truncated=inp.truncated,
-                        timing_ms={**out.timing_ms, "total": elapsed_ms(t0)})
+    ids, probs = inp.candidates[order].tolist(), out.probs[order].tolist()
+    results = [{"item_id": i, "scores": dict(zip(tasks, p))} for i, p in zip(ids, probs)]
+    timing = {"input": round((t_in - t0) * 1e3, 3), **out.timing_ms, "total": elapsed_ms(t0)}
+    body = {"results": results, "model": model.model_dump(), "cache": out.cache, "truncated": inp.truncated,
+            "timing_ms": timing}
+    return Response(to_json(body), media_type="application/json")

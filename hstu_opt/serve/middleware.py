@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.requests import InvalidRequest
 from hstu_opt.serve.runners.base import QueueFull, Unavailable
-from hstu_opt.serve.schemas import ErrorBody
+from hstu_opt.serve.schemas import UNION_TAGS, ErrorBody
 
 log = logging.getLogger("hstu_opt.serve")
 REQUEST_ID = "x-request-id"
@@ -35,7 +35,7 @@ def request_id(request: Request) -> str:
 
 def field_path(loc: tuple) -> str:
     """FastAPI's error location ('body', 'history', 'item_ids', 3) -> 'history.item_ids[3]'."""
-    parts = [p for p in loc if p != "body"] or ["body"]
+    parts = [p for p in loc if p != "body" and p not in UNION_TAGS] or ["body"]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -97,7 +97,10 @@ class RequestContext:
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status.update(code=message["status"], started=True)
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), rid.encode())]
+                # the whole request as the server saw it: body received, parsed, run, response encoded
+                took = f"total;dur={(time.perf_counter() - t0) * 1e3:.3f}"
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), rid.encode()),
+                                      (b"server-timing", took.encode())]
             await send(message)
 
         t0 = time.perf_counter()

@@ -8,6 +8,8 @@ field raises InvalidRequest naming it; the routes answer 422 with that line.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +29,26 @@ class InvalidRequest(HstuOptError):
 
 
 
-def int_array(values: list[int], field: str) -> np.ndarray:
+def int_array(values: list[int] | str, field: str) -> np.ndarray:
+    """A JSON integer list, or the packed form (base64 of little-endian int64) -> int64 [n]."""
+    if isinstance(values, str):
+        return packed_array(values, field)
     try:
         return np.asarray(values, dtype=np.int64).reshape(-1)  # [n]
     except OverflowError:
         raise InvalidRequest(field, "a value does not fit in a signed 64-bit integer") from None
+
+
+def packed_array(text: str, field: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(field, "is a string but not base64: send a list of integers, or base64 of "
+                                    "little-endian int64 values") from None
+    if len(raw) % 8:
+        raise InvalidRequest(field, f"packed form decodes to {len(raw)} bytes, not a multiple of 8: pack "
+                                    "int64 values (numpy: a.astype('<i8').tobytes())")
+    return np.frombuffer(bytearray(raw), dtype="<i8").astype(np.int64, copy=False)  # [n], writable
 
 
 def check_range(values: np.ndarray, lo: int, hi: int, field: str, what: str) -> None:

@@ -8,9 +8,9 @@ every runner. Imports pydantic only (no fastapi), so runners and tests can use i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 if TYPE_CHECKING:
     from hstu_opt.model.config import HstuConfig
@@ -22,10 +22,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A long integer list may instead be sent packed: base64 of little-endian int64 values (numpy:
+# base64.b64encode(a.astype("<i8").tobytes())). A 4096-row history then parses in about a tenth of the
+# time of a JSON list (docs/serving.md, "Packed arrays"); hstu_opt.serve.requests.int_array decodes it.
+# base64 of whole int64 values: 32 characters per 3 values, then 11 + "=" (one more) or 22 + "==" (two)
+BASE64 = r"^(?:[A-Za-z0-9+/]{32})*(?:[A-Za-z0-9+/]{11}=|[A-Za-z0-9+/]{22}==)?$"
+Packed = Annotated[str, Field(pattern=BASE64, json_schema_extra={
+    "contentEncoding": "base64", "description": "Packed: base64 of little-endian int64 values."})]
+# A string picks the packed form, anything else the list, so a bad value gets one error (from its form);
+# the form's tag in the error location is dropped again by middleware.field_path.
+UNION_TAGS = ("list", "packed")
+Int64s = Annotated[Union[Annotated[list[int], Tag("list")], Annotated[Packed, Tag("packed")]],  # noqa: UP007
+                   Discriminator(lambda v: "packed" if isinstance(v, str) else "list")]
+
+
 class History(_Model):
-    item_ids: list[int] = Field(description="The user's past items, oldest first; ids 1..num_items (GET /v1/model).")
-    ratings: list[int] | None = Field(None, description="One per item (0 = unknown, 1..num_ratings); null = all 0.")
-    timestamps: list[int] = Field(description="One per item, seconds (>= 0).")
+    item_ids: Int64s = Field(description="The user's past items, oldest first; ids 1..num_items (GET /v1/model).")
+    ratings: Int64s | None = Field(None, description="One per item (0 = unknown, 1..num_ratings); null = all 0.")
+    timestamps: Int64s = Field(description="One per item, seconds (>= 0).")
 
 
 class UserRequest(_Model):
@@ -38,7 +52,7 @@ class UserRequest(_Model):
 
 
 class RankRequest(UserRequest):
-    candidates: list[int] = Field(description="Items to score, ids 1..num_items; any count (scored in groups of "
+    candidates: Int64s = Field(description="Items to score, ids 1..num_items; any count (scored in groups of "
                                               "max_targets against one history pass).")
 
 
@@ -127,7 +141,9 @@ INT64_MAX = 2**63 - 1
 
 
 def _variants(prop: dict) -> list[dict]:
-    return prop.get("anyOf", [prop])
+    """The alternatives of a property (anyOf / oneOf, nested: e.g. a nullable list-or-packed field)."""
+    alts = prop.get("anyOf") or prop.get("oneOf")
+    return [v for alt in alts for v in _variants(alt)] if alts else [prop]
 
 
 def _bound_ints(prop: dict, lo: int, hi: int, min_items: int | None = None, max_items: int | None = None) -> None:

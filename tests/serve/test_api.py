@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 import numpy as np
@@ -72,6 +73,27 @@ def test_rank_groups_miss_then_hit_equal(live, bundle, model):
     assert first["truncated"] is False and first["timing_ms"]["total"] > 0
 
 
+def test_packed_arrays_give_the_same_scores_and_server_timing(live, bundle):
+    """The packed form (base64 of little-endian int64) is the same request as JSON lists; every response
+    says how long the server took in a Server-Timing header (>= the route's own timing_ms.total)."""
+    rng = np.random.default_rng(11)
+    tasks = list(bundle.cfg.ranking_tasks)
+    body = user_body(rng, bundle.cfg.num_items, 40, 9, user_id="packed")
+    pack = lambda v: base64.b64encode(np.asarray(v, dtype="<i8").tobytes()).decode()  # noqa: E731
+    packed = {**body, "history": {k: pack(v) for k, v in body["history"].items() if v is not None},
+              "candidates": pack(body["candidates"])}
+    with live.client() as c:
+        listed = c.post("/v1/rank", json=body | {"user_id": None})
+        sent = c.post("/v1/rank", json=packed | {"user_id": None})
+        bad = c.post("/v1/rank", json=packed | {"candidates": "not base64!"})
+    assert listed.status_code == sent.status_code == 200, sent.text
+    np.testing.assert_array_equal(as_array(sent.json(), body["candidates"], tasks),
+                                  as_array(listed.json(), body["candidates"], tasks))
+    whole = float(sent.headers["server-timing"].split("dur=")[1])
+    assert whole >= sent.json()["timing_ms"]["total"] > 0
+    assert bad.status_code == 422 and bad.json()["field"] == "candidates"
+
+
 def test_query_time_floored_and_defaulted(live, bundle):
     """Query times within one granularity step share the cache entry and the scores; a null query time
     means the last history timestamp."""
@@ -129,8 +151,9 @@ def test_model_health_ready_and_metrics(live, bundle):
         metrics = c.get("/metrics").text
         docs, openapi = c.get("/docs"), c.get("/openapi.json").json()
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    item_ids = openapi["components"]["schemas"]["History"]["properties"]["item_ids"]["items"]
-    assert item_ids == {"type": "integer", "minimum": 1, "maximum": bundle.cfg.num_items}
+    listed, packed = openapi["components"]["schemas"]["History"]["properties"]["item_ids"]["oneOf"]
+    assert listed["items"] == {"type": "integer", "minimum": 1, "maximum": bundle.cfg.num_items}
+    assert packed["type"] == "string" and packed["contentEncoding"] == "base64"
     assert info["name"] == bundle.name and info["limits"]["max_targets"] == bundle.cfg.max_targets
     assert info["runner"]["engine"] == "eager" and "cache on" in info["runner"]["engine_reason"]
     assert info["runner"]["cache"]["enabled"] is True and info["runner"]["engine_rule"].startswith("auto:")

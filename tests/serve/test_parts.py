@@ -3,6 +3,7 @@ normalization, and the engine rule."""
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -10,12 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from hstu_opt.errors import ServeError
 from hstu_opt.model.config import HstuConfig
 from hstu_opt.serve.engines import ENGINE_RULE, choose_engine
 from hstu_opt.serve.kv_cache import KVStore, LRUPolicy, UserKV, history_digest
-from hstu_opt.serve.requests import RequestLimits, rank_input
+from hstu_opt.serve.requests import InvalidRequest, RequestLimits, int_array, rank_input
 from hstu_opt.serve.runners.base import QueueFull
 from hstu_opt.serve.scheduler import BatchPolicy, Scheduler, SchedulerClosed
 from hstu_opt.serve.schemas import RankRequest
@@ -60,6 +62,32 @@ def test_request_normalization_truncates_floors_and_defaults():
     assert inp.item_ids.tolist() == [3, 4, 5, 6] and inp.timestamps.tolist() == [3, 4, 5, 185] and inp.truncated
     assert inp.ratings.tolist() == [0] * 4 and inp.query_time == 180  # the last timestamp, floored to 60 s
     assert rank_input(RankRequest.model_validate(body | {"query_time": 239}), LIMITS).query_time == 180
+
+
+def packed(values: list[int]) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<i8").tobytes()).decode()
+
+
+def test_packed_arrays_equal_lists_and_bad_packing_names_the_field():
+    body = {"history": {"item_ids": [1, 2, 3], "ratings": [1, 0, 2], "timestamps": [5, 6, 70]}, "candidates": [7, 8],
+            "query_time": 100}
+    want = rank_input(RankRequest.model_validate(body), LIMITS)
+    packed_body = {**body, "history": {k: packed(v) for k, v in body["history"].items()},
+                   "candidates": packed(body["candidates"])}
+    got = rank_input(RankRequest.model_validate_json(json.dumps(packed_body)), LIMITS)
+    for name in ("item_ids", "ratings", "timestamps", "candidates"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == np.int64 and a.flags.writeable and a.tolist() == b.tolist(), name
+    assert got.query_time == want.query_time
+    seven = base64.b64encode(b"\x01" * 7).decode()  # 7 bytes: not whole int64 values
+    with pytest.raises(ValidationError):  # the published pattern admits whole int64 values only
+        RankRequest.model_validate({**body, "candidates": seven})
+    with pytest.raises(InvalidRequest) as err:  # (and the decoder checks again)
+        int_array(seven, "candidates")
+    assert err.value.field == "candidates" and "multiple of 8" in str(err.value)
+    with pytest.raises(InvalidRequest) as err:  # packed ids are range-checked like listed ones
+        rank_input(RankRequest.model_validate({**body, "candidates": packed([7, 0])}), LIMITS)
+    assert err.value.field == "candidates[1]"
 
 
 def run_scheduler(policy: BatchPolicy, jobs: list[tuple[str, int]]):

@@ -29,15 +29,34 @@ def fuzz(operation, mode: GenerationMode, base_url: str) -> None:
     run()
 
 
+def lists_only(node):
+    """The published schema with each list-or-packed field reduced to its list form. Generated packed
+    strings decode to random int64s, never valid item ids, so a positive run on them cannot reach the engine;
+    the packed form's decoding and errors are tested directly (test_parts, test_api)."""
+    if isinstance(node, list):
+        return [lists_only(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    alts = node.get("oneOf", [])
+    if any(a.get("contentEncoding") == "base64" for a in alts):
+        listed = next(a for a in alts if a.get("type") == "array")
+        return {**{k: v for k, v in node.items() if k != "oneOf"}, **lists_only(listed)}
+    return {k: lists_only(v) for k, v in node.items()}
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_api_conforms_to_its_schema(live, mode):
-    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in operations} == OPERATIONS
-    for op in operations:
-        if mode == GenerationMode.NEGATIVE and not len(op.body):
-            continue  # (an operation without inputs has no invalid requests)
-        fuzz(op, mode, live.url)
+    doc = httpx.get(f"{live.url}/openapi.json").json()
+    schemas = [schemathesis.openapi.from_dict(doc)]
+    if mode == GenerationMode.POSITIVE:
+        schemas.append(schemathesis.openapi.from_dict(lists_only(doc)))
+    for schema in schemas:
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert {op.label for op in operations} == OPERATIONS
+        for op in operations:
+            if mode == GenerationMode.NEGATIVE and not len(op.body):
+                continue  # (an operation without inputs has no invalid requests)
+            fuzz(op, mode, live.url)
     if mode == GenerationMode.POSITIVE:  # the published bounds let generated requests reach the engine
         metrics = httpx.get(f"{live.url}/metrics").text
         assert re.search(r'^hstu_serve_requests_total\{route="/v1/rank",status="200"\} [1-9]', metrics, re.M), metrics
