@@ -1,0 +1,22 @@
+"""hstu-opt's CUTLASS Hopper kernels: CUDA C++ sources (one .cu per GEMM) and their build.
+
+Each .cu is one CUTLASS 3.x sm_90a GEMM (CollectiveBuilder, TMA + GMMA, warp-specialized cooperative
+persistent kernel, epilogue visitor tree) behind a small C ABI: raw device pointers, sizes, row strides
+and a cudaStream_t in, an error code out (CODES), plus a `<name>_can_implement` that checks shapes and
+strides without launching. `build.py` compiles them into one shared library that needs only
+libcudart.so.13 at run time; hstu_opt/ops/_cutlass.py loads it with ctypes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ("uvqk_bf16.cu", "hstu_output_bf16.cu")  # one kernel instance each: ~50-75 s and ~3.3 GB to compile
+HEADERS = ("common.hpp", "three_operand_mainloop.hpp")
+LIB_NAME = "libhstu_cutlass.so"
+ENV_LIB = "HSTU_CUTLASS_LIB"  # a built library to load instead of the default build directory's
+
+# The C ABI's return codes (common.hpp's hstu::Code).
+CODES = {0: "ok", 1: "cannot implement (shape, stride or alignment)", 2: "needs a workspace",
+         3: "initialize failed", 4: "launch failed"}
