@@ -93,6 +93,8 @@ def device_plan(impl: str | dict | None = None) -> dict:
         impl = impl or Impl.TRITON.value
         return {"device": "cuda", "impl": impl, "mode": "default", "cuda_graphs": True,
                 "eager_layers": impl == Impl.TRITON.value, "gpu": torch.cuda.get_device_name()}
+    if isinstance(impl, dict):  # a recipe's per-op map (engine.ops) names GPU kernels
+        impl = None
     return {"device": "cpu", "impl": impl or Impl.REFERENCE.value, "mode": "default", "cuda_graphs": False,
             "eager_layers": False, "gpu": None}
 

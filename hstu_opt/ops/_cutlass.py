@@ -25,18 +25,15 @@ CODES = {0: "ok", 1: "cannot implement (shape, stride or alignment)", 2: "needs 
          3: "initialize failed", 4: "launch failed"}  # cutlass_kernels/common.hpp's hstu::Code
 CANNOT_IMPLEMENT = 1
 
-# What the GPU check covers (benchmarks/gpu_cutlass.py CASES): bf16; the model width D (uvqk's K,
-# hstu_output's N) a multiple of 64 up to 1024; per-head widths multiples of 32, so uvqk's N and SiLU
-# columns and hstu_output's K blocks (H*dv) are multiples of 32, up to 2048 and 512.
-MAX_D, MAX_HV, MAX_N = 1024, 512, 4096
+# What the GPU check covers (benchmarks/gpu_cutlass.py: D in {64, 192, 512, 1024}, H in {1, 2, 4}, d in
+# {32, 64, 128}): bf16; the model width D (uvqk's K, hstu_output's N) a multiple of 64 up to 1024;
+# per-head widths multiples of 32, so uvqk's N and SiLU columns and hstu_output's K blocks (H*dv) are
+# multiples of 32, up to 2048 and 512.
+MAX_D, MAX_HV, MAX_N = 1024, 512, 2048
 
 
 class CutlassUnavailable(HstuOptError):
     """The CUTLASS kernels' library is not built or cannot load."""
-
-
-def _i64(*xs):
-    return [ctypes.c_int64] * len(xs)
 
 
 @functools.cache
@@ -46,13 +43,19 @@ def library() -> ctypes.CDLL:
         raise CutlassUnavailable(
             f"the CUTLASS kernels are not built (${ENV_LIB}={path!r}): run `python -m cutlass_kernels.build "
             f"--arch sm_90a` and set {ENV_LIB} to the library it prints")
-    torch.cuda.init()  # loads torch's libcudart.so.13, which the library links by soname
+    return load(path)
+
+
+def load(path: str) -> ctypes.CDLL:
+    """Open a built library and declare its C ABI (cutlass_kernels/*.cu's extern "C" functions)."""
+    if torch.cuda.is_available():
+        torch.cuda.init()  # loads torch's libcudart.so.13, which the library links by soname
     lib = ctypes.CDLL(path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hstu_uvqk_bf16.argtypes = [p, i64, p, i64, p, p, p, i64, i32, i32, i32, p]
-    lib.hstu_uvqk_bf16_can_implement.argtypes = [i64, i64, i64, i32, i32, i32]
+    lib.hstu_uvqk_bf16_can_implement.argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldw, ldo, M, N, K
     lib.hstu_output_bf16.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, i64, i32, i32, i32, p]
-    lib.hstu_output_bf16_can_implement.argtypes = [i64, i64, i64, i64, i64, i64, i32, i32, i32]
+    lib.hstu_output_bf16_can_implement.argtypes = [i64] * 6 + [i32] * 3  # lda0..2, ldw, ldr, ldo, M, N, k_part
     return lib
 
 
@@ -66,7 +69,12 @@ def stream(t: torch.Tensor) -> int:
 
 
 def on_hopper(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) == (9, 0)
+    return t.device.type == "cuda" and _is_sm90(t.device.index if t.device.index is not None else -1)
+
+
+@torch.compiler.assume_constant_result  # a constant while torch.compile traces the op wrappers
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(None if index < 0 else index) == (9, 0)
 
 
 def uvqk_uncovered(x: torch.Tensor, weight: torch.Tensor, silu_cols: int) -> str | None:

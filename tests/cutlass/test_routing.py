@@ -20,7 +20,8 @@ def hopper(monkeypatch):
 @pytest.mark.parametrize("D,N,silu,dtype,covered", [
     (512, 2048, 512, torch.bfloat16, True),      # dlrm-v3: H=4, d=128
     (64, 128, 32, torch.bfloat16, True),         # H=1, d=32 (the smallest checked)
-    (1024, 4096, 1024, torch.bfloat16, True),
+    (1024, 2048, 512, torch.bfloat16, True),
+    (512, 4096, 1024, torch.bfloat16, False),    # H*d past what the check covers
     (512, 2048, 512, torch.float16, False),
     (512, 2048, 512, torch.float32, False),
     (50, 2048, 512, torch.bfloat16, False),      # D not a multiple of 64
@@ -110,3 +111,18 @@ def test_missing_library_says_how_to_build(monkeypatch):
     _cutlass.library.cache_clear()
     with pytest.raises(_cutlass.CutlassUnavailable, match="cutlass_kernels.build"):
         _cutlass.library()
+
+
+def test_the_recipe_picks_implementations_per_op():
+    from pydantic import ValidationError
+
+    from hstu_opt.backends.compiled import device_plan
+    from hstu_opt.recipe import EngineSection
+
+    ops_map = {"uvqk": "cutlass", "hstu_output": "cutlass", "hstu_attention": "triton"}
+    assert dict(EngineSection(ops=ops_map).ops) == ops_map and dict(EngineSection().ops) == {}
+    for bad in ({"uvqk": "cuda"}, {"attention": "triton"}):
+        with pytest.raises(ValidationError):
+            EngineSection(ops=bad)
+    if not torch.cuda.is_available():  # a CPU build runs the reference whatever the map names
+        assert device_plan(ops_map)["impl"] == "reference"
