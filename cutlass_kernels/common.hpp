@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <cuda_runtime.h>
 
 #include "cute/tensor.hpp"
@@ -33,6 +34,12 @@ inline int sm_count() {
     cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
   }
   return cached[device];
+}
+
+// TMA's own rules, which CUTLASS's can_implement does not check for run-time strides: 16-byte aligned
+// start addresses and row strides (8 bf16 elements).
+inline bool tma_ok(void const* ptr, int64_t row_stride, int elem_bytes = 2) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride * elem_bytes) % 16 == 0 && row_stride > 0;
 }
 
 template <class Gemm>

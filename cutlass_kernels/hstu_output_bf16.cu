@@ -76,6 +76,10 @@ int hstu_output_bf16(void const* a0, int64_t lda0, void const* a1, int64_t lda1,
                      int M, int N, int k_part, cudaStream_t stream) {
   void const* a[3] = {a0, a1, a2};
   int64_t const lda[3] = {lda0, lda1, lda2};
+  for (int j = 0; j < 3; ++j) {
+    if (!hstu::tma_ok(a[j], lda[j])) return hstu::kCannotImplement;
+  }
+  if (!hstu::tma_ok(w, ldw) || !hstu::tma_ok(residual, ldr) || !hstu::tma_ok(out, ldo)) return hstu::kCannotImplement;
   auto args = hstu::output::arguments(a, lda, w, ldw, residual, ldr, out, ldo, M, N, k_part);
   return hstu::run<hstu::output::Gemm>(args, stream);
 }
@@ -84,6 +88,9 @@ int hstu_output_bf16_can_implement(int64_t lda0, int64_t lda1, int64_t lda2, int
                                    int M, int N, int k_part) {
   void const* a[3] = {nullptr, nullptr, nullptr};
   int64_t const lda[3] = {lda0, lda1, lda2};
+  for (int64_t ld : {lda0, lda1, lda2, ldw, ldr, ldo}) {
+    if (!hstu::tma_ok(nullptr, ld)) return hstu::kCannotImplement;
+  }
   auto args = hstu::output::arguments(a, lda, nullptr, ldw, nullptr, ldr, nullptr, ldo, M, N, k_part);
   return hstu::can_implement<hstu::output::Gemm>(args);
 }

@@ -85,11 +85,16 @@ extern "C" {
 // [N] (contiguous; gate 1 on SiLU columns, 0 elsewhere), out [M, N] (ldo); all bf16, 16-byte aligned.
 int hstu_uvqk_bf16(void const* a, int64_t lda, void const* w, int64_t ldw, void const* bias, void const* gate,
                    void* out, int64_t ldo, int M, int N, int K, cudaStream_t stream) {
+  if (!hstu::tma_ok(a, lda) || !hstu::tma_ok(w, ldw) || !hstu::tma_ok(out, ldo) || !hstu::tma_ok(bias, 8) ||
+      !hstu::tma_ok(gate, 8)) {
+    return hstu::kCannotImplement;
+  }
   auto args = hstu::uvqk::arguments(a, lda, w, ldw, bias, gate, out, ldo, M, N, K);
   return hstu::run<hstu::uvqk::Gemm>(args, stream);
 }
 
 int hstu_uvqk_bf16_can_implement(int64_t lda, int64_t ldw, int64_t ldo, int M, int N, int K) {
+  if (!hstu::tma_ok(nullptr, lda) || !hstu::tma_ok(nullptr, ldw) || !hstu::tma_ok(nullptr, ldo)) return hstu::kCannotImplement;
   auto args = hstu::uvqk::arguments(nullptr, lda, nullptr, ldw, nullptr, nullptr, nullptr, ldo, M, N, K);
   return hstu::can_implement<hstu::uvqk::Gemm>(args);
 }
