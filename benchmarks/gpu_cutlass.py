@@ -106,9 +106,11 @@ def check_kernels(lib, label: str) -> list[dict]:
     warnings.simplefilter("error")  # a fallback to Triton (the kernel refused a case) fails the check
     for c in cases():
         t = uvqk_inputs(c, gen)
-        out = torch.full((c["M"], t["w"].shape[1]), float("nan"), device=DEV, dtype=torch.bfloat16)
-        uvqk_launch(t["xn"], t["w"], t["bias"], out, t["hv"], lib=lib)
-        rows.append(row("uvqk", name(c), out, uvqk_want(t), lib=label))
+        want = uvqk_want(t)
+        for config in _cutlass.UVQK_CONFIGS:
+            out = torch.full((c["M"], t["w"].shape[1]), float("nan"), device=DEV, dtype=torch.bfloat16)
+            uvqk_launch(t["xn"], t["w"], t["bias"], out, t["hv"], lib=lib, config=config)
+            rows.append(row(f"uvqk {config}", name(c), out, want, lib=label))
         t = output_inputs(c, gen)
         out = torch.full_like(t["x"], float("nan"))
         output_launch(t["u"], t["a"], t["g"], t["x"], t["w"], out, lib=lib)
@@ -200,11 +202,14 @@ def timings(rep: int) -> list[dict]:
     nwo, nbo = torch.ones(hv, device=DEV), torch.zeros(hv, device=DEV)
     flop_p, flop_o = 2 * M * D * N, 2 * M * 3 * hv * D
     variants = [
-        ("uvqk gemm", "cutlass", flop_p, lambda: uvqk_launch(t["xn"], t["w"], t["bias"], out_p, hv)),
+        *[("uvqk gemm", f"cutlass {config}", flop_p,
+           lambda config=config: uvqk_launch(t["xn"], t["w"], t["bias"], out_p, hv, config=config))
+          for config in _cutlass.UVQK_CONFIGS],
         ("uvqk gemm", "cublas matmul (no epilogue)", flop_p, lambda: torch.matmul(t["xn"], t["w"], out=out_p)),
         ("uvqk gemm", "triton", flop_p,
          lambda: launch_gemm([t["xn"]], t["w"], out_p, ident, bias=t["bias"], silu_cols=hv)),
-        ("uvqk op (LN + gemm)", "cutlass", flop_p, lambda: uvqk_cutlass(x, nw, nb, t["w"], t["bias"], hv, 1e-6)),
+        ("uvqk op (LN + gemm)", f"cutlass {_cutlass.UVQK_CONFIG}", flop_p,
+         lambda: uvqk_cutlass(x, nw, nb, t["w"], t["bias"], hv, 1e-6)),
         ("uvqk op (LN + gemm)", "triton", flop_p, lambda: uvqk_triton(x, nw, nb, t["w"], t["bias"], hv, 1e-6)),
         ("hstu_output gemm", "cutlass", flop_o, lambda: output_launch(o["u"], o["a"], o["g"], x, o["w"], out_o)),
         ("hstu_output gemm", "cublas matmul (no epilogue)", flop_o, lambda: torch.matmul(y, o["w"], out=out_o)),
@@ -267,8 +272,9 @@ def smoke(args) -> dict:
     bad = []
     for c in cases():
         M, D, hv = c["M"], c["D"], c["H"] * c["d"]
-        if lib.hstu_uvqk_bf16_can_implement(D, 4 * hv, 4 * hv, M, 4 * hv, D) != 0:
-            bad.append(("uvqk", name(c)))
+        for config in _cutlass.UVQK_CONFIGS:
+            if getattr(lib, f"hstu_uvqk_bf16_{config}_can_implement")(D, 4 * hv, 4 * hv, M, 4 * hv, D) != 0:
+                bad.append((f"uvqk {config}", name(c)))
         lda0 = 4 * hv if c["strided"] else hv
         if lib.hstu_output_bf16_can_implement(lda0, hv, hv, D, D, D, M, D, hv) != 0:
             bad.append(("hstu_output", name(c)))

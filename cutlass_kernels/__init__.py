@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("uvqk_bf16.cu", "hstu_output_bf16.cu")  # one kernel instance each: ~50-75 s and ~3.3 GB to compile
-HEADERS = ("common.hpp", "three_operand_mainloop.hpp")
+SOURCES = ("uvqk_bf16_coop.cu", "uvqk_bf16_pingpong.cu", "hstu_output_bf16.cu")  # one kernel each: ~50-75 s, ~3.3 GB
+UVQK_CONFIGS = ("coop", "pingpong")  # uvqk_bf16_<config>.cu
+HEADERS = ("common.hpp", "uvqk.hpp", "three_operand_mainloop.hpp")
 LIB_NAME = "libhstu_cutlass.so"
-ENV_LIB = "HSTU_CUTLASS_LIB"  # a built library to load instead of the default build directory's
+ENV_LIB = "HSTU_CUTLASS_LIB"  # where hstu_opt/ops/_cutlass.py finds the built library
 
 # The C ABI's return codes (common.hpp's hstu::Code).
 CODES = {0: "ok", 1: "cannot implement (shape, stride or alignment)", 2: "needs a workspace",

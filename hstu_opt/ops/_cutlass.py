@@ -24,6 +24,10 @@ ENV_LIB = "HSTU_CUTLASS_LIB"
 CODES = {0: "ok", 1: "cannot implement (shape, stride or alignment)", 2: "needs a workspace",
          3: "initialize failed", 4: "launch failed"}  # cutlass_kernels/common.hpp's hstu::Code
 CANNOT_IMPLEMENT = 1
+# uvqk's kernel instances (cutlass_kernels/uvqk_bf16_<config>.cu): cooperative 128x256 tiles or ping-pong
+# 128x128 tiles; UVQK_CONFIG is the one the op runs (benchmarks/gpu_cutlass.py times both).
+UVQK_CONFIGS = ("coop", "pingpong")
+UVQK_CONFIG = "coop"
 
 # What the GPU check covers (benchmarks/gpu_cutlass.py: D in {64, 192, 512, 1024}, H in {1, 2, 4}, d in
 # {32, 64, 128}): bf16; the model width D (uvqk's K, hstu_output's N) a multiple of 64 up to 1024;
@@ -52,8 +56,9 @@ def load(path: str) -> ctypes.CDLL:
         torch.cuda.init()  # loads torch's libcudart.so.13, which the library links by soname
     lib = ctypes.CDLL(path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hstu_uvqk_bf16.argtypes = [p, i64, p, i64, p, p, p, i64, i32, i32, i32, p]
-    lib.hstu_uvqk_bf16_can_implement.argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldw, ldo, M, N, K
+    for config in UVQK_CONFIGS:
+        getattr(lib, f"hstu_uvqk_bf16_{config}").argtypes = [p, i64, p, i64, p, p, p, i64, i32, i32, i32, p]
+        getattr(lib, f"hstu_uvqk_bf16_{config}_can_implement").argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldw, ldo, M, N, K
     lib.hstu_output_bf16.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, i64, i32, i32, i32, p]
     lib.hstu_output_bf16_can_implement.argtypes = [i64] * 6 + [i32] * 3  # lda0..2, ldw, ldr, ldo, M, N, k_part
     return lib

@@ -7,8 +7,6 @@ The first run compiles each kernel (~50-75 s and ~3.3 GB each, one at a time); t
 under .cache/cutlass/ by a hash of the sources, flags and toolchain, so reruns take about a second.
 """
 
-import ctypes
-
 import pytest
 
 build = pytest.importorskip("cutlass_kernels.build")
@@ -46,8 +44,8 @@ def test_products_are_hopper_tma_gmma_code(built):
         assert info["ptx"] == [], k["source"]  # SASS only: nothing for a driver to JIT
         sass = info["sass"]
         assert sass["HGMMA"] > 0 and sass["UTMALDG"] > 0 and sass["UTMASTG"] > 0, (k["source"], sass)
-    uvqk = next(k for k in built["kernels"] if k["source"] == "uvqk_bf16.cu")
-    assert uvqk["inspect"]["sass"]["MUFU.TANH"] > 0  # the SiLU epilogue is in the GEMM
+    for uvqk in (k for k in built["kernels"] if k["source"].startswith("uvqk_")):
+        assert uvqk["inspect"]["sass"]["MUFU.TANH"] > 0  # the SiLU epilogue is in the GEMM
 
 
 def test_a_second_build_is_the_cache(built):
@@ -56,14 +54,16 @@ def test_a_second_build_is_the_cache(built):
 
 
 def test_can_implement_through_the_c_abi(built):
-    lib = ctypes.CDLL(built["lib"])  # loads without a GPU: only libcudart.so.13
-    uvqk = lib.hstu_uvqk_bf16_can_implement
-    uvqk.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 3  # lda, ldw, ldo, M, N, K
-    assert uvqk(512, 2048, 2048, 69632, 2048, 512) == 0
-    assert uvqk(64, 128, 128, 1, 128, 64) == 0  # M = 1, H = 1, d = 16: not a multiple of any tile
-    assert uvqk(50, 128, 128, 7, 128, 50) == 1  # rows of 100 bytes: not TMA-aligned
-    out = lib.hstu_output_bf16_can_implement
-    out.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_int] * 3  # lda0..2, ldw, ldr, ldo, M, N, k_part
+    from hstu_opt.ops import _cutlass
+
+    lib = _cutlass.load(built["lib"])  # loads without a GPU: only libcudart.so.13
+    for config in _cutlass.UVQK_CONFIGS:
+        uvqk = getattr(lib, f"hstu_uvqk_bf16_{config}_can_implement")  # (lda, ldw, ldo, M, N, K)
+        assert uvqk(512, 2048, 2048, 69632, 2048, 512) == 0
+        assert uvqk(64, 128, 128, 1, 128, 64) == 0  # M = 1, H = 1, d = 16: not a multiple of any tile
+        assert uvqk(50, 128, 128, 7, 128, 50) == 1  # rows of 100 bytes: not TMA-aligned
+        assert uvqk(64, 132, 128, 7, 128, 64) == 1  # W's rows not 16-byte aligned
+    out = lib.hstu_output_bf16_can_implement  # (lda0, lda1, lda2, ldw, ldr, ldo, M, N, k_part)
     assert out(2048, 512, 512, 512, 512, 512, 69632, 512, 512) == 0
     assert out(128, 32, 32, 64, 64, 64, 3, 64, 32) == 0  # H*dv = 32: half a K tile per operand
     assert out(128, 36, 36, 64, 64, 64, 3, 64, 36) == 1

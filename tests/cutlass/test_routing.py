@@ -4,6 +4,7 @@ warning, and that the custom ops' fake functions agree with the real ones. The k
 checked on the H200 (benchmarks/gpu_cutlass.py), not here."""
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -126,3 +127,24 @@ def test_the_recipe_picks_implementations_per_op():
             EngineSection(ops=bad)
     if not torch.cuda.is_available():  # a CPU build runs the reference whatever the map names
         assert device_plan(ops_map)["impl"] == "reference"
+
+
+def test_an_engine_with_cutlass_ops_ships_its_library(tmp_path, monkeypatch):
+    from hstu_opt.backends import compiled
+
+    lib = tmp_path / "libhstu_cutlass.so"
+    lib.write_bytes(b"\x7fELF not really")
+    monkeypatch.setenv(_cutlass.ENV_LIB, str(lib))
+    meta = {"impl": {"uvqk": "cutlass", "hstu_attention": "triton"}}
+    compiled.ship_cutlass(meta, tmp_path)
+    assert (tmp_path / compiled.CUTLASS_LIB).read_bytes() == lib.read_bytes() and len(meta["cutlass_lib"]["sha256"]) == 64
+    monkeypatch.setenv(_cutlass.ENV_LIB, "/elsewhere.so")
+    compiled.use_shipped_cutlass(meta, tmp_path)
+    assert os.environ[_cutlass.ENV_LIB] == str(tmp_path / compiled.CUTLASS_LIB)
+
+    plain = {"impl": "triton"}
+    compiled.ship_cutlass(plain, tmp_path / "x")
+    assert "cutlass_lib" not in plain
+    monkeypatch.delenv(_cutlass.ENV_LIB)
+    with pytest.raises(_cutlass.CutlassUnavailable):
+        compiled.ship_cutlass({"impl": "cutlass"}, tmp_path)

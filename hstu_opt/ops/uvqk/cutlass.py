@@ -31,14 +31,17 @@ def _out_rows(x: Tensor, rows: Tensor | None) -> int:
     return x.shape[0] if rows is None else rows.shape[0]
 
 
-def launch(normed: Tensor, weight: Tensor, bias: Tensor, out: Tensor, silu_cols: int, lib=None) -> Tensor:
+def launch(normed: Tensor, weight: Tensor, bias: Tensor, out: Tensor, silu_cols: int, lib=None,
+           config: str | None = None) -> Tensor:
     """out [M, N] = [SiLU on the first silu_cols columns](normed [M, K] @ weight [K, N] + bias), all bf16.
-    lib: a library from _cutlass.load (default: $HSTU_CUTLASS_LIB's)."""
+    lib: a library from _cutlass.load (default: $HSTU_CUTLASS_LIB's); config: one of _cutlass.UVQK_CONFIGS
+    (default _cutlass.UVQK_CONFIG)."""
     (M, K), N = normed.shape, weight.shape[1]
     if M == 0:
         return out
     bias = bias.to(torch.bfloat16).contiguous()
-    code = (lib or _cutlass.library()).hstu_uvqk_bf16(
+    kernel = getattr(lib or _cutlass.library(), f"hstu_uvqk_bf16_{config or _cutlass.UVQK_CONFIG}")
+    code = kernel(
         normed.data_ptr(), normed.stride(0), weight.data_ptr(), weight.stride(0), bias.data_ptr(),
         _gate(N, silu_cols, out.device).data_ptr(), out.data_ptr(), out.stride(0), M, N, K, _cutlass.stream(out))
     if code == _cutlass.CANNOT_IMPLEMENT:  # strides or alignment (the shape was checked before)
