@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean cutlass
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the CUTLASS kernels for the H200 (sm_90a), cached in .cache/cutlass/ (tests/cutlass builds the same)
+cutlass: $(STAMP)
+	$(PY) -m cutlass_kernels.build --arch sm_90a --check
 
 clean:
 	rm -rf $(VENV) artifacts
