@@ -4,9 +4,10 @@ ctypes, and the rule of which calls it takes.
 The library is found through $HSTU_CUTLASS_LIB (the build prints its path). Nothing here imports CUDA
 or opens the library until a kernel runs, so the package imports on a machine without either.
 
-`covered` is the router: the shapes and dtypes benchmarks/gpu_cutlass.py checks against float64 on the
-H200. Anything else, and any call whose strides or alignment the kernel's own can_implement refuses,
-runs the Triton op instead (with a warning, once per reason).
+`uvqk_uncovered` / `output_uncovered` are the router: the kernels take the dtype and the range of shapes
+benchmarks/gpu_cutlass.py checks against float64 on the H200. Anything else, and any call whose strides
+or alignment the kernel itself refuses, runs the Triton op instead (the reference off the GPU), with a
+warning once per reason.
 """
 
 from __future__ import annotations
