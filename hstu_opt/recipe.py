@@ -136,6 +136,11 @@ class EngineSection(Section):
     tensorrt_hardware_compatibility: Literal["none", "ampere_plus", "same_cc"] = "none"
     profile: ProfileSection = ProfileSection()
     intra_op_threads: int = Field(2, ge=1)
+    ops: dict[Literal["uvqk", "hstu_output", "hstu_attention", "layer_norm", "embedding_rows"],
+              Literal["reference", "triton", "cutlass"]] = Field(
+        {}, description="the `compiled` engine's implementation per op on a GPU, e.g. "
+        "`{uvqk: cutlass, hstu_output: cutlass, hstu_attention: triton}` (ops not named: the reference, fused by "
+        "Inductor); empty: Triton for every op. CPU builds run the reference")
 
 
 class BenchSection(Section):

@@ -29,6 +29,8 @@ def _type(prop: dict) -> str:
     if "anyOf" in prop:
         return " or ".join(_type(p) for p in prop["anyOf"])
     kind = prop.get("type")
+    if kind == "object" and "additionalProperties" in prop:
+        return f"map of {_type(prop.get('propertyNames', {'type': 'string'}))} to {_type(prop['additionalProperties'])}"
     if kind == "array":
         if "prefixItems" in prop:
             return "[" + ", ".join(_type(p) for p in prop["prefixItems"]) + "]"

@@ -20,6 +20,8 @@ The engine directory stands alone:
   ranking.triton/          Triton's cache entries of the kernels the eager layers launch (the cache
                            artifacts carry only what Inductor compiled); installed into the process's
                            Triton cache at load, so a fresh process compiles nothing
+  ranking.cutlass.so       (engine.ops naming cutlass) the CUTLASS kernels' library the engine was built
+                           with, loaded from here (compiled ahead by cutlass_kernels/build.py)
 
 Cold and warm start are each measured in a fresh process with empty Inductor and Triton cache
 directories, so the warm one can only be warm through the shipped artifacts; the warm process also
@@ -72,7 +74,7 @@ from hstu_opt import toolchain
 from hstu_opt.backends.eager import (ShapeOutOfRange, check_dims, check_feed, engine_limits, example_feed,
                                      input_names)
 from hstu_opt.errors import HstuOptError, StageError
-from hstu_opt.fsutil import replace_dir, write_bytes_atomic, write_json_atomic
+from hstu_opt.fsutil import replace_dir, sha256_file, write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
 from hstu_opt.model.hstu import HstuModel
 from hstu_opt.model.layout import row_owner
@@ -82,6 +84,7 @@ NAME = "compiled"
 META = "ranking.compiled.json"
 CACHE = "ranking.cache.bin"
 TRITON_CACHE = "ranking.triton"  # Triton's cache entries of the kernels launched outside the compiled graphs
+CUTLASS_LIB = "ranking.cutlass.so"  # the CUTLASS kernels' library (cutlass_kernels/), when an op runs them
 JAGGED_INPUTS = ("ids", "ratings", "timestamps", "offsets", "num_targets", "query_time", "target_rows", "history_rows")
 MAX_GRAPHS = 16
 
@@ -93,6 +96,8 @@ def device_plan(impl: str | dict | None = None) -> dict:
         impl = impl or Impl.TRITON.value
         return {"device": "cuda", "impl": impl, "mode": "default", "cuda_graphs": True,
                 "eager_layers": impl == Impl.TRITON.value, "gpu": torch.cuda.get_device_name()}
+    if isinstance(impl, dict):  # a recipe's per-op map (engine.ops) names GPU kernels
+        impl = None
     return {"device": "cpu", "impl": impl or Impl.REFERENCE.value, "mode": "default", "cuda_graphs": False,
             "eager_layers": False, "gpu": None}
 
@@ -229,6 +234,7 @@ class CompiledRunner:
         shipped = out_dir / TRITON_CACHE
         self.triton_entries = install_triton_kernels(shipped) if load_cache and shipped.is_dir() else 0
         model, _ = load_checkpoint(out_dir / "checkpoint")
+        use_shipped_cutlass(meta, out_dir)
         model.impl = _impl(meta["impl"])
         model.use_eager_layers(bool(meta.get("eager_layers")))
         self.device = torch.device(meta["device"])
@@ -448,6 +454,7 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
     meta = {**device_plan(impl), "dtype": cfg.dtype, "limits": engine_limits(cfg, max_batch),
             "inputs": input_names("ranking", cfg.contextual_len), "outputs": ["probs"], "cache": CACHE,
             "shapes": [list(s) for s in shapes], "torch": torch.__version__, "triton": toolchain.toolchain()["triton"]}
+    ship_cutlass(meta, out_dir)
     write_json_atomic(out_dir / META, meta)
     with tempfile.TemporaryDirectory(prefix="hstu-opt-compiled-") as tmp:
         cold = _fresh_process("compile", out_dir, Path(tmp), timeout_s)
@@ -462,6 +469,32 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
     meta |= {"cold_start": cold, "warm_start": warm}
     write_json_atomic(out_dir / META, meta)
     return {"backend": NAME, "bytes": (out_dir / CACHE).stat().st_size, **meta}
+
+
+def uses_cutlass(impl: str | dict) -> bool:
+    return Impl.CUTLASS.value in (impl.values() if isinstance(impl, dict) else [impl])
+
+
+def ship_cutlass(meta: dict, out_dir: Path) -> None:
+    """An engine with CUTLASS ops carries the library it is built with ($HSTU_CUTLASS_LIB's, sha256 in the
+    meta): its processes load that copy, so the kernels a bundle was checked with are the ones it runs."""
+    if not uses_cutlass(meta["impl"]):
+        return
+    from hstu_opt.ops import _cutlass
+
+    source = os.environ.get(_cutlass.ENV_LIB)
+    if not source or not os.path.exists(source):
+        _cutlass.library()  # raises CutlassUnavailable, which says how to build it
+    shutil.copyfile(source, out_dir / CUTLASS_LIB)
+    meta["cutlass_lib"] = {"file": CUTLASS_LIB, "sha256": sha256_file(out_dir / CUTLASS_LIB)}
+
+
+def use_shipped_cutlass(meta: dict, out_dir: Path) -> None:
+    if meta.get("cutlass_lib"):
+        from hstu_opt.ops import _cutlass
+
+        os.environ[_cutlass.ENV_LIB] = str(out_dir / meta["cutlass_lib"]["file"])
+        _cutlass.library.cache_clear()
 
 
 def _fresh_process(step: str, out_dir: Path, tmp: Path, timeout_s: int) -> dict:

@@ -104,7 +104,8 @@ class BuildEngine(Stage):
 
         recipe = ctx.recipe
         model, _ = load_checkpoint(ctx.inputs["train-stub"] / "checkpoint", expect=recipe.model)
-        return {"ranking": compiled.build(model, ctx.out_dir / "compiled", recipe.export.max_batch, recipe.bench.grid())}
+        return {"ranking": compiled.build(model, ctx.out_dir / "compiled", recipe.export.max_batch, recipe.bench.grid(),
+                                          impl=dict(recipe.engine.ops) or None)}
 
     @staticmethod
     def _tensorrt(ctx: StageContext, sources: dict, contract: dict) -> dict:

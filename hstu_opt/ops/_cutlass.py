@@ -1,0 +1,124 @@
+"""The CUTLASS kernels' library (cutlass_kernels/, built by `python -m cutlass_kernels.build`), loaded with
+ctypes, and the rule of which calls it takes.
+
+The library is found through $HSTU_CUTLASS_LIB (the build prints its path). Nothing here imports CUDA
+or opens the library until a kernel runs, so the package imports on a machine without either.
+
+`uvqk_uncovered` / `output_uncovered` are the router: the kernels take the dtype and the range of shapes
+benchmarks/gpu_cutlass.py checks against float64 on the H200. Anything else, and any call whose strides
+or alignment the kernel itself refuses, runs the Triton op instead (the reference off the GPU), with a
+warning once per reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+
+import torch
+
+from hstu_opt.errors import HstuOptError
+
+ENV_LIB = "HSTU_CUTLASS_LIB"
+CODES = {0: "ok", 1: "cannot implement (shape, stride or alignment)", 2: "needs a workspace",
+         3: "initialize failed", 4: "launch failed"}  # cutlass_kernels/common.hpp's hstu::Code
+CANNOT_IMPLEMENT = 1
+# uvqk's kernel instances (cutlass_kernels/uvqk_bf16_<config>.cu): cooperative 128x256 tiles or ping-pong
+# 128x128 tiles; UVQK_CONFIG is the one the op runs (benchmarks/gpu_cutlass.py times both).
+UVQK_CONFIGS = ("coop", "pingpong")
+UVQK_CONFIG = "coop"
+
+# What the GPU check covers (benchmarks/gpu_cutlass.py: D in {64, 192, 512, 1024}, H in {1, 2, 4}, d in
+# {32, 64, 128}): bf16; the model width D (uvqk's K, hstu_output's N) a multiple of 64 up to 1024;
+# per-head widths multiples of 32, so uvqk's N and SiLU columns and hstu_output's K blocks (H*dv) are
+# multiples of 32, up to 2048 and 512.
+MAX_D, MAX_HV, MAX_N = 1024, 512, 2048
+
+
+class CutlassUnavailable(HstuOptError):
+    """The CUTLASS kernels' library is not built or cannot load."""
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    path = os.environ.get(ENV_LIB)
+    if not path or not os.path.exists(path):
+        raise CutlassUnavailable(
+            f"the CUTLASS kernels are not built (${ENV_LIB}={path!r}): run `python -m cutlass_kernels.build "
+            f"--arch sm_90a` and set {ENV_LIB} to the library it prints")
+    return load(path)
+
+
+def load(path: str) -> ctypes.CDLL:
+    """Open a built library and declare its C ABI (cutlass_kernels/*.cu's extern "C" functions)."""
+    if torch.cuda.is_available():
+        torch.cuda.init()  # loads torch's libcudart.so.13, which the library links by soname
+    lib = ctypes.CDLL(path)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for config in UVQK_CONFIGS:
+        getattr(lib, f"hstu_uvqk_bf16_{config}").argtypes = [p, i64, p, i64, p, p, p, i64, i32, i32, i32, p]
+        getattr(lib, f"hstu_uvqk_bf16_{config}_can_implement").argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldw, ldo, M, N, K
+    lib.hstu_output_bf16.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, i64, i32, i32, i32, p]
+    lib.hstu_output_bf16_can_implement.argtypes = [i64] * 6 + [i32] * 3  # lda0..2, ldw, ldr, ldo, M, N, k_part
+    return lib
+
+
+def check(code: int, kernel: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"CUTLASS {kernel}: {CODES.get(code, code)}")
+
+
+def stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def on_hopper(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and _is_sm90(t.device.index if t.device.index is not None else -1)
+
+
+@torch.compiler.assume_constant_result  # a constant while torch.compile traces the op wrappers
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(None if index < 0 else index) == (9, 0)
+
+
+def uvqk_uncovered(x: torch.Tensor, weight: torch.Tensor, silu_cols: int) -> str | None:
+    """Why the CUTLASS uvqk does not take x [M, D] @ weight [D, N] with SiLU on silu_cols columns (None: it does)."""
+    D, N = weight.shape
+    if x.dtype != torch.bfloat16:
+        return f"dtype {x.dtype} (bf16 only)"
+    if not on_hopper(x):
+        return "not an sm_90 GPU"
+    if D % 64 or not 64 <= D <= MAX_D:
+        return f"D={D} (multiples of 64 up to {MAX_D})"
+    if N % 32 or N > MAX_N or silu_cols % 32:
+        return f"N={N}, SiLU columns {silu_cols} (multiples of 32, N up to {MAX_N})"
+    return None
+
+
+def output_uncovered(u: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the CUTLASS hstu_output does not take u [M, H*dv] with weight [3*H*dv, D] (None: it does)."""
+    hv, D = u.shape[-1], weight.shape[1]
+    if u.dtype != torch.bfloat16:
+        return f"dtype {u.dtype} (bf16 only)"
+    if not on_hopper(u):
+        return "not an sm_90 GPU"
+    if D % 64 or not 64 <= D <= MAX_D:
+        return f"D={D} (multiples of 64 up to {MAX_D})"
+    if hv % 32 or not 32 <= hv <= MAX_HV:
+        return f"H*dv={hv} (multiples of 32 up to {MAX_HV})"
+    return None
+
+
+def fallback(t: torch.Tensor):
+    """The implementation an uncovered call runs: Triton on a GPU, the reference elsewhere."""
+    from hstu_opt.ops._registry import Impl
+
+    return Impl.TRITON if t.device.type == "cuda" else Impl.REFERENCE
+
+
+@functools.cache
+def warn_fallback(op: str, reason: str) -> None:
+    warnings.warn(f"{op}: the CUTLASS kernel does not cover {reason}; running the Triton (GPU) or reference op",
+                  stacklevel=3)
