@@ -182,7 +182,7 @@ class PagedKVStore:
         if self.host is None:
             return 0
         moved = 0
-        for key in self.policy.prefetch([k for k, e in self._entries.items() if e.tier == HOST]):
+        for key in self.policy.prefetch({k for k, e in self._entries.items() if e.tier == HOST}):
             e = self._entries[key]
             if len(e.pages) > self.pool.free_pages:
                 continue
@@ -215,7 +215,7 @@ class PagedKVStore:
     def _make_room(self, n: int, keep: Hashable | None = None) -> bool:
         """Free n device pages by demoting unpinned entries the policy picks (never `keep`)."""
         while self.pool.free_pages < n:
-            victims = [k for k, e in self._entries.items() if e.tier == DEVICE and k not in self._pins and k != keep]
+            victims = {k for k, e in self._entries.items() if e.tier == DEVICE and k not in self._pins and k != keep}
             key = self.policy.victim_among(victims)
             if key is None:
                 return False
@@ -227,7 +227,7 @@ class PagedKVStore:
         promoted), or drop it when the host tier cannot take it."""
         e = self._entries[key]
         need = len(e.pages)
-        host_keys = [k for k, h in self._entries.items() if h.tier == HOST and k != keep] if self.host else []
+        host_keys = {k for k, h in self._entries.items() if h.tier == HOST and k != keep} if self.host else set()
         room = self.host.free_pages + sum(len(self._entries[k].pages) for k in host_keys) if self.host else 0
         if room < need:
             self._drop(key)
