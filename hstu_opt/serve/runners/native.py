@@ -78,7 +78,22 @@ class NativeRunner(Runner):
     def _load(self) -> EngineAdapter:
         adapter = load_adapter(self.bundle, self.choice)
         adapter.warm_up()
+        if self.store is not None and uses_cached_path(adapter, True):
+            self._warm_up_pages(adapter)
         return adapter
+
+    def _warm_up_pages(self, adapter: EngineAdapter) -> None:
+        """One entry through the page pool and the paged kernel (its first launch compiles it), then gone:
+        the first real hit must not pay for that. The cache starts empty, its counters at zero."""
+        one = np.ones(1, np.int64)
+        ctx = np.ones(adapter.contextual_len, np.int64) if adapter.contextual_len else None
+        user = RankInput(None, one, one * 0, one * 0, one, 0, ctx, False)
+        with self.store.batch():
+            kv = self.store.put((None, "warm-up", 0), adapter.prefill([user])[0])
+            if kv is not None:
+                adapter.score_cached([kv], [one])
+        self.store.clear()
+        self.store.stats = CacheStats()
 
     def draining(self) -> None:
         self.scheduler.flush()
