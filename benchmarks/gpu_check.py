@@ -201,11 +201,13 @@ def paged_pool(kc: torch.Tensor, vc: torch.Tensor, c_len: list[int], page_rows: 
 
 
 def paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delta, tma_possible, rows_d,
-                   contiguous_outs: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+                   contiguous_outs: dict) -> list[tuple]:
     """The paged cached kernel for every page size the router admits (CHECKED_PAGE_ROWS): the routed op (TMA
-    where possible, else pointers) and, where that is TMA, the pointer form at 128-row pages. Each must equal
-    the contiguous Triton launch of the same load kind bit for bit (paged_identical) besides float64."""
-    from hstu_opt.ops.hstu_attention.triton import CHECKED_PAGE_ROWS, launch_cached
+    where possible, else pointers) and, where that is TMA, the pointer form at 128-row pages; where the
+    contiguous launch takes the Gluon kernel, its paged form too (diagnostic rows until triton.PAGED_WS routes
+    to it). Each must equal the contiguous launch of the same kernel and load kind bit for bit
+    (paged_identical) besides float64."""
+    from hstu_opt.ops.hstu_attention.triton import CHECKED_PAGE_ROWS, PAGED_WS, launch_cached
 
     q, k, v, do, kc, vc, _ = contiguous
     outs = []
@@ -214,8 +216,14 @@ def paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delt
         routed = ops.cached_hstu_attention_paged(q, k, v, do, kp, vp, table, lens, max_seq_len=N, alpha=alpha,
                                                  contextual_len=C, max_attn_len=window, max_delta_len=max_delta,
                                                  min_full_attn_seq_len=full, impl=Impl.TRITON)
-        kind = "tma" if tma_possible else "pointers"
-        outs.append((f"paged{page_rows}/op ({kind})", routed, rows_d, contiguous_outs.get(f"cached/{kind}")))
+        kind = "gluon" if "cached/gluon" in contiguous_outs and PAGED_WS else "tma" if tma_possible else "pointers"
+        outs.append((f"paged{page_rows}/op ({kind})", routed, rows_d, contiguous_outs.get(f"cached/{kind}"), True))
+        if "cached/gluon" in contiguous_outs:  # the Gluon kernel's paged form (routed only with PAGED_WS)
+            from hstu_opt.ops.hstu_attention import gluon_ws
+
+            out = torch.full(shape[1:], float("nan"), device=q.device, dtype=q.dtype)
+            gluon_ws.launch_cached_paged_ws(q, k, v, do, kp, vp, table, lens, out, N, alpha, max_delta)
+            outs.append((f"paged{page_rows}/gluon", out, rows_d, contiguous_outs["cached/gluon"], PAGED_WS))
         if tma_possible and page_rows == 128:
             one = shape[0] == 1
             parts = torch.full(shape[1:] if one else shape, float("nan"), device=q.device,
@@ -223,7 +231,7 @@ def paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delt
             launch_cached(q, k, v, do, kp, vp, lens, parts[None] if one else parts, N, alpha, C, window, max_delta,
                           tma=False, min_full_attn_seq_len=full, page_table=table)
             outs.append((f"paged{page_rows}/pointers", parts if one else parts.sum(0).to(q.dtype), rows_d,
-                         contiguous_outs.get("cached/pointers")))
+                         contiguous_outs.get("cached/pointers"), True))
     return outs
 
 
@@ -242,10 +250,10 @@ def kernel_rows(dqk: int, dv: int, dtype: torch.dtype) -> list[dict]:
         for name, got, routed in full_variants(qc, kc, vc, offsets, nt, N, alpha, C, window, full):
             rows.append(row(name, dqk, dv, dtype, mask, got, want, routed))
         if targets:
-            for name, got, rows_d, *same_as in cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full):
-                rows.append(row(name, dqk, dv, dtype, mask, got, want[rows_d]))
-                if same_as:  # a paged launch: bit for bit the contiguous launch of the same load kind
-                    identical = same_as[0] is not None and torch.equal(got, same_as[0])
+            for name, got, rows_d, *paged in cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full):
+                rows.append(row(name, dqk, dv, dtype, mask, got, want[rows_d], paged[1] if paged else True))
+                if paged:  # a paged launch: bit for bit the contiguous launch of the same load kind
+                    identical = paged[0] is not None and torch.equal(got, paged[0])
                     rows[-1] |= {"paged_identical": identical, "ok": rows[-1]["ok"] and identical}
     return rows
 

@@ -11,7 +11,8 @@ no page size divides it), batch 1 and 16 users:
 2. one layer's cached attention: the contiguous op as routed (the Gluon kernel where it takes the launch),
    the contiguous Triton kernel (tma=True: what the paged kernel is built on), the old serving path
    (torch.cat of each user's K/V, then the routed op), and the paged op at each page size in
-   CHECKED_PAGE_ROWS; the bar: paged within 10% of the contiguous kernel;
+   CHECKED_PAGE_ROWS; the bar: paged within 10% of the contiguous kernel; where the contiguous launch takes
+   the Gluon kernel (batch 16), that kernel's paged form too (triton.PAGED_WS routes to it once checked);
 3. the whole 5-layer score_cached (HstuModel, Triton ops) through a KVCache vs a PagedKVCache;
 4. the host tier: one user's 4100 rows (all 5 layers' K and V) written into pages (a miss's one copy),
    demoted to pinned memory and promoted back
@@ -47,7 +48,8 @@ from hstu_opt import ops  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.model.hstu import KVCache, PagedKVCache  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
-from hstu_opt.ops.hstu_attention.triton import CHECKED_PAGE_ROWS, cached_partials_shape, launch_cached  # noqa: E402
+from hstu_opt.ops.hstu_attention.triton import (  # noqa: E402
+    CHECKED_PAGE_ROWS, PAGED_WS, cached_partials_shape, launch_cached, takes_cached_ws)
 from hstu_opt.serve.kv_cache import LRUPolicy, PagedKVStore, PageShape, UserKV  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
@@ -134,6 +136,8 @@ def bench_attention(s: dict) -> list[dict]:
                                                      impl=Impl.TRITON, **kw)
         base = contiguous_kernel()
         ms_kernel = bench_ms(contiguous_kernel)
+        probe = torch.empty(1, *q.shape[:2], v.shape[-1], device=DEV, dtype=q.dtype)
+        gluon = shape[0] == 1 and takes_cached_ws(q, k, v, kc, vc, probe, 0, None)  # the routed contiguous launch
         common = {"part": "attention", "B": B, "cached_rows": c_len, "candidates": s["cand"], "H": H, "d": d,
                   "dtype": str(dt).split(".")[-1], "splits": shape[0]}
         rows.append(common | {"variant": "contiguous/triton kernel", "ms": ms_kernel})
@@ -148,6 +152,19 @@ def bench_attention(s: dict) -> list[dict]:
             rows.append(common | {"variant": f"paged/{page_rows} rows", "page_rows": page_rows, "ms": ms,
                                   "vs_contiguous_kernel": ms / ms_kernel, "within_10pct": ms <= 1.1 * ms_kernel,
                                   "identical_to_contiguous": identical})
+            if gluon:  # the Gluon kernel's paged form (routed only with triton.PAGED_WS) vs its contiguous form
+                from hstu_opt.ops.hstu_attention import gluon_ws
+
+                def paged_ws():
+                    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], device=DEV, dtype=q.dtype)
+                    return gluon_ws.launch_cached_paged_ws(q, k, v, do, kp, vp, table, lens, out, N, kw["alpha"],
+                                                           s["cand"])
+
+                ms_routed = next(r["ms"] for r in rows if r["B"] == B and r["variant"] == "contiguous/routed op")
+                ms_ws = bench_ms(paged_ws)
+                rows.append(common | {"variant": f"paged/{page_rows} rows, gluon", "page_rows": page_rows, "ms": ms_ws,
+                                      "vs_contiguous_gluon": ms_ws / ms_routed, "routed": PAGED_WS,
+                                      "identical_to_contiguous_gluon": bool(torch.equal(paged_ws(), routed()))})
     return rows
 
 
@@ -271,8 +288,10 @@ def main() -> None:
     result["host_tier"] = bench_promotion(s)
     for r in result["host_tier"]:
         print(json.dumps({k: v for k, v in r.items() if k != "stats"}), flush=True)
-    paged = [r for r in result["attention"] if "page_rows" in r]
+    paged = [r for r in result["attention"] if "identical_to_contiguous" in r]
+    ws = [r for r in result["attention"] if "identical_to_contiguous_gluon" in r]
     result["summary"] = {"all_identical": all(r["identical_to_contiguous"] for r in paged),
+                         "gluon_paged_identical": all(r["identical_to_contiguous_gluon"] for r in ws) if ws else None,
                          "all_within_10pct": all(r["within_10pct"] for r in paged),
                          "best_page_rows_by_batch": {str(B): min((r for r in paged if r["B"] == B),
                                                                  key=lambda r: r["ms"])["page_rows"]

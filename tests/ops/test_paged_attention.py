@@ -110,3 +110,21 @@ def test_paged_real_and_fake_signatures_agree():
 
     real = [a.name for a in torch.ops.hstu_opt.cached_hstu_attention_paged_triton.default._schema.arguments]
     assert real == list(inspect.signature(tri.cached_hstu_attention_paged_triton._abstract_fn).parameters)
+
+
+@needs_triton
+def test_paged_launches_stay_off_the_gluon_kernel_until_checked(monkeypatch):
+    """triton.PAGED_WS off: a paged launch the Gluon kernel would take (here: forced) runs the Triton kernel."""
+    from hstu_opt.ops.hstu_attention import gluon_ws
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    def boom(*a, **k):
+        raise AssertionError("a paged launch reached the Gluon kernel")
+
+    assert not tri.PAGED_WS
+    monkeypatch.setattr(tri, "takes_cached_ws", lambda *a, **k: True)
+    monkeypatch.setattr(gluon_ws, "launch_cached_paged_ws", boom)
+    contiguous, paged = paged_case([70, 9], [2, 1], 64, 1, 16, torch.float32)
+    kw = dict(max_seq_len=100, alpha=0.3, max_delta_len=2)
+    got = ops.cached_hstu_attention_paged(*paged, impl=Impl.TRITON, **kw)
+    torch.testing.assert_close(got, ops.cached_hstu_attention(*contiguous, **kw), atol=1e-6, rtol=1e-6)

@@ -335,6 +335,12 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # (bf16 rel. error <= 4.0e-3, no unwritten rows; runs 65-66).
 FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True,
              "CTX_FIRST": True, "WS": True}
+# PAGED_WS: paged cached launches that takes_cached_ws picks go to the Gluon kernel's paged form (its producer
+# reads the page table; gluon_ws.launch_cached_paged_ws) instead of the Triton kernel's PAGE mode. Off until
+# a GPU run has checked it: it builds for sm_90 without spilling (Triton 3.9's ptxas, on the CPU machine) but
+# has not run; benchmarks/gpu_check.py reports it as diagnostic rows (bit for bit against the contiguous Gluon
+# launch, and vs float64) and benchmarks/gpu_paged.py times it. Turn on when both say so.
+PAGED_WS = False
 
 
 def _gluon_takes(q: Tensor, *others: Tensor) -> bool:
@@ -519,15 +525,19 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
     With one split `out` may be the result itself, [1, Ld, H, dv] in q's dtype (written once, nothing to sum).
     `tma` None: FWD_FLAGS["TMA"] (then TMA where tma_ok and the launch is real, as for the full kernel).
     Paged (`page_table` [B, max_pages] int32): k_cache / v_cache are one layer's page pool [pages, page_rows, H, d]
-    and `cache_offsets` the users' cache lengths [B]; never the Gluon kernel (it has no page-table read)."""
+    and `cache_offsets` the users' cache lengths [B]; the Gluon kernel's paged form only with PAGED_WS."""
     L, H, dqk = q.shape
     dv = v.shape[-1]
     paged = page_table is not None
-    if not paged and takes_cached_ws(q, k, v, k_cache, v_cache, out, max_attn_len, tma):
+    if (not paged or PAGED_WS) and takes_cached_ws(q, k, v, k_cache, v_cache, out, max_attn_len, tma):
         from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it runs)
 
-        gluon_ws.launch_cached_ws(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, out[0], max_seq_len, alpha,
-                                  max_delta_len)
+        if paged:
+            gluon_ws.launch_cached_paged_ws(q, k, v, delta_offsets, k_cache, v_cache, page_table, cache_offsets,
+                                            out[0], max_seq_len, alpha, max_delta_len)
+        else:
+            gluon_ws.launch_cached_ws(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, out[0], max_seq_len,
+                                      alpha, max_delta_len)
         return out
     cfg = _blocks(dqk, dv, q.dtype)
     page = 0
