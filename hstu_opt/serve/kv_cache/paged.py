@@ -8,7 +8,7 @@ load per key block. A user's entry is a page list + a row count; its page table 
 Page size rule: page_rows is a multiple of the cached kernel's key block (BLOCK_N: 64 for 16-bit heads up
 to 128, 32 for fp32 or heads of 256), so a key block never straddles two pages; the router launches the
 kernel only for page sizes the GPU check sweeps (ops/hstu_attention/triton.CHECKED_PAGE_ROWS) and runs
-the reference (a gather) otherwise. DEFAULT_PAGE_ROWS is provisional until benchmarks/gpu_paged.py's run:
+the reference (a gather) otherwise. (The Gluon kernel's paged form: off, triton.PAGED_WS.) DEFAULT_PAGE_ROWS is provisional until benchmarks/gpu_paged.py's run:
 smaller pages waste less (half a page per user on average) but cost a page-id load per key block.
 
 Tiers. The device tier lives where the model runs (GPU memory on a GPU machine, host memory otherwise);
