@@ -167,9 +167,9 @@ class NativeRunner(Runner):
             out = []
             for chunk in chunks(rows, self.adapter.max_rows):
                 out += self.adapter.score_cached([kvs[i] for i, _ in chunk], [g for _, g in chunk])
+        t2 = time.perf_counter()
         if self.store is not None:
             self.store.prefetch()  # host-tier users the policy expects back soon, into free pages
-        t2 = time.perf_counter()
         return self._per_user(len(users), [i for i, _ in rows], out), status, {"prefill": ms(t0, t1), "score": ms(t1, t2)}
 
     def _user_kvs(self, users: list[RankInput]) -> tuple[list[UserKV | PagedKV], list[str]]:
