@@ -107,6 +107,9 @@ class TorchAdapter(EngineAdapter):
         super().__init__(max_rows, model.cfg.contextual_len)
         self.model, self.name = model.eval(), name
         self.device = next(model.parameters()).device
+        # cache hits on a GPU: CUDA-graph replays over the page pool (serve/graphs.py), made on first use
+        self.score_graphs_enabled = self.device.type == "cuda"
+        self.score_graphs = None
 
     @torch.no_grad()
     def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
@@ -139,6 +142,8 @@ class TorchAdapter(EngineAdapter):
         """Entries all in the page pool are read in place through their page tables (no K/V copy); otherwise
         (the cache off, or a batch with an entry the pool had no room for) the rows are concatenated."""
         if all(isinstance(kv, PagedKV) for kv in kvs):
+            if (out := self._graphed(kvs, cands)) is not None:
+                return out
             cache = self._paged(kvs)
         else:
             kvs = [kv.gather() if isinstance(kv, PagedKV) else kv for kv in kvs]
@@ -151,6 +156,20 @@ class TorchAdapter(EngineAdapter):
         cand = torch.from_numpy(np.concatenate(cands)).to(self.device)  # [Ld]
         probs = self.model.score_cached(cache, cand, self._offsets(counts)).float().cpu().numpy()  # [Ld, T]
         return np.split(probs, np.cumsum(counts)[:-1])
+
+    def _graphed(self, kvs: list[PagedKV], cands: list[np.ndarray]) -> list[np.ndarray] | None:
+        if not self.score_graphs_enabled:
+            return None
+        if self.score_graphs is None:
+            from hstu_opt.serve.graphs import PagedScoreGraphs
+
+            pool, cfg = kvs[0].pool, self.model.cfg
+            self.score_graphs = PagedScoreGraphs(self.model, pool.k, pool.v,
+                                                 pool.shape.pages_for(cfg.contextual_len + cfg.max_history_len))
+        pages = [kv.pages for kv in kvs]
+        if kvs[0].pool.k is not self.score_graphs.k_pages or not self.score_graphs.covers(pages, [len(c) for c in cands]):
+            return None
+        return self.score_graphs.run(pages, [kv.rows for kv in kvs], cands)
 
     def _paged(self, kvs: list[PagedKV]) -> PagedKVCache:
         pool = kvs[0].pool

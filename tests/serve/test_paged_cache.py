@@ -164,3 +164,27 @@ def test_model_scores_paged_equal_contiguous(C, window, min_full, page_rows, mon
     m.impl = {"hstu_attention": "triton"}  # the paged Triton kernel (the other ops: reference)
     torch.testing.assert_close(m.score_cached(paged, cand, delta), want, atol=1e-6, rtol=1e-6)
     assert len(launches) == m.cfg.num_layers and all(t is not None for t in launches)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_graph_staging_pads_without_changing_scores(impl):
+    """What serve/graphs.py captures for cache hits: every group padded to max_targets candidates and every
+    page table to the longest history's pages, jagged offsets fixed at b * max_targets. Run eagerly here
+    (no CUDA graph on a CPU): the real rows equal the unpadded paged scoring (fp32, 1e-6)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    from hstu_opt.serve.graphs import Staged
+
+    m = model(2, 5, 3)
+    m.impl = {"hstu_attention": impl}
+    inputs = prefill_inputs(2, [30, 40])
+    _, paged = paged_cache(m, *inputs, 64)
+    cands = [np.array([3, 4, 5]), np.array([6, 7, 8, 9, 10, 11, 12])]  # 3 and 7 of max_targets 8
+    want = m.score_cached(paged, torch.from_numpy(np.concatenate(cands)), torch.tensor([0, 3, 10]))
+    P = 4  # pages for the longest history the model takes (80 rows + 2 contextual at 64 rows a page: 2; more is fine)
+    staged = Staged(m, paged.k_pages, paged.v_pages, B=2, T=m.cfg.max_targets, P=P, page_locked=False)
+    pages = [paged.page_table[b, :(paged.lengths[b] + 63) // 64].tolist() for b in range(2)]
+    staged.stage(pages, paged.lengths.tolist(), cands)
+    staged.flat.copy_(staged.host_t)
+    got = staged.split(staged.score().numpy(), cands)
+    torch.testing.assert_close(torch.from_numpy(np.concatenate(got)), want, atol=1e-6, rtol=1e-6)
