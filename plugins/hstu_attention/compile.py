@@ -43,6 +43,17 @@ def ptx_params(ptx: str, name: str) -> list[str]:
     return re.findall(r"\.param\s+\.(\w+)", m.group(1))
 
 
+def cubin_arch(data: bytes) -> int:
+    """The SM a cubin is for, from its ELF header (EM_CUDA): the CUDA ELF ABI v1 (OSABI 0x33) keeps it in
+    e_flags' low byte, v2 (OSABI 0x41, CUDA 12.8+ toolchains for sm_90+) in the next byte."""
+    import struct
+
+    if data[:4] != b"\x7fELF" or struct.unpack_from("<H", data, 18)[0] != 190:
+        raise ValueError("not a CUDA ELF (cubin)")
+    flags = struct.unpack_from("<I", data, 48)[0]
+    return (flags >> 8) & 0xFF if data[7] == 0x41 else flags & 0xFF
+
+
 def compile_variant(arch: int, dtype: str, d: int) -> tuple[bytes, dict]:
     import triton
     from triton.backends.compiler import GPUTarget

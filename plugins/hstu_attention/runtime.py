@@ -50,8 +50,10 @@ class Kernels:
         try:
             self.manifest = json.loads((self.folder / "manifest.json").read_text())
         except OSError as exc:
-            raise spec.PluginError(f"{spec.NAME}: no compiled kernels in {self.folder} ({exc}): compile them with "
-                                   "`python -m plugins.hstu_attention.compile --arch <cc>`") from exc
+            arch = self.folder.name.removeprefix("sm_")
+            raise spec.PluginError(f"{spec.NAME}: no compiled kernels for this GPU (sm_{arch}) in {self.folder.parent}: "
+                                   f"compile them with `python -m plugins.hstu_attention.compile --arch {arch}` and "
+                                   "rebuild the bundle") from exc
         self._functions: dict = {}
 
     def meta(self, dtype: str, d: int) -> dict:
