@@ -25,13 +25,17 @@ CUBINS = HERE / "cubins"
 TRITON_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
-def source_digest() -> str:
-    """sha256 over the kernel's source files: kernel.py, spec.py and hstu-opt's shared Triton helpers."""
+def source_digest(arch: int) -> str:
+    """sha256 over what the cubins for `arch` are made from: kernel.py, hstu-opt's shared Triton helpers it
+    imports, and spec.py's arguments, variants, constants and tiles (not the rest of spec.py)."""
     import hstu_opt.ops._triton as shared
 
     h = hashlib.sha256()
-    for path in (HERE / "kernel.py", HERE / "spec.py", Path(shared.__file__)):
+    for path in (HERE / "kernel.py", Path(shared.__file__)):
         h.update(path.read_bytes())
+    made_of = {"args": spec.ARGS, "align": spec.POINTER_ALIGN, "variants": [
+        [t, d, spec.constexprs(t, d), spec.tiles(t, arch)] for t, d in spec.variants(arch)]}
+    h.update(json.dumps(made_of, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -103,7 +107,7 @@ def compile_arch(arch: int, out: Path = CUBINS) -> dict:
         (folder / f"{name}.cubin").write_bytes(cubin)
         kernels[name] = meta | {"cubin": f"{name}.cubin", "sha256": hashlib.sha256(cubin).hexdigest(),
                                 "compile_s": round(time.perf_counter() - t0, 2)}
-    manifest = {"arch": arch, "triton": triton.__version__, "source_sha256": source_digest(),
+    manifest = {"arch": arch, "triton": triton.__version__, "source_sha256": source_digest(arch),
                 "args": [list(a) for a in spec.ARGS], "plugin": {"name": spec.NAME, "version": spec.VERSION},
                 "compile_s": round(time.perf_counter() - started, 2), "kernels": kernels}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -116,8 +120,9 @@ def is_current(folder: Path) -> bool:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    want = {spec.variant(t, d) for t, d in spec.variants(manifest.get("arch", 0))}
-    return (manifest.get("source_sha256") == source_digest() and want <= set(manifest["kernels"])
+    arch = manifest.get("arch", 0)
+    want = {spec.variant(t, d) for t, d in spec.variants(arch)}
+    return (manifest.get("source_sha256") == source_digest(arch) and want <= set(manifest["kernels"])
             and all((folder / k["cubin"]).is_file() for k in manifest["kernels"].values()))
 
 

@@ -19,9 +19,18 @@ CTYPES = {"u64": ctypes.c_uint64, "b64": ctypes.c_uint64, "u32": ctypes.c_uint32
           "s32": ctypes.c_int32, "f32": ctypes.c_float}
 
 
+def _driver():
+    """cuda-python's driver module (cuda.bindings.driver; `cuda.cuda` in cuda-python < 12.6)."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        from cuda import cuda as driver
+    return driver
+
+
 def _check(result):
     """cuda-bindings returns (CUresult, *values): raise on an error, return the values."""
-    from cuda.bindings import driver
+    driver = _driver()
 
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != driver.CUresult.CUDA_SUCCESS:
@@ -32,7 +41,7 @@ def _check(result):
 
 def current_arch() -> int:
     """Compute capability of the current context's device, e.g. 90."""
-    from cuda.bindings import driver
+    driver = _driver()
 
     _check(driver.cuInit(0))
     dev = _check(driver.cuCtxGetDevice())
@@ -63,13 +72,14 @@ class Kernels:
         return self.manifest["kernels"][name]
 
     def function(self, dtype: str, d: int):
-        from cuda.bindings import driver
+        driver = _driver()
 
         ctx = int(_check(driver.cuCtxGetCurrent()))
         key = (ctx, dtype, d)
         if key not in self._functions:
             meta = self.meta(dtype, d)
-            module = _check(driver.cuModuleLoadData((self.folder / meta["cubin"]).read_bytes()))
+            image = ctypes.create_string_buffer((self.folder / meta["cubin"]).read_bytes())
+            module = _check(driver.cuModuleLoadData(ctypes.addressof(image)))
             fn = _check(driver.cuModuleGetFunction(module, meta["kernel"].encode()))
             if meta["shared"] > 48 * 1024:  # above the default the function must opt in
                 _check(driver.cuFuncSetAttribute(
@@ -100,21 +110,34 @@ class Runtime:
             self._kernels = Kernels(self.cubin_root / f"sm_{arch}")
         return self._kernels
 
-    def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> int:
-        from cuda.bindings import driver
-
+    def launch_args(self, input_desc, inputs, outputs, meta: dict) -> tuple[tuple, list]:
+        """(grid, the kernel's argument values in its PTX parameter order) for one enqueue."""
         B, n, H, d = (int(x) for x in input_desc[0].dims)
-        spec.check_head_dims(d, int(input_desc[2].dims[3]))
-        dtype = spec.DTYPE_TAG[input_desc[0].type.name]
-        step = 2 if input_desc[3].type.name == "INT64" else 1
-        _, fn, meta = self.kernels().function(dtype, d)
-        grid = spec.grid(B, n, H, meta["block_m"])
         pointers = [int(inputs[0]), int(inputs[1]), int(inputs[2]), int(outputs[0]), int(inputs[3]), int(inputs[4]),
                     int(inputs[5])]
+        step = 2 if input_desc[3].type.name == "INT64" else 1
         values = pointers + spec.scalar_args(self.attrs, n, H, step) + [0] * meta["trailing_null_pointers"]
+        return spec.grid(B, n, H, meta["block_m"]), values
+
+    @staticmethod
+    def variant_of(input_desc) -> tuple[str, int]:
+        """(dtype tag, head dim) of the cubin this launch needs; refuses what was not compiled and checked."""
+        d, dv = int(input_desc[0].dims[3]), int(input_desc[2].dims[3])
+        spec.check_head_dims(d, dv)
+        name = input_desc[0].type.name
+        if name not in spec.DTYPE_TAG or input_desc[3].type.name != input_desc[4].type.name:
+            raise spec.PluginError(f"{spec.NAME}: inputs of type {name} / lengths {input_desc[3].type.name}, "
+                                   f"{input_desc[4].type.name} are not supported (spec.supports)")
+        return spec.DTYPE_TAG[name], d
+
+    def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> int:
+        driver = _driver()
+
+        _, fn, meta = self.kernels().function(*self.variant_of(input_desc))
+        grid, values = self.launch_args(input_desc, inputs, outputs, meta)
         held, array = _pack(values, meta["params"])
         if grid[0] * grid[1] > 0:
             _check(driver.cuLaunchKernel(fn, *grid, meta["threads"], 1, 1, meta["shared"], driver.CUstream(int(stream)),
                                          ctypes.addressof(array), 0))
-        del held
+        del held  # (the values must live until the launch has read them)
         return 0

@@ -88,7 +88,9 @@ def supports(pos: int, types: list[str], linear: list[bool], arch: int | None) -
         return types[pos] in float_types(arch) and (pos == 0 or types[pos] == types[0])
     if pos in (1, 2):
         return types[pos] == types[0]
-    return types[pos] in LENGTH_TYPES  # hist_lengths, num_candidates, history_width: int32 or int64
+    if pos == 4:  # num_candidates is read like hist_lengths (one 32-bit step for both)
+        return types[4] == types[3]
+    return types[pos] in LENGTH_TYPES  # hist_lengths, history_width: int32 or int64
 
 
 def output_shape(q_dims: list, v_dims: list) -> list:

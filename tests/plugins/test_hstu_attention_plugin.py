@@ -30,6 +30,7 @@ def test_format_rule():
     assert not spec.supports(1, [h, f, h, i64, i64, i64, h], lin, 89)  # k follows q
     assert not spec.supports(6, [h, h, h, i64, i64, i64, f], lin, 89)  # the output follows q
     assert spec.supports(3, [f, f, f, i32, i32, i64, f], lin, 89) and not spec.supports(3, [f, f, f, f, i32, i64, f], lin, 89)
+    assert not spec.supports(4, [f, f, f, i64, i32, i64, f], lin, 89)  # num_candidates follows hist_lengths
     assert not spec.supports(0, [f] * 3 + [i64] * 3 + [f], [False] + lin[1:], 89)
 
 
