@@ -27,8 +27,6 @@ def make_classes(trt, cubin_root: Path, arch: int | None):
     capability (None: the current GPU's, at run time)."""
     from .runtime import Runtime
 
-    dt = trt.DataType
-
     class HstuAttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, attrs: spec.Attributes, namespace: str = ""):
             trt.IPluginV3.__init__(self)

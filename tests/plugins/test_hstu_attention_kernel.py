@@ -26,7 +26,6 @@ def padded_case(hl, nc, C, H, d, dtype, seed, nh=None, ncw=None):
     ncw = max(nc) if ncw is None else ncw
     n = C + nh + ncw
     q, k, v = (torch.full((B, n, H, d), float("nan"), dtype=torch.float64) for _ in range(3))
-    want = torch.zeros(B, n, H, d, dtype=torch.float64)
     rows = []
     for b in range(B):
         r = list(range(C + hl[b])) + list(range(C + nh, C + nh + nc[b]))
