@@ -136,3 +136,28 @@ def test_tensorrt_classes_take_the_node_and_refuse_what_was_not_checked():
         p.supports_format_combination(0, odd, 6)
     with pytest.raises(Exception, match="no cubins for sm_75"):
         plugin.make_classes(trt, CUBINS, 75)[1]("").create_plugin("x", fc, trt.TensorRTPhase.BUILD)
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="neither tensorrt nor tensorrt_rtx is installed")
+def test_load_registers_the_bundle_copy_before_deserializing(tmp_path):
+    """backends/tensorrt.load on a plans folder that ships the plugin: the creator is registered from that copy
+    (not the source tree) before the plan is deserialized, which then fails here (no GPU), as it must. In a
+    child process with the libtensorrt_rtx.so symlink, as the build runs (tensorrt_build.child_env)."""
+    import sys
+
+    from hstu_opt.backends import tensorrt as trt_backend
+    from hstu_opt.backends.tensorrt_build import child_env
+
+    plans = tmp_path / "tensorrt"
+    _, shipped = trt_backend.ship_plugin(plans, 89)
+    assert "current" in shipped["cubins"] and shipped["arch"] == 89
+    (plans / "ranking.fused.plan").write_bytes(b"not a plan")
+    code = ("import sys; from pathlib import Path; from hstu_opt.backends import tensorrt as t\n"
+            "try:\n    t.load(Path(sys.argv[1]), 'hstu')\nexcept Exception as e:\n    print('ERR', e)\n"
+            "trt = t.trt_module(); print('REG', t.plugin_registered(trt, 'HstuAttention', '1', 'hstu'))\n"
+            "print('FROM', [m.__file__ for n, m in sys.modules.items() if n.startswith('hstu_plugin_')][0])")
+    out = subprocess.run([sys.executable, "-c", code, str(plans / "ranking.fused.plan")], env=child_env(tmp_path),
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "ERR" in out and "cannot be deserialized" in out and "REG True" in out, out
+    assert f"FROM {plans / 'plugins' / 'hstu_attention' / '__init__.py'}" in out, out
+    assert not list(plans.rglob("__pycache__"))
