@@ -46,6 +46,13 @@ for s in "$@"; do
         paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
         bundle) step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" \
                     --max-batch 16 ;;
+        check+bundle)  # both compile-bound and untimed: the bundle builds in the background during the sweep
+            mkdir -p "$OUT/bundle"
+            python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16 \
+                > "$OUT/bundle.log" 2>&1 &
+            bundle_pid=$!
+            step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12
+            wait $bundle_pid; echo "   bundle rc=$?"; tail -n 3 "$OUT/bundle.log" | cut -c1-300 ;;
         serve)  # cache off (the compiled graph), JSON lists then packed arrays; then cached users (paged cache)
             serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 300
             serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --engine-repeats 0
