@@ -27,8 +27,10 @@ class _Model(BaseModel):
 # time of a JSON list (docs/serving.md, "Packed arrays"); hstu_opt.serve.requests.int_array decodes it.
 # base64 of whole int64 values: 32 characters per 3 values, then 11 + "=" (one more) or 22 + "==" (two)
 BASE64 = r"^(?:[A-Za-z0-9+/]{32})*(?:[A-Za-z0-9+/]{11}=|[A-Za-z0-9+/]{22}==)?$"
-Packed = Annotated[str, Field(pattern=BASE64, json_schema_extra={
-    "contentEncoding": "base64", "description": "Packed: base64 of little-endian int64 values."})]
+# The pattern is published, not run by pydantic: on a 44 KB string its regex cost 0.07 ms per field, and the
+# decoder (requests.packed_array) enforces the same rule anyway (strict base64, whole int64 values: 422).
+Packed = Annotated[str, Field(json_schema_extra={
+    "pattern": BASE64, "contentEncoding": "base64", "description": "Packed: base64 of little-endian int64 values."})]
 # A string picks the packed form, anything else the list, so a bad value gets one error (from its form);
 # the form's tag in the error location is dropped again by middleware.field_path.
 UNION_TAGS = ("list", "packed")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from pydantic import ValidationError
 
 from hstu_opt.errors import ServeError
 from hstu_opt.model.config import HstuConfig
@@ -20,7 +20,7 @@ from hstu_opt.serve.kv_cache import KVStore, LRUPolicy, UserKV, history_digest
 from hstu_opt.serve.requests import InvalidRequest, RequestLimits, int_array, rank_input
 from hstu_opt.serve.runners.base import QueueFull
 from hstu_opt.serve.scheduler import BatchPolicy, Scheduler, SchedulerClosed
-from hstu_opt.serve.schemas import RankRequest
+from hstu_opt.serve.schemas import BASE64, RankRequest
 from hstu_opt.serve.served_bundle import COMPILED_DIR, INT8_ACCURACY, ORT_DIR, ServedBundle
 
 
@@ -80,11 +80,15 @@ def test_packed_arrays_equal_lists_and_bad_packing_names_the_field():
         assert a.dtype == np.int64 and a.flags.writeable and a.tolist() == b.tolist(), name
     assert got.query_time == want.query_time
     seven = base64.b64encode(b"\x01" * 7).decode()  # 7 bytes: not whole int64 values
-    with pytest.raises(ValidationError):  # the published pattern admits whole int64 values only
-        RankRequest.model_validate({**body, "candidates": seven})
-    with pytest.raises(InvalidRequest) as err:  # (and the decoder checks again)
-        int_array(seven, "candidates")
+    assert not re.fullmatch(BASE64, seven)  # the published pattern admits whole int64 values only ...
+    with pytest.raises(InvalidRequest) as err:  # ... and the decoder enforces it
+        rank_input(RankRequest.model_validate({**body, "candidates": seven}), LIMITS)
     assert err.value.field == "candidates" and "multiple of 8" in str(err.value)
+    for bad in ("AAAA AAAAAAA=", "AAAAAAAAAAA", "AAAAAAAAAA!="):  # whitespace, no padding, not base64
+        with pytest.raises(InvalidRequest) as err:
+            int_array(bad, "candidates")
+        assert err.value.field == "candidates"
+    assert re.fullmatch(BASE64, packed([1, 2, 3, 4])) and int_array(packed([1, 2, 3, 4]), "x").tolist() == [1, 2, 3, 4]
     with pytest.raises(InvalidRequest) as err:  # packed ids are range-checked like listed ones
         rank_input(RankRequest.model_validate({**body, "candidates": packed([7, 0])}), LIMITS)
     assert err.value.field == "candidates[1]"
