@@ -62,6 +62,12 @@ def load(path: str) -> ctypes.CDLL:
         getattr(lib, f"hstu_uvqk_bf16_{config}_can_implement").argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldw, ldo, M, N, K
     lib.hstu_output_bf16.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, i64, i32, i32, i32, p]
     lib.hstu_output_bf16_can_implement.argtypes = [i64] * 6 + [i32] * 3  # lda0..2, ldw, ldr, ldo, M, N, k_part
+    # FP8 (ops/_fp8.py): a, lda, wt, ldwt, row_scale, col_scale, bias, gate, out, ldo, M, N, K, stream
+    lib.hstu_uvqk_fp8.argtypes = [p, i64, p, i64, p, p, p, p, p, i64, i32, i32, i32, p]
+    lib.hstu_uvqk_fp8_can_implement.argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldwt, ldo, M, N, K
+    # a, lda, wt, ldwt, row_scale, col_scale, residual, ldr, out, ldo, M, N, K, stream
+    lib.hstu_output_fp8.argtypes = [p, i64, p, i64, p, p, p, i64, p, i64, i32, i32, i32, p]
+    lib.hstu_output_fp8_can_implement.argtypes = [i64] * 4 + [i32] * 3  # lda, ldwt, ldr, ldo, M, N, K
     return lib
 
 
