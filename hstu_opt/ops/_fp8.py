@@ -89,10 +89,20 @@ def prepare(model) -> int:
     for layer in getattr(model, "layers", []):
         for name in ("uvqk_weight", "output_weight"):
             w = getattr(layer, name, None)
-            if isinstance(w, Tensor) and w.is_cuda:
+            if isinstance(w, Tensor) and w.is_cuda and w.dtype == torch.bfloat16:
                 quantized_weight(w.detach())
                 n += 1
+        cfg = getattr(layer, "cfg", None)
+        w = getattr(layer, "uvqk_weight", None)
+        if cfg is not None and isinstance(w, Tensor) and w.is_cuda and w.dtype == torch.bfloat16:  # uvqk_kv's
+            quantized_weight(w.detach(), kv_columns(cfg.num_heads, cfg.attention_dim, cfg.linear_dim))
     return n
+
+
+def kv_columns(num_heads: int, attention_dim: int, linear_dim: int) -> Tensor:
+    """The [v | k] columns of [u | v | q | k] (what uvqk_kv projects), as CPU indices."""
+    hv, hqk = num_heads * linear_dim, num_heads * attention_dim
+    return torch.cat([torch.arange(hv, 2 * hv), torch.arange(2 * hv + hqk, 2 * hv + 2 * hqk)])
 
 
 def quantize_rows(y: Tensor) -> tuple[Tensor, Tensor]:

@@ -217,3 +217,26 @@ def test_gate_is_skipped_off_an_h200_and_says_why(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     report = fp8_gate.fp8_gate(object(), None, ("t",), bar=0.01)
     assert report["passed"] is None and "not run" in report["skipped"] and "rule" in report
+
+
+def test_covered_calls_trace_to_one_custom_op_each(hopper):
+    """What torch.compile sees of a covered call (traced with fake tensors: no kernel runs): the LN pass,
+    quantization and GEMM are one opaque node per projection, nothing to break the graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    D, H, d = 64, 2, 32
+    bf = torch.bfloat16
+    x, w, b = torch.randn(5, D, dtype=bf), torch.randn(D, 4 * H * d, dtype=bf), torch.randn(4 * H * d)
+    n = torch.ones(D)
+    u, a, wo = torch.randn(5, H * d, dtype=bf), torch.randn(5, H * d, dtype=bf), torch.randn(3 * H * d, D, dtype=bf)
+
+    def f(x, w, b, n, u, a, wo):
+        q = ops.uvqk(x, n, n, w, b, num_heads=H, attention_dim=d, linear_dim=d, impl=Impl.CUTLASS_FP8)
+        k, v = ops.uvqk_kv(x, n, n, w, b, num_heads=H, attention_dim=d, linear_dim=d, impl=Impl.CUTLASS_FP8)
+        out = ops.hstu_output(u, a, x, torch.ones(H * d), torch.zeros(H * d), wo, impl=Impl.CUTLASS_FP8)
+        return q[0], k, out
+
+    gm = make_fx(f, tracing_mode="fake")(x, w, b, n, u, a, wo)
+    targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count("hstu_opt.uvqk_cutlass_fp8.default") == 2, targets
+    assert targets.count("hstu_opt.hstu_output_cutlass_fp8.default") == 1, targets

@@ -32,20 +32,13 @@ def launch(xq: Tensor, row_scale: Tensor, wq_t: Tensor, col_scale: Tensor, bias:
     return out
 
 
-def _columns(N: int, num_heads: int, attention_dim: int, linear_dim: int, kv: bool, device) -> Tensor | None:
-    if not kv:
-        return None
-    hv, hqk = num_heads * linear_dim, num_heads * attention_dim
-    return torch.cat([torch.arange(hv, 2 * hv), torch.arange(2 * hv + hqk, 2 * hv + 2 * hqk)])
-
-
 @torch.library.custom_op("hstu_opt::uvqk_cutlass_fp8", mutates_args=())
 def uvqk_cutlass_fp8(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor, silu_cols: int,
                      eps: float, num_heads: int, attention_dim: int, linear_dim: int, kv: bool,
                      rows: Tensor | None = None) -> Tensor:
     """weight: the model's bf16 [D, N] uvqk weight (kv: only its [v | k] columns are projected; bias is
     then already those columns'). Its e4m3 form is computed once and cached (_fp8.quantized_weight)."""
-    cols = _columns(weight.shape[1], num_heads, attention_dim, linear_dim, kv, weight.device)
+    cols = _fp8.kv_columns(num_heads, attention_dim, linear_dim) if kv else None
     wq_t, col_scale = _fp8.quantized_weight(weight, cols)
     xq, row_scale = _fp8.ln_quant(x, norm_weight, norm_bias, eps, rows=rows)
     out = x.new_empty(_out_rows(x, rows), wq_t.shape[0], dtype=torch.bfloat16)
