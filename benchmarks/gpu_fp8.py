@@ -346,6 +346,38 @@ def end_to_end(budget_s: float, compile_too: bool) -> dict:
     return result
 
 
+def engine(out_dir: Path, variant: str) -> dict:
+    """--engine: the bundle's `compiled` engine with this variant's ops (hstu_opt.backends.compiled.build:
+    cold compile and warm start in fresh processes), then served from a fresh process by gpu_hstu.py's
+    --serve-engine (issue 19's end-to-end bar is for this path); outputs against eager ops of the same
+    variant. Minutes: run it as its own invocation."""
+    import gpu_hstu as gh
+
+    from hstu_opt.backends import compiled
+    from hstu_opt.backends.compiled import _impl
+
+    spec = VARIANTS[next(n for n in VARIANTS if n.startswith(variant))]
+    cfg = gh.dlrm_config()
+    model = gh.dlrm_model(cfg, _impl(spec))
+    if isinstance(spec, dict) and "cutlass_fp8" in spec.values():
+        _fp8.prepare(model)
+    result = {"variant": variant, "impl": spec, "end_to_end": []}
+    with torch.no_grad():
+        for B in (1, 16):
+            out = model.rank_jagged(**gh.device_rows(cfg, gh.dlrm_feed(model, B))).float()
+            np.save(out_dir / f"graph_out_B{B}.npy", out.cpu().numpy())
+    t0 = time.perf_counter()
+    try:
+        result["engine_build"] = compiled.build(model, out_dir / "engine", max_batch=16,
+                                                shapes=[(1, 4096, 256), (16, 4096, 256)], impl=spec)
+        result["engine_build"]["build_s"] = time.perf_counter() - t0
+    except Exception:  # noqa: BLE001
+        result["engine_build_error"] = traceback.format_exc()[-3000:]
+        return result
+    gh.serve_fresh(out_dir, result)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- gate
 def gate(assets: Path) -> dict:
     """The FP8 accuracy gate on the carried tiny checkpoint + test split, else a note that it was not run."""
@@ -466,12 +498,33 @@ def main() -> int:
     p.add_argument("--no-compile", action="store_true", help="end to end: only the eager-captured graphs")
     p.add_argument("--gate-assets", type=Path, default=GATE_ASSETS)
     p.add_argument("--smoke", "--compile-only", action="store_true")
+    p.add_argument("--engine", choices=("triton", "cutlass", "fp8"), default=None,
+                   help="instead: build the compiled engine with these projections and serve it from a fresh process")
     p.add_argument("--make-gate-assets", type=Path, metavar="BUNDLE_ROOT", default=None,
                    help="CPU: copy the tiny checkpoint under BUNDLE_ROOT and its test split to --gate-assets")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.make_gate_assets:
         print(json.dumps(make_gate_assets(args.make_gate_assets, ROOT / "recipes" / "tiny.yaml", args.gate_assets)))
+        return 0
+    if args.engine:
+        name = {"triton": "triton", "cutlass": "cutlass bf16", "fp8": "cutlass fp8"}[args.engine]
+        found, _, checks = libraries(argparse.Namespace(**{**vars(args), "build": "never"})) if args.engine != "triton" \
+            else ({"working": None}, None, [])
+        if args.engine != "triton":
+            if not found["working"]:
+                print("no working CUTLASS library:", json.dumps(checks, default=str)[:2000])
+                return 1
+            import os
+
+            os.environ[_cutlass.ENV_LIB] = found["found"][found["working"]]
+        result = {"env": gc.env(), **engine(args.out, name)}
+        (args.out / f"gpu_fp8_engine_{args.engine}.json").write_text(json.dumps(result, indent=1, default=str))
+        for r in result["end_to_end"]:
+            print(f"engine {args.engine} B={r['B']}: wall p50 {r.get('wall_p50_ms')} ms, "
+                  f"diff vs eager {r.get('max_abs_diff_vs_in_process_graph')}")
+        print({k: result.get(k) for k in ("engine_build_error",)} if "engine_build_error" in result else
+              {k: result["engine_build"].get(k) for k in ("cold_start", "warm_start", "build_s")})
         return 0
     if args.smoke:
         result = smoke(args)
