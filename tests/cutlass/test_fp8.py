@@ -240,3 +240,4 @@ def test_covered_calls_trace_to_one_custom_op_each(hopper):
     targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
     assert targets.count("hstu_opt.uvqk_cutlass_fp8.default") == 2, targets
     assert targets.count("hstu_opt.hstu_output_cutlass_fp8.default") == 1, targets
+
