@@ -21,6 +21,8 @@ benchmarks/gpu_fp8.py compare against them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -143,6 +145,7 @@ def reference_output(u: Tensor, a: Tensor, x: Tensor, norm_weight, norm_bias, we
 
 # --- the quantizing LayerNorm pass (Triton; GPU) ---------------------------------------------------------
 
+@functools.cache
 def _triton():
     import triton
     import triton.language as tl
@@ -190,17 +193,11 @@ def _triton():
     return triton, ln_quant_kernel
 
 
-_KERNEL = None
-
-
 def ln_quant(x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, gate: Tensor | None = None,
              rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The quantizing LayerNorm pass on a GPU: (q e4m3, row_scale fp32 [M]). Without gate: q = [M, K] of
     LN(x) (rows: LN(x.index_select(0, rows))). With gate (= u; x = a): q = [M, 3K] of [u | a | u*LN(a)]."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _triton()
-    triton, kernel = _KERNEL
+    triton, kernel = _triton()
     assert rows is None or gate is None
     M, K = x.shape if rows is None else (rows.shape[0], x.shape[1])
     q = torch.empty(M, 3 * K if gate is not None else K, dtype=E4M3, device=x.device)

@@ -4,14 +4,16 @@ custom ops' fake functions, the recipe's engine.precision, and the FP8 accuracy 
 (backends/fp8_gate.py) on a fake quantization error. The kernels' numbers are checked on the H200
 (benchmarks/gpu_fp8.py); their build products in test_build.py."""
 
-import inspect
+from tests.ops.triton_interpreter import interpret_without_gpu  # noqa: F401 (first: test_fp8_interpreter runs Triton)
 
-import numpy as np
-import pytest
-import torch
+import inspect  # noqa: E402
 
-from hstu_opt import ops
-from hstu_opt.ops import Impl, _cutlass, _fp8
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hstu_opt import ops  # noqa: E402
+from hstu_opt.ops import Impl, _cutlass, _fp8  # noqa: E402
 
 
 @pytest.fixture
