@@ -509,7 +509,7 @@ def main() -> int:
         return 0
     if args.engine:
         name = {"triton": "triton", "cutlass": "cutlass bf16", "fp8": "cutlass fp8"}[args.engine]
-        found, _, checks = libraries(argparse.Namespace(**{**vars(args), "build": "never"})) if args.engine != "triton" \
+        found, _, checks = libraries(argparse.Namespace(**{**vars(args), "build": "auto"})) if args.engine != "triton" \
             else ({"working": None}, None, [])
         if args.engine != "triton":
             if not found["working"]:
