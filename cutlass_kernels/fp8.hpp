@@ -21,6 +21,7 @@ namespace fusion = cutlass::epilogue::fusion;
 using ElementIn = cutlass::float_e4m3_t;
 using Out = cutlass::bfloat16_t;
 using Acc = float;
+// hstu_output's (and the cooperative uvqk's) shape and schedule; the ping-pong uvqk: uvqk_fp8_pingpong.cu
 using TileShape = Shape<_128, _256, _128>;  // 128 e4m3 = 128 bytes of K per stage row
 using ClusterShape = Shape<_2, _1, _1>;
 constexpr int kAlignIn = 16;   // 16 bytes of e4m3
@@ -29,19 +30,24 @@ constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
-// row_scale[m] (one fp32 per output row, plain predicated loads: M is free) and col_scale[n].
-using RowScale = fusion::Sm90ColBroadcast<0, TileShape, float, Acc, Stride<_1, _0, int64_t>, 1>;
-using ColScale = fusion::Sm90RowBroadcast<0, TileShape, float, Acc, Stride<_0, _1, int64_t>, 4>;
-// acc * row_scale[m] * col_scale[n]
-using Dequant = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, Acc, Acc, kRound>,
-                                fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, Acc, Acc, kRound>,
-                                                fusion::Sm90AccFetch, RowScale>,
-                                ColScale>;
+// row_scale[m] (one fp32 per output row, plain predicated loads: M is free) and col_scale[n], for a tile shape.
+template <class Tile>
+struct Scales {
+  using RowScale = fusion::Sm90ColBroadcast<0, Tile, float, Acc, Stride<_1, _0, int64_t>, 1>;
+  using ColScale = fusion::Sm90RowBroadcast<0, Tile, float, Acc, Stride<_0, _1, int64_t>, 4>;
+  // acc * row_scale[m] * col_scale[n]
+  using Dequant = fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, Acc, Acc, kRound>,
+                                  fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, Acc, Acc, kRound>,
+                                                  fusion::Sm90AccFetch, RowScale>,
+                                  ColScale>;
 
-inline typename Dequant::Arguments dequant_args(void const* row_scale, void const* col_scale) {
-  // {{acc, row_scale, *}, col_scale, *}
-  return {{{}, {static_cast<float const*>(row_scale)}, {}}, {static_cast<float const*>(col_scale)}, {}};
-}
+  static typename Dequant::Arguments args(void const* row_scale, void const* col_scale) {
+    // {{acc, row_scale, *}, col_scale, *}
+    return {{{}, {static_cast<float const*>(row_scale)}, {}}, {static_cast<float const*>(col_scale)}, {}};
+  }
+};
+using RowScale = Scales<TileShape>::RowScale;
+using ColScale = Scales<TileShape>::ColScale;
 
 inline bool fp8_ok(void const* ptr, int64_t row_stride) { return tma_ok(ptr, row_stride, 1); }
 

@@ -61,8 +61,8 @@ def test_objects_are_cached_per_kernel():
     editing fp8.hpp) does not recompile the bf16 ones."""
     nvcc = build.nvcc_path()
     assert "fp8.hpp" not in build.includes("uvqk_bf16_coop.cu") and "uvqk.hpp" in build.includes("uvqk_bf16_coop.cu")
-    assert {"fp8.hpp", "common.hpp", "uvqk.hpp"} <= set(build.includes("uvqk_fp8.cu"))
-    keys = {build.object_key(s, "sm_90a", nvcc) for s in ("uvqk_bf16_coop.cu", "uvqk_fp8.cu", "hstu_output_fp8.cu")}
+    assert {"fp8.hpp", "common.hpp", "uvqk.hpp", "uvqk_fp8.hpp"} <= set(build.includes("uvqk_fp8_coop.cu"))
+    keys = {build.object_key(s, "sm_90a", nvcc) for s in ("uvqk_bf16_coop.cu", "uvqk_fp8_coop.cu", "hstu_output_fp8.cu")}
     assert len(keys) == 3
 
 
@@ -81,11 +81,12 @@ def test_can_implement_through_the_c_abi(built):
     assert out(128, 32, 32, 64, 64, 64, 3, 64, 32) == 0  # H*dv = 32: half a K tile per operand
     assert out(128, 36, 36, 64, 64, 64, 3, 64, 36) == 1
     # FP8: e4m3 rows (16-byte TMA rows = 16 elements), W stored transposed [N, K]
-    uvqk = lib.hstu_uvqk_fp8_can_implement  # (lda, ldwt, ldo, M, N, K)
-    assert uvqk(512, 512, 2048, 69632, 2048, 512) == 0
-    assert uvqk(64, 64, 128, 1, 128, 64) == 0
-    assert uvqk(50, 64, 128, 7, 128, 50) == 1  # rows of 50 bytes
-    assert uvqk(64, 72, 128, 7, 128, 64) == 1  # W^T's rows not 16-byte aligned
+    for config in _cutlass.UVQK_CONFIGS:
+        uvqk = getattr(lib, f"hstu_uvqk_fp8_{config}_can_implement")  # (lda, ldwt, ldo, M, N, K)
+        assert uvqk(512, 512, 2048, 69632, 2048, 512) == 0
+        assert uvqk(64, 64, 128, 1, 128, 64) == 0
+        assert uvqk(50, 64, 128, 7, 128, 50) == 1  # rows of 50 bytes
+        assert uvqk(64, 72, 128, 7, 128, 64) == 1  # W^T's rows not 16-byte aligned
     out = lib.hstu_output_fp8_can_implement  # (lda, ldwt, ldr, ldo, M, N, K = 3*H*dv)
     assert out(1536, 1536, 512, 512, 69632, 512, 1536) == 0
     assert out(96, 96, 64, 64, 3, 64, 96) == 0  # H*dv = 32

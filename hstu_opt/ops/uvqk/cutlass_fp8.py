@@ -1,4 +1,5 @@
-"""uvqk with FP8 (e4m3) projections on CUTLASS (cutlass_kernels/uvqk_fp8.cu; ops/_fp8.py has the scheme):
+"""uvqk with FP8 (e4m3) projections on CUTLASS (cutlass_kernels/uvqk_fp8.hpp, instances uvqk_fp8_<config>.cu;
+ops/_fp8.py has the scheme):
 the quantizing LayerNorm pass writes e4m3 rows and their fp32 scales, one CUTLASS GEMM against the
 per-channel-quantized weight dequantizes, adds the bias and applies SiLU to the u columns in its
 epilogue, writing bf16 [u | v | q | k].
@@ -18,13 +19,15 @@ from hstu_opt.ops.uvqk.cutlass import _gate, _out_rows
 
 
 def launch(xq: Tensor, row_scale: Tensor, wq_t: Tensor, col_scale: Tensor, bias: Tensor, out: Tensor, silu_cols: int,
-           lib=None) -> Tensor:
-    """out [M, N] = [SiLU on silu_cols](xq [M, K] @ wq_t[N, K]^T * row_scale[m] * col_scale[n] + bias)."""
+           lib=None, config: str | None = None) -> Tensor:
+    """out [M, N] = [SiLU on silu_cols](xq [M, K] @ wq_t[N, K]^T * row_scale[m] * col_scale[n] + bias).
+    config: one of _cutlass.UVQK_CONFIGS (default _cutlass.UVQK_FP8_CONFIG)."""
     (M, K), N = xq.shape, wq_t.shape[0]
     if M == 0:
         return out
     bias = bias.to(torch.bfloat16).contiguous()
-    code = (lib or _cutlass.library()).hstu_uvqk_fp8(
+    kernel = getattr(lib or _cutlass.library(), f"hstu_uvqk_fp8_{config or _cutlass.UVQK_FP8_CONFIG}")
+    code = kernel(
         xq.data_ptr(), xq.stride(0), wq_t.data_ptr(), wq_t.stride(0), row_scale.data_ptr(), col_scale.data_ptr(),
         bias.data_ptr(), _gate(N, silu_cols, out.device).data_ptr(), out.data_ptr(), out.stride(0), M, N, K,
         _cutlass.stream(out))
