@@ -7,6 +7,7 @@ custom ops' fake functions, the recipe's engine.precision, and the FP8 accuracy 
 from tests.ops.triton_interpreter import interpret_without_gpu  # noqa: F401 (first: test_fp8_interpreter runs Triton)
 
 import inspect  # noqa: E402
+import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -243,3 +244,27 @@ def test_covered_calls_trace_to_one_custom_op_each(hopper):
     assert targets.count("hstu_opt.uvqk_cutlass_fp8.default") == 2, targets
     assert targets.count("hstu_opt.hstu_output_cutlass_fp8.default") == 1, targets
 
+
+
+def test_build_engine_writes_the_fp8_report_and_says_it_was_skipped(micro_recipe, tmp_path, reporter, monkeypatch):
+    """engine.precision fp8 on a machine without an H200: compiled/fp8_accuracy.json is written with the
+    rule and `skipped` (never a pass it did not measure); the stage's key covers the gate's sections."""
+    from hstu_opt.data.sequences import load_sequences
+    from hstu_opt.model import HstuConfig, HstuModel
+    from hstu_opt.recipe import load_recipe
+    from hstu_opt.stages.base import StageContext
+    from hstu_opt.stages.build_engine import BuildEngine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = load_recipe(micro_recipe)
+    recipe = recipe.model_copy(update={"engine": recipe.engine.model_copy(
+        update={"precision": "fp8", "backends": ("compiled",)})})
+    assert {"quantize", "data", "model"} <= set(BuildEngine().key_sections(recipe))
+    seqs = load_sequences(recipe.data, recipe.model.contextual_len)
+    model = HstuModel(HstuConfig.from_recipe(recipe.model, num_items=seqs.num_items, num_ratings=5,
+                                             contextual_cardinality=1))
+    (tmp_path / "compiled").mkdir()
+    report = BuildEngine._fp8_gate(StageContext(recipe, tmp_path, {}, reporter), model)
+    written = json.loads((tmp_path / "compiled" / "fp8_accuracy.json").read_text())
+    assert written == report and report["passed"] is None and "not run" in report["skipped"]
+    assert "paired bootstrap" in report["rule"]
