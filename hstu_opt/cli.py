@@ -298,9 +298,15 @@ def serve(
     max_batch: int = typer.Option(32, "--max-batch", help="Most requests per engine batch."),
     max_wait_ms: float = typer.Option(0.0, "--max-wait-ms", help="Longest a lone request is held for company when "
                                       "the engine is idle (0: run at once; requests arriving meanwhile form the next batch)."),
-    cache_gb: float = typer.Option(1.0, "--cache-gb", help="User K/V cache budget in GB (0: off)."),
-    cache_policy: str = typer.Option("lru", "--cache-policy", help="Cache eviction: lru or predictive (per-user "
-                                     "return-time estimate; docs/serving.md)."),
+    cache_gb: float = typer.Option(1.0, "--cache-gb", help="User K/V cache: its page pool in GB, on the GPU when "
+                                   "there is one, else in host memory (0: off)."),
+    cache_policy: str = typer.Option("predictive", "--cache-policy", help="Cache eviction: predictive (per-user "
+                                     "return-time estimate, the default) or lru; docs/serving.md."),
+    host_cache_gb: Optional[float] = typer.Option(None, "--host-cache-gb", help="The cache's host tier in GB (pinned "
+                                                  "memory; entries evicted from the pool move there). Default: as "
+                                                  "--cache-gb; 0: none."),
+    cache_page_rows: Optional[int] = typer.Option(None, "--cache-page-rows", help="Rows per cache page (default "
+                                                  "128; a multiple of 64 keeps the Triton kernel; docs/serving.md)."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests beyond this get 503 + Retry-After."),
     max_body_mb: float = typer.Option(1.0, "--max-body-mb", help="Larger request bodies get 413."),
     torch_threads: int = typer.Option(0, "--torch-threads", help="PyTorch intra-op threads (0: its default)."),
@@ -310,7 +316,8 @@ def serve(
         from hstu_opt.serve.settings import ServeSettings
 
         settings = ServeSettings(bundle, host, port, engine, runner, max_batch, max_wait_ms, max_queue, cache_gb,
-                                 max_body_mb, torch_threads, cache_policy)
+                                 max_body_mb, torch_threads, cache_policy, host_cache_gb,
+                                 **({"cache_page_rows": cache_page_rows} if cache_page_rows else {}))
         from hstu_opt.serve import server  # fastapi and uvicorn: only here (BackendUnavailable names the extra)
 
         server.serve(settings, _announce)

@@ -31,6 +31,17 @@ class KVCache:
     query_time: Tensor  # [B]: the request time the cache was built for (time buckets depend on it)
 
 
+@dataclass
+class PagedKVCache:
+    """The same K/V held in a page pool (serve/kv_cache/paged.py) and read in place: user b's cache row r is
+    row r % page_rows of page page_table[b, r // page_rows], in every layer."""
+
+    k_pages: Tensor  # [layers, pages, page_rows, H, dqk]
+    v_pages: Tensor  # [layers, pages, page_rows, H, dv]
+    page_table: Tensor  # [B, max_pages] int32
+    lengths: Tensor  # [B]: cached rows per user
+
+
 class HstuModel(nn.Module):
     def __init__(self, cfg: HstuConfig, impl: Impl = Impl.REFERENCE, dropout: float = 0.0):
         super().__init__()
@@ -144,12 +155,17 @@ class HstuModel(nn.Module):
         return KVCache(keys, values, offsets, query_time)
 
     @torch.no_grad()
-    def score_cached(self, cache: KVCache, cand_ids: Tensor, delta_offsets: Tensor) -> Tensor:
+    def score_cached(self, cache: KVCache | PagedKVCache, cand_ids: Tensor, delta_offsets: Tensor) -> Tensor:
         """Candidates jagged by delta_offsets -> probabilities [Ld, T]; equals the target rows of a full
-        forward over [contextual][history][candidates] at the cache's query time."""
+        forward over [contextual][history][candidates] at the cache's query time. A PagedKVCache is read
+        in place (no copy of the cached rows)."""
         x = self.encoder.candidates(cand_ids).to(self.cfg.torch_dtype)
-        for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            x = layer.forward_cached(x, delta_offsets, k, v, cache.offsets, self.impl)
+        if isinstance(cache, PagedKVCache):
+            for layer, k, v in zip(self.layers, cache.k_pages, cache.v_pages):
+                x = layer.forward_cached(x, delta_offsets, k, v, cache.lengths, self.impl, cache.page_table)
+        else:
+            for layer, k, v in zip(self.layers, cache.keys, cache.values):
+                x = layer.forward_cached(x, delta_offsets, k, v, cache.offsets, self.impl)
         return torch.sigmoid(self.ranking_logits(x, cand_ids))
 
 

@@ -69,13 +69,18 @@ class STULayer(nn.Module):
         return self.finish(u, a, x, dropout, impl), k, v
 
     def forward_cached(
-        self, x: Tensor, delta_offsets: Tensor, k_cache: Tensor, v_cache: Tensor, cache_offsets: Tensor, impl: Impl
+        self, x: Tensor, delta_offsets: Tensor, k_cache: Tensor, v_cache: Tensor, cache_offsets: Tensor, impl: Impl,
+        page_table: Tensor | None = None,
     ) -> Tensor:
-        """x: the new (candidate) rows [Ld, D]; attends to the cached K/V of its user plus itself."""
+        """x: the new (candidate) rows [Ld, D]; attends to the cached K/V of its user plus itself.
+        Contiguous: k_cache / v_cache [Lc, H, d] jagged by cache_offsets [B+1]. Paged (page_table [B, max_pages]):
+        k_cache / v_cache are this layer's page pool [pages, page_rows, H, d], cache_offsets the lengths [B]."""
         cfg = self.cfg
         u, q, k, v = self.project(x, impl)
-        a = ops.cached_hstu_attention(
-            q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
+        attend = ops.cached_hstu_attention if page_table is None else ops.cached_hstu_attention_paged
+        cache = (k_cache, v_cache, cache_offsets) if page_table is None else (k_cache, v_cache, page_table, cache_offsets)
+        a = attend(
+            q, k, v, delta_offsets, *cache, max_seq_len=cfg.max_seq_len, alpha=cfg.alpha,
             contextual_len=cfg.contextual_len, max_attn_len=cfg.max_attn_len, max_delta_len=cfg.max_targets,
             min_full_attn_seq_len=cfg.min_full_attn_seq_len, impl=impl,
         )

@@ -9,6 +9,7 @@ from hstu_opt.ops._registry import Impl, OpTable
 from hstu_opt.ops.embedding_rows import embedding_rows
 from hstu_opt.ops.hstu_attention import (
     cached_hstu_attention,
+    cached_hstu_attention_paged,
     hstu_attention,
     hstu_attention_dense,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Impl",
     "OpTable",
     "cached_hstu_attention",
+    "cached_hstu_attention_paged",
     "embedding_rows",
     "hstu_attention",
     "hstu_attention_dense",

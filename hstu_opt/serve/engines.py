@@ -18,10 +18,10 @@ import torch
 from hstu_opt.data.batching import PaddedBatch, pad_rows, padded_batch
 from hstu_opt.errors import ServeError
 from hstu_opt.model.heads import l2_normalize
-from hstu_opt.model.hstu import HstuModel, KVCache
+from hstu_opt.model.hstu import HstuModel, KVCache, PagedKVCache
 from hstu_opt.model.scoring import to_tensors
 from hstu_opt.ops import Impl
-from hstu_opt.serve.kv_cache import UserKV
+from hstu_opt.serve.kv_cache import PagedKV, UserKV
 from hstu_opt.serve.runners.base import RankInput, RetrieveInput
 from hstu_opt.serve.served_bundle import CHECKPOINT, ServedBundle
 
@@ -107,6 +107,9 @@ class TorchAdapter(EngineAdapter):
         super().__init__(max_rows, model.cfg.contextual_len)
         self.model, self.name = model.eval(), name
         self.device = next(model.parameters()).device
+        # cache hits on a GPU: CUDA-graph replays over the page pool (serve/graphs.py), made on first use
+        self.score_graphs_enabled = self.device.type == "cuda"
+        self.score_graphs = None
 
     @torch.no_grad()
     def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
@@ -129,21 +132,54 @@ class TorchAdapter(EngineAdapter):
     def prefill(self, users: list[RankInput]) -> list[UserKV]:
         cache = self.model.prefill(*self._jagged(users))
         bounds = cache.offsets.tolist()
-        # clones, not views: an entry must not keep the whole batch's K/V alive (the store counts its bytes)
-        return [UserKV([k[s:e].clone() for k in cache.keys], [v[s:e].clone() for v in cache.values])
+        # views of the batch's K/V: the paged store copies them into its pages at once (the one copy), and
+        # an entry it had no room for lives only as long as the batch
+        return [UserKV([k[s:e] for k in cache.keys], [v[s:e] for v in cache.values])
                 for s, e in zip(bounds[:-1], bounds[1:])]
 
     @torch.no_grad()
-    def score_cached(self, kvs: list[UserKV], cands: list[np.ndarray]) -> list[np.ndarray]:
-        layers = range(len(kvs[0].keys))
-        keys = [torch.cat([kv.keys[i] for kv in kvs]) for i in layers]  # each [sum Lc, H, dqk]
-        values = [torch.cat([kv.values[i] for kv in kvs]) for i in layers]
-        cache_offsets = self._offsets([kv.rows for kv in kvs])
+    def score_cached(self, kvs: list[UserKV | PagedKV], cands: list[np.ndarray]) -> list[np.ndarray]:
+        """Entries all in the page pool are read in place through their page tables (no K/V copy); otherwise
+        (the cache off, or a batch with an entry the pool had no room for) the rows are concatenated."""
+        if all(isinstance(kv, PagedKV) for kv in kvs):
+            if (out := self._graphed(kvs, cands)) is not None:
+                return out
+            cache = self._paged(kvs)
+        else:
+            kvs = [kv.gather() if isinstance(kv, PagedKV) else kv for kv in kvs]
+            layers = range(len(kvs[0].keys))
+            keys = [torch.cat([kv.keys[i] for kv in kvs]) for i in layers]  # each [sum Lc, H, dqk]
+            values = [torch.cat([kv.values[i] for kv in kvs]) for i in layers]
+            cache = KVCache(keys, values, self._offsets([kv.rows for kv in kvs]),
+                            torch.zeros(len(kvs), dtype=torch.int64, device=self.device))
         counts = [len(c) for c in cands]
-        cache = KVCache(keys, values, cache_offsets, torch.zeros(len(kvs), dtype=torch.int64, device=self.device))
         cand = torch.from_numpy(np.concatenate(cands)).to(self.device)  # [Ld]
         probs = self.model.score_cached(cache, cand, self._offsets(counts)).float().cpu().numpy()  # [Ld, T]
         return np.split(probs, np.cumsum(counts)[:-1])
+
+    def _graphed(self, kvs: list[PagedKV], cands: list[np.ndarray]) -> list[np.ndarray] | None:
+        if not self.score_graphs_enabled:
+            return None
+        if self.score_graphs is None:
+            from hstu_opt.serve.graphs import PagedScoreGraphs
+
+            pool, cfg = kvs[0].pool, self.model.cfg
+            self.score_graphs = PagedScoreGraphs(self.model, pool.k, pool.v,
+                                                 pool.shape.pages_for(cfg.contextual_len + cfg.max_history_len))
+        pages = [kv.pages for kv in kvs]
+        if kvs[0].pool.k is not self.score_graphs.k_pages or not self.score_graphs.covers(pages, [len(c) for c in cands]):
+            return None
+        return self.score_graphs.run(pages, [kv.rows for kv in kvs], cands)
+
+    def _paged(self, kvs: list[PagedKV]) -> PagedKVCache:
+        pool = kvs[0].pool
+        assert all(kv.pool is pool for kv in kvs), "one page pool per engine"
+        table = np.zeros((len(kvs), max(len(kv.pages) for kv in kvs)), np.int32)  # [B, max_pages]
+        for b, kv in enumerate(kvs):
+            table[b, :len(kv.pages)] = kv.pages
+        lengths = torch.tensor([kv.rows for kv in kvs], dtype=torch.int64)
+        return PagedKVCache(pool.k, pool.v, torch.from_numpy(table).to(self.device, non_blocking=True),
+                            lengths.to(self.device, non_blocking=True))
 
     def _offsets(self, counts: list[int]) -> torch.Tensor:
         return torch.tensor(np.r_[0, np.cumsum(counts)], dtype=torch.int64, device=self.device)

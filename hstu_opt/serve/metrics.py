@@ -25,10 +25,23 @@ class _CacheCollector:
         for name, value, doc in (("hits", s.hits, "cache lookups that found the user's K/V"),
                                  ("misses", s.misses, "cache lookups that had to prefill"),
                                  ("evictions", s.evictions, "entries evicted to stay within the byte budget"),
-                                 ("too_large", s.too_large, "entries larger than the whole budget (not stored)")):
+                                 ("too_large", s.too_large, "entries larger than the whole budget (not stored)"),
+                                 ("host_hits", s.host_hits, "hits found in the host tier (promoted first)"),
+                                 ("promotions", s.promotions, "entries moved host tier -> device pool on a hit"),
+                                 ("demotions", s.demotions, "entries moved device pool -> host tier on eviction"),
+                                 ("prefetches", s.prefetches, "entries moved host tier -> device pool ahead of a "
+                                                              "request (the policy's prefetch)"),
+                                 ("no_room", s.no_room, "entries not stored: every page pinned by the running batch")):
             yield CounterMetricFamily(f"hstu_serve_cache_{name}", doc, value=value)
-        yield GaugeMetricFamily("hstu_serve_cache_bytes", "bytes of K/V held", value=s.bytes)
-        yield GaugeMetricFamily("hstu_serve_cache_entries", "users' K/V entries held", value=s.entries)
+        yield GaugeMetricFamily("hstu_serve_cache_bytes", "bytes of K/V held in the device pool (whole pages)",
+                                value=s.bytes)
+        yield GaugeMetricFamily("hstu_serve_cache_entries", "users' K/V entries held in the device pool", value=s.entries)
+        tiers = GaugeMetricFamily("hstu_serve_cache_tier_bytes", "bytes of K/V held, by tier", labels=["tier"])
+        tiers.add_metric(["device"], s.bytes)
+        tiers.add_metric(["host"], s.host_bytes)
+        yield tiers
+        yield GaugeMetricFamily("hstu_serve_cache_host_entries", "users' K/V entries held in the host tier",
+                                value=s.host_entries)
         yield GaugeMetricFamily("hstu_serve_cache_budget_bytes", "the byte budget (0: cache off)", value=self.budget_bytes)
 
 

@@ -46,7 +46,9 @@ def build(settings: ServeSettings, announce: Announce):
         announce(f"  engine: {describe['engine_reason']}")
         announce(f"  rule:   {describe['engine_rule']}")
     cache = describe.get("cache", {})
-    announce("  cache:  " + (f"on, {settings.cache_gb:g} GB, {cache.get('policy')}" if cache.get("enabled")
+    announce("  cache:  " + (f"on, {settings.cache_gb:g} GB pool ({cache.get('pool')}) + "
+                             f"{settings.host_cache_bytes / 2**30:g} GB host tier, pages of {settings.cache_page_rows} "
+                             f"rows, {cache.get('policy')}" if cache.get("enabled")
                              else f"off ({cache.get('why', 'runner has none')})"))
     return create_app(runner, bundle, ItemIndex(bundle.item_table()), metrics, settings.max_body_bytes), runner
 
@@ -66,7 +68,8 @@ def make_runner(bundle: ServedBundle, settings: ServeSettings, metrics: ServeMet
 
         choice = choose_engine(bundle, settings.engine, settings.cache_bytes > 0, gpu_name())
         runner = NativeRunner(bundle, choice, settings.cache_bytes, settings.batching, on_batch=metrics.observe_batch,
-                              on_depth=metrics.queue_depth.set, cache_policy=settings.cache_policy)
+                              on_depth=metrics.queue_depth.set, cache_policy=settings.cache_policy,
+                              host_cache_bytes=settings.host_cache_bytes, page_rows=settings.cache_page_rows)
         metrics.watch_cache(runner.cache_stats, settings.cache_bytes if runner.store else 0)
         return runner
     try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hstu_opt.errors import ServeError
+from hstu_opt.serve.kv_cache.paged import DEFAULT_PAGE_ROWS
 from hstu_opt.serve.kv_cache.policy import POLICIES
 from hstu_opt.serve.scheduler import BatchPolicy
 
@@ -26,7 +27,9 @@ class ServeSettings:
     cache_gb: float = 1.0  # 0 turns the user cache off
     max_body_mb: float = 1.0
     torch_threads: int = 0  # torch intra-op threads of the server process (0: torch's default)
-    cache_policy: str = "lru"  # eviction policy: one of POLICIES
+    cache_policy: str = "predictive"  # eviction policy: one of POLICIES
+    host_cache_gb: float | None = None  # the paged cache's host tier (None: as large as cache_gb; 0: none)
+    cache_page_rows: int = DEFAULT_PAGE_ROWS  # rows per page of the paged cache (kv_cache/paged.py's rule)
 
     def __post_init__(self) -> None:
         for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS),
@@ -36,7 +39,8 @@ class ServeSettings:
         for option, value, least in (("--port", self.port, 0), ("--max-batch", self.max_batch, 1),
                                      ("--max-wait-ms", self.max_wait_ms, 0), ("--max-queue", self.max_queue, 1),
                                      ("--cache-gb", self.cache_gb, 0), ("--max-body-mb", self.max_body_mb, 0.001),
-                                     ("--torch-threads", self.torch_threads, 0)):
+                                     ("--torch-threads", self.torch_threads, 0), ("--cache-page-rows", self.cache_page_rows, 1),
+                                     ("--host-cache-gb", self.host_cache_gb or 0, 0)):
             if value < least:
                 raise ServeError(f"{option} {value}: must be at least {least}")
         if self.port > 65535:
@@ -45,6 +49,10 @@ class ServeSettings:
     @property
     def cache_bytes(self) -> int:
         return int(self.cache_gb * 2**30)
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return self.cache_bytes if self.host_cache_gb is None else int(self.host_cache_gb * 2**30)
 
     @property
     def max_body_bytes(self) -> int:

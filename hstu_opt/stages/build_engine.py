@@ -1,8 +1,9 @@
 """build-engine: one engine set per backend in engine.backends, each through its backend module.
 
   onnxruntime  fp32 (from export-onnx) and int8 (from calibrate-int8), ranking and retrieval
-  tensorrt     plans from the unfused fp32 graph and the Q/DQ graph; the fused graph only when an
-               HstuAttention plugin is registered (otherwise the record says why it was skipped)
+  tensorrt     plans from the unfused fp32 graph, the Q/DQ graph and the fused graph; the fused one with the
+               HstuAttention plugin (plugins/hstu_attention), built in a child process
+               (backends/tensorrt_build.py), its package and the target's cubins shipped in tensorrt/plugins/
   aoti         AOTInductor packages of the checkpoint's graphs (torch.export, dynamic shapes)
   compiled     the checkpoint's jagged ranking graph under torch.compile (Triton ops and CUDA graphs on a
                GPU, reference ops on a CPU) with Inductor's cache artifacts; cold and warm start measured
@@ -20,7 +21,7 @@ from hstu_opt.fsutil import write_json_atomic
 from hstu_opt.stages.base import Stage, StageContext
 from hstu_opt.stages.calibrate_int8 import INT8_FILES
 from hstu_opt.stages.export_onnx import GRAPH_FILES
-from hstu_opt.stages.fuse import FUSED_FILES, OP
+from hstu_opt.stages.fuse import FUSED_FILES
 
 
 def check_profile(recipe, limits: dict) -> None:
@@ -35,7 +36,8 @@ def check_profile(recipe, limits: dict) -> None:
 
 class BuildEngine(Stage):
     name = "build-engine"
-    version = 4  # 2: Q/DQ engines keep MatMulAddFusion off; 3: session.json records `quantized`; 4: compiled
+    version = 5  # 2: Q/DQ engines keep MatMulAddFusion off; 3: session.json records `quantized`; 4: compiled;
+    # 5: the fused TensorRT plan with the HstuAttention plugin
     # (keyed on `bench` too when it builds the compiled engine: key_sections)
     sections = ("engine",)
     inputs = ("train-stub", "export-onnx", "fuse", "calibrate-int8")
@@ -139,7 +141,7 @@ class BuildEngine(Stage):
     @staticmethod
     def _tensorrt(ctx: StageContext, sources: dict, contract: dict) -> dict:
         recipe = ctx.recipe
-        trt = trt_backend.trt_module()
+        trt_backend.trt_module()  # (a clear error when neither TensorRT is installed)
         out = {}
         C = contract["limits"]["contextual_len"]
         for precision in ("fp32", "int8"):
@@ -148,13 +150,7 @@ class BuildEngine(Stage):
                 out[f"ranking.{precision}"] = trt_backend.build(path, ctx.out_dir / "tensorrt", f"ranking.{precision}",
                                                                 recipe.engine, C)
         if "fused" in sources:
-            if trt_backend.plugin_registered(trt, OP, recipe.fuse.plugin_version, recipe.fuse.plugin_namespace):
-                out["ranking.fused"] = trt_backend.build(sources["fused"]["ranking"], ctx.out_dir / "tensorrt",
-                                                         "ranking.fused", recipe.engine, C)
-            else:
-                out["ranking.fused"] = {"skipped": (
-                    f"no TensorRT plugin '{OP}' version {recipe.fuse.plugin_version} (namespace "
-                    f"'{recipe.fuse.plugin_namespace}') is registered with {trt.__name__} {trt.__version__}; without it "
-                    "the ONNX parser would inline the model-local function, i.e. build the unfused math. The plugin "
-                    "(plugins/HstuAttention) is not built yet")}
+            out["ranking.fused"] = trt_backend.build_fused(
+                sources["fused"]["ranking"], ctx.out_dir / "tensorrt", "ranking.fused", recipe.engine, C,
+                recipe.fuse.plugin_namespace)
         return out

@@ -1,9 +1,12 @@
 """fuse: graph surgery with onnx-graphsurgeon.
 
 (a) Each layer's attention subgraph (the exporter's `layers.<i>.attention` scope) becomes one
-    `hstu::HstuAttention` node (inputs q, k, v [B, n, H, d] and the shared [B, n, n] mask) carrying
-    the attributes a TensorRT plugin of that name needs. The model also carries a model-local ONNX
-    function `hstu::HstuAttention` whose body is the reference math, so onnxruntime still runs it.
+    `hstu::HstuAttention` node carrying the attributes the TensorRT plugin of that name needs
+    (plugins/hstu_attention/spec.py), with inputs q, k, v [B, n, H, d] and the lengths of the padded
+    contract: hist_lengths [B], num_candidates [B] and history_width [1] (Shape(hist_ids)[1], where the
+    candidate slots start). No [B, n, n] mask (19 MB per user at 4096+256 rows): the kernel builds it.
+    The model also carries a model-local ONNX function `hstu::HstuAttention` whose body builds the same
+    mask from the lengths and does the reference math, so onnxruntime runs the fused graph unchanged.
 (b) Constant folding; LayerNormalization is already emitted as one node by the exporter, and the
     report says so rather than claiming a fusion.
 Outputs: model.fused.onnx, retrieval.fused.onnx, fuse_report.json.
@@ -29,9 +32,69 @@ SCOPE = re.compile(r"layers\.(\d+)\.attention$")
 FUSED_FILES = {"ranking": "model.fused.onnx", "retrieval": "retrieval.fused.onnx"}
 
 
+LENGTH_INPUTS = ("hist_lengths", "num_candidates", "history_width")
+
+
+def _mask_nodes(ref) -> list:
+    """Nodes computing the [B, n, n] bool `mask` from q's row count and the lengths, on the padded layout
+    [contextual C][history Nh = history_width][candidates]: layout.Padded + reference.row_ids +
+    reference.attention_mask (HSTU.md "The mask", in its order), branch-free so one function serves every
+    attribute value (max_attn_len 0 makes the window term true)."""
+    from onnx import TensorProto, helper
+
+    def n(op, ins, out, **kw):
+        return helper.make_node(op, ins, [out], **kw)
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [], [value]))
+
+    def axes(name, values):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+    i64 = TensorProto.INT64
+    return [
+        const("zero", 0), const("one", 1), axes("ax1", [1]), axes("ax2", [2]), axes("ax12", [1, 2]),
+        ref("C", "contextual_len"), ref("W", "max_attn_len"), ref("F", "min_full_attn_seq_len"),
+        ref("T", "has_targets"),
+        n("Shape", ["q"], "n1", start=1, end=2), n("Squeeze", ["n1"], "n"),
+        n("Range", ["zero", "n", "one"], "r"),  # [n] padded row index
+        n("Cast", ["hist_lengths"], "hl0", to=i64), n("Unsqueeze", ["hl0", "ax1"], "hl"),  # [B, 1]
+        n("Cast", ["num_candidates"], "nc0", to=i64), n("Unsqueeze", ["nc0", "ax1"], "nc1"),
+        n("Mul", ["nc1", "T"], "nc"),  # without targets (retrieval) no candidate rows
+        n("Cast", ["history_width"], "nh1", to=i64), n("Squeeze", ["nh1"], "nh"),
+        n("Add", ["C", "nh"], "cand_slot"), n("Add", ["C", "hl"], "hist_end"),  # hist_end [B, 1]
+        n("GreaterOrEqual", ["r", "cand_slot"], "is_cand"),  # [n]
+        n("Sub", ["r", "nh"], "r_nh"), n("Add", ["r_nh", "hl"], "cand_pos"),
+        n("Where", ["is_cand", "cand_pos", "r"], "pos"),  # [B, n] position in the unpadded sequence
+        n("Less", ["r", "C"], "is_ctx"), n("Less", ["r", "hist_end"], "in_hist"), n("Not", ["is_cand"], "not_cand"),
+        n("And", ["in_hist", "not_cand"], "hist_ok"), n("Sub", ["r", "cand_slot"], "cand_idx"),
+        n("Less", ["cand_idx", "nc"], "cand_lt"), n("And", ["is_cand", "cand_lt"], "cand_ok"),
+        n("Or", ["is_ctx", "hist_ok"], "v0"), n("Or", ["v0", "cand_ok"], "valid"),  # [B, n]
+        # row ids (reference.row_ids): contextual 0, history 1.., targets hi
+        n("Min", ["pos", "hist_end"], "pmin"), n("Sub", ["pmin", "C"], "pc"), n("Add", ["pc", "one"], "hid"),
+        n("Less", ["pos", "C"], "pos_ctx"), n("Where", ["pos_ctx", "zero", "hid"], "ids"),
+        n("Sub", ["hist_end", "C"], "hc"), n("Add", ["hc", "one"], "hi1"), n("Unsqueeze", ["hi1", "ax2"], "hi"),
+        n("Unsqueeze", ["ids", "ax2"], "id_i"), n("Unsqueeze", ["ids", "ax1"], "id_j"),
+        n("Sub", ["id_i", "id_j"], "d"),  # [B, n, n]
+        n("Unsqueeze", ["r", "ax1"], "r_i"), n("Equal", ["r_i", "r"], "diag"),
+        n("Greater", ["d", "zero"], "earlier"), n("Or", ["diag", "earlier"], "causal"),
+        # window: d <= W, or W == 0, or (F > 0 and id_i >= hi - F)
+        n("LessOrEqual", ["W", "zero"], "no_window"), n("LessOrEqual", ["d", "W"], "near"),
+        n("Greater", ["F", "zero"], "has_full"), n("Sub", ["hi", "F"], "hi_f"),
+        n("GreaterOrEqual", ["id_i", "hi_f"], "recent"), n("And", ["has_full", "recent"], "full"),
+        n("Or", ["no_window", "near"], "w0"), n("Or", ["w0", "full"], "in_window"),
+        n("And", ["causal", "in_window"], "m0"),
+        # contextual rows see contextual + history
+        n("Equal", ["id_i", "zero"], "ctx_i"), n("Less", ["id_j", "hi"], "before_hi"),
+        n("And", ["ctx_i", "before_hi"], "ctx_sees"), n("Or", ["m0", "ctx_sees"], "m1"),
+        n("Unsqueeze", ["valid", "ax2"], "valid_i"), n("Unsqueeze", ["valid", "ax1"], "valid_j"),
+        n("And", ["m1", "valid_i"], "m2"), n("And", ["m2", "valid_j"], "mask"),
+    ]
+
+
 def attention_function():
-    """The reference math as an ONNX function; it reads the node's alpha and max_seq_len attributes."""
-    import onnx
+    """The reference math as an ONNX function of (q, k, v, hist_lengths, num_candidates, history_width): it
+    builds the mask from the lengths (_mask_nodes) and reads the node's attributes."""
     from onnx import AttributeProto, helper
 
     def const_ref(out: str, attr: str, kind=AttributeProto.FLOAT, field: str = "value_float"):
@@ -42,7 +105,10 @@ def attention_function():
         node.attribute.append(ref)
         return node
 
-    nodes = [
+    def int_ref(out: str, attr: str):
+        return const_ref(out, attr, AttributeProto.INT, "value_int")
+
+    nodes = _mask_nodes(int_ref) + [
         helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1, 3]),  # [B, H, n, dqk]
         helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),  # [B, H, dqk, n]
         helper.make_node("Transpose", ["v"], ["vt"], perm=[0, 2, 1, 3]),  # [B, H, n, dv]
@@ -53,10 +119,9 @@ def attention_function():
         helper.make_node("Sigmoid", ["s"], ["sig"]),
         helper.make_node("Mul", ["s", "sig"], ["silu"]),
         # mask -> [B, 1, n, n] in the compute dtype, divided by N (as the reference does, so both round alike)
-        helper.make_node("Constant", [], ["axis1"], value=helper.make_tensor("axis1", onnx.TensorProto.INT64, [1], [1])),
-        helper.make_node("Unsqueeze", ["mask", "axis1"], ["m_b"]),
+        helper.make_node("Unsqueeze", ["mask", "ax1"], ["m_b"]),
         helper.make_node("CastLike", ["m_b", "silu"], ["m_f"]),
-        const_ref("n_i", "max_seq_len", AttributeProto.INT, "value_int"),
+        int_ref("n_i", "max_seq_len"),
         helper.make_node("CastLike", ["n_i", "silu"], ["n_c"]),
         helper.make_node("Div", ["m_f", "n_c"], ["scaled_mask"]),
         helper.make_node("Mul", ["silu", "scaled_mask"], ["w"]),
@@ -64,7 +129,7 @@ def attention_function():
         helper.make_node("Transpose", ["a"], ["out"], perm=[0, 2, 1, 3]),  # [B, n, H, dv]
     ]
     return helper.make_function(
-        DOMAIN, OP, ["q", "k", "v", "mask"], ["out"], nodes,
+        DOMAIN, OP, ["q", "k", "v", *LENGTH_INPUTS], ["out"], nodes,
         opset_imports=[helper.make_opsetid("", 18)],
         attributes=["alpha", "scale", "max_seq_len", "causal", "has_targets", "contextual_len", "max_attn_len",
                     "min_full_attn_seq_len", "plugin_version", "plugin_namespace"],
@@ -151,6 +216,28 @@ def _boundary(nodes: list, graph) -> tuple[dict[str, object], object]:
     return roles, outputs[0], nodes
 
 
+def _length_inputs(graph) -> tuple[list, int]:
+    """The node's (hist_lengths, num_candidates, history_width) tensors from the contract's graph inputs, and
+    has_targets: history_width is Shape(hist_ids)[1:2] (where the candidate slots start); a graph without
+    candidates (retrieval) gets zeros for num_candidates."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    inputs = {t.name: t for t in graph.inputs}
+    if "hist_lengths" not in inputs or "hist_ids" not in inputs:
+        raise StageError("fuse: the graph has no hist_lengths / hist_ids inputs (the engine contract's): report it")
+    width = gs.Variable("history_width", dtype=np.int64, shape=[1])
+    graph.nodes.append(gs.Node("Shape", "history_width", attrs={"start": 1, "end": 2}, inputs=[inputs["hist_ids"]],
+                               outputs=[width]))
+    if "num_candidates" in inputs:
+        return [inputs["hist_lengths"], inputs["num_candidates"], width], 1
+    zeros = gs.Variable("no_candidates", dtype=np.int64)
+    graph.nodes.append(gs.Node("Mul", "no_candidates", inputs=[inputs["hist_lengths"],
+                                                               gs.Constant("zero_i64", np.zeros((), np.int64))],
+                               outputs=[zeros]))
+    return [inputs["hist_lengths"], zeros, width], 0
+
+
 def fuse_graph(src: Path, dst: Path, attrs: dict, fold: bool) -> dict:
     onnx = require("onnx", backend="fuse", extra="onnx")
     gs = require("onnx_graphsurgeon", backend="fuse", extra="onnx")
@@ -158,13 +245,15 @@ def fuse_graph(src: Path, dst: Path, attrs: dict, fold: bool) -> dict:
     before = Counter(n.op_type for n in model.graph.node)
     graph = gs.import_onnx(model)
     groups = _layer_groups(model, graph)
+    lengths, has_targets = _length_inputs(graph)
     matched = []
     for layer, nodes in sorted(groups.items()):
         roles, out, nodes = _boundary(nodes, graph)
         for n in nodes:
             n.outputs.clear()
-        graph.nodes.append(gs.Node(op=OP, domain=DOMAIN, name=f"layers.{layer}.HstuAttention", attrs=dict(attrs),
-                                   inputs=[roles[r] for r in ("q", "k", "v", "mask")], outputs=[out]))
+        graph.nodes.append(gs.Node(op=OP, domain=DOMAIN, name=f"layers.{layer}.HstuAttention",
+                                   attrs=dict(attrs) | {"has_targets": has_targets},
+                                   inputs=[roles[r] for r in ("q", "k", "v")] + lengths, outputs=[out]))
         matched.append({"layer": layer, "replaced_nodes": len(nodes),
                         "replaced_ops": dict(Counter(n.op for n in nodes))})
     graph.cleanup().toposort()
@@ -184,7 +273,7 @@ def fuse_graph(src: Path, dst: Path, attrs: dict, fold: bool) -> dict:
 
 class Fuse(Stage):
     name = "fuse"
-    version = 3  # 2: the 1/N scale rides on the mask; 3: HSTU.md's rewritten mask, min_full_attn_seq_len attribute
+    version = 4  # 2: 1/N rides on the mask; 3: HSTU.md's mask, min_full_attn_seq_len; 4: lengths, not a mask
     sections = ("fuse",)
     inputs = ("export-onnx",)
 

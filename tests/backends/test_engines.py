@@ -25,10 +25,26 @@ def test_tensorrt_sm89_plans_from_unfused_and_qdq_graphs(tiny_build, name, sourc
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="neither tensorrt nor tensorrt_rtx is installed")
-def test_fused_graph_without_plugin_says_so(tiny_build):
-    _, results = tiny_build
-    skipped = results["build-engine"].record["engines"]["tensorrt"]["ranking.fused"]["skipped"]
-    assert "no TensorRT plugin 'HstuAttention'" in skipped
+def test_fused_plan_is_built_with_the_plugin_and_ships_it(tiny_build):
+    """The fused graph's SM89 plan: one IPluginV3 layer per HstuAttention node, referenced by name in the plan,
+    no attention math left in the network; the plugin package and its sm_89 cubins are bundle files with
+    sha256s in the manifest, and `verify` finds nothing unlisted (no __pycache__ from the build's import)."""
+    from hstu_opt.bundle import load_manifest, verify
+
+    path, results = tiny_build
+    desc = results["build-engine"].record["engines"]["tensorrt"]["ranking.fused"]
+    assert "skipped" not in desc and desc["target"] == "SM89"
+    assert (path / "build-engine" / "tensorrt" / "ranking.fused.plan").stat().st_size == desc["bytes"]
+    assert [(p["layer"], p["name"], p["version"], p["namespace"], p["name_in_plan"]) for p in desc["plugin_layers"]] == [
+        (f"layers.{i}.HstuAttention", "HstuAttention", "1", "", True) for i in range(2)]
+    assert desc["network"]["layer_types"]["PLUGIN_V3"] == 2
+    assert desc["plugin"]["name"] == "HstuAttention" and desc["plugin"]["arch"] == 89
+    files = load_manifest(path)["files"]
+    pkg = "build-engine/tensorrt/plugins/hstu_attention/"
+    for name in ("__init__.py", "spec.py", "runtime.py", "plugin.py", "cubins/sm_89/manifest.json",
+                 "cubins/sm_89/hstu_attention_fp32_d32.cubin"):
+        assert len(files[pkg + name]) == 64
+    assert not [f for f in files if "__pycache__" in f] and verify(path) == []
 
 
 def test_onnxruntime_engines(tiny_build):

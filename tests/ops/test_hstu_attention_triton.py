@@ -299,7 +299,7 @@ def test_launch_passes_the_kernel_only_its_own_arguments(config):
 
 def test_the_gluon_kernel_builds_for_hopper_without_a_gpu(tmp_path):
     """The warp-specialized kernel compiled for sm_90 here (Triton's own ptxas), with and without contextual
-    rows and in its cached form: it fits shared memory, its consumers run warpgroup MMAs with reallocated registers, and nothing
+    rows and in its cached form (contiguous and paged): it fits shared memory, its consumers run warpgroup MMAs with reallocated registers, and nothing
     spills to local memory. Built in a fresh process without TRITON_INTERPRET: the interpreter's patches
     to Triton's tensor methods, left by this module's interpreted kernels, broke the build in-process."""
     import json
@@ -310,9 +310,9 @@ def test_the_gluon_kernel_builds_for_hopper_without_a_gpu(tmp_path):
     script = (
         "import json, sys; from hstu_opt.ops.hstu_attention import gluon_ws\n"
         "out = {}\n"
-        "for c, cached in ((0, False), (4, False), (0, True)):\n"
-        "    k = gluon_ws.compile_sm90(c, cached=cached)\n"
-        "    c = str(c) + ('-cached' if cached else '')\n"
+        "for c, cached, page in ((0, False, 0), (4, False, 0), (0, True, 0), (0, True, 128)):\n"
+        "    k = gluon_ws.compile_sm90(c, cached=cached, page=page)\n"
+        "    c = str(c) + ('-cached' if cached else '') + (f'-paged{page}' if page else '')\n"
         "    open(sys.argv[1] + f'/k{c}.cubin', 'wb').write(k.asm['cubin'])\n"
         "    out[c] = {'shared': k.metadata.shared, 'wgmma': 'wgmma.mma_async' in k.asm['ptx'],\n"
         "              'setmaxnreg': 'setmaxnreg' in k.asm['ptx']}\n"

@@ -107,8 +107,8 @@ def entry_bytes(bundle: ServedBundle, rows: int) -> int:
 
 def test_eviction_under_tiny_budget_stays_exact(bundle_path, bundle):
     rows = 40
-    budget = entry_bytes(bundle, rows) * 3 // 2  # room for one user's entry, not two
-    s = start_server(ServeSettings(bundle_path, cache_gb=budget / 2**30))
+    budget = entry_bytes(bundle, 128) * 3 // 2  # a pool of one 128-row page: one user's entry, not two
+    s = start_server(ServeSettings(bundle_path, cache_gb=budget / 2**30, host_cache_gb=0))  # (no host tier)
     try:
         rng = np.random.default_rng(12)
         a, b = (user_body(rng, bundle.cfg.num_items, rows, 20, user_id=u) for u in "ab")

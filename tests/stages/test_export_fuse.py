@@ -104,3 +104,37 @@ def test_windowed_contextual_model_exports_the_spec_mask(tmp_path):
     unwindowed.load_state_dict(model.state_dict())
     assert got.shape[:2] == (3, feed["cand_ids"].shape[1])
     assert np.abs(got - EagerRunner(graph_module(unwindowed, "ranking"), "ranking").run(feed)["probs"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("C,window,full", [(2, 3, 2), (3, 0, 0)])
+def test_fused_node_builds_the_mask_from_lengths(tmp_path, C, window, full):
+    """The HstuAttention node takes lengths, not a mask: its ONNX function builds HSTU.md's mask from
+    hist_lengths / num_candidates / history_width, so onnxruntime gives the unfused graph's outputs with
+    contextual rows, a window, min_full_attn_seq_len and targets, in both graphs, at lengths past the window."""
+    from dataclasses import replace
+
+    from hstu_opt.backends.eager import example_feed
+    from hstu_opt.model import HstuModel
+    from hstu_opt.stages.export_onnx import export_graph
+    from hstu_opt.stages.fuse import fuse_graph
+    from tests.model.helpers import tiny_model as make
+
+    base = make(C=C, window=window, D=32, H=2, dqk=16, dv=16, seed=7)
+    model = HstuModel(replace(base.cfg, min_full_attn_seq_len=full)).eval()
+    model.load_state_dict(base.state_dict())
+    cfg = model.cfg
+    attrs = {"alpha": cfg.alpha, "scale": 1 / cfg.max_seq_len, "max_seq_len": cfg.max_seq_len, "causal": 1,
+             "has_targets": 1, "contextual_len": C, "max_attn_len": window, "min_full_attn_seq_len": full,
+             "plugin_version": "1", "plugin_namespace": ""}
+    rng = np.random.default_rng(C + window)
+    for kind in ("ranking", "retrieval"):
+        src, dst = tmp_path / f"{kind}.onnx", tmp_path / f"{kind}.fused.onnx"
+        export_graph(model, kind, src, opset=18, max_batch=8)
+        fuse_graph(src, dst, attrs, fold=True)
+        node = next(n for n in onnx.load(str(dst)).graph.node if n.op_type == "HstuAttention")
+        assert len(node.input) == 6 and list(node.input)[3] == "hist_lengths"
+        unfused, fused = ort_backend.session(src), ort_backend.session(dst)
+        for b, h, c in [(3, cfg.max_history_len, cfg.max_targets), (4, 5, 1), (2, 1, 2)]:
+            feed = example_feed(model, kind, rng, b, h, c)
+            want, got = unfused.run(None, feed)[0], fused.run(None, feed)[0]
+            assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), (kind, b, h, c)

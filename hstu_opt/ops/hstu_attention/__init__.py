@@ -4,6 +4,7 @@ Three entry points, one math (reference.py):
   hstu_attention         jagged q/k/v [L, H, d] + offsets [B+1] + num_targets [B]
   hstu_attention_dense   padded q/k/v [B, n, H, d] + a [B, n, n] mask built once per batch (the exportable form)
   cached_hstu_attention  jagged new rows attend to their user's cached K/V plus themselves (M-FALCON)
+  cached_hstu_attention_paged  the same, the cached K/V read in place through per-user page tables
 """
 
 from torch import Tensor
@@ -73,6 +74,33 @@ def cached_hstu_attention(
     fn = TABLE.get(impl, "cached_hstu_attention")
     return fn(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha, contextual_len, max_attn_len,
               max_delta_len or max_seq_len, min_full_attn_seq_len)
+
+
+def cached_hstu_attention_paged(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    delta_offsets: Tensor,
+    k_pages: Tensor,
+    v_pages: Tensor,
+    page_table: Tensor,
+    cache_lens: Tensor,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    max_delta_len: int | None = None,
+    min_full_attn_seq_len: int = 0,
+    impl: Impl = Impl.REFERENCE,
+) -> Tensor:
+    """cached_hstu_attention with each user's cache in pages: k_pages [P, page_rows, H, dqk] / v_pages
+    [P, page_rows, H, dv] (one layer of a page pool), page_table [B, max_pages] (int32 page ids; entries
+    past a user's pages are never read), cache_lens [B]. User b's cache row r is row r % page_rows of page
+    page_table[b, r // page_rows]. Equals cached_hstu_attention over the gathered rows (reference.py)."""
+    fn = TABLE.get(impl, "cached_hstu_attention_paged")
+    return fn(q, k, v, delta_offsets, k_pages, v_pages, page_table, cache_lens, max_seq_len, alpha, contextual_len,
+              max_attn_len, max_delta_len or max_seq_len, min_full_attn_seq_len)
 
 
 from hstu_opt.ops.hstu_attention import reference as _reference  # noqa: E402,F401

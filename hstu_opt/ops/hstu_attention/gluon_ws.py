@@ -102,8 +102,9 @@ def _load_kv(k_desc, v_desc, row, col, k_smem, v_smem, kv_ready, kv_empty, kv_i,
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, kc_desc, vc_desc, offsets, aux, q_smem, k_smem, v_smem, q_ready, q_empty,
-              kv_ready, kv_empty, n_items, NB, H, C: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CACHED: gl.constexpr):
+              kv_ready, kv_empty, n_items, NB, H, PageTable, stride_pt, C: gl.constexpr, D: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CACHED: gl.constexpr,
+              PAGE: gl.constexpr):
     kv_i = 0
     q_i = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -119,8 +120,12 @@ def _producer(q_desc, k_desc, v_desc, kc_desc, vc_desc, offsets, aux, q_smem, k_
             q_i += 1
             if CACHED:  # the user's cache (x0: its first row, x1: its end), then the block's own two 64-row tiles
                 for start_n in range(0, x1 - x0, BLOCK_N):
-                    kv_i = _load_kv(kc_desc, vc_desc, x0 + start_n, h * D, k_smem, v_smem, kv_ready, kv_empty, kv_i,
-                                    STAGES)
+                    if PAGE > 0:  # paged: the tile's page (PAGE is a multiple of BLOCK_N: one page per tile)
+                        page = gl.load(PageTable + (item // NB // H) * stride_pt + start_n // PAGE)
+                        row = page * PAGE + start_n % PAGE
+                    else:
+                        row = x0 + start_n
+                    kv_i = _load_kv(kc_desc, vc_desc, row, h * D, k_smem, v_smem, kv_ready, kv_empty, kv_i, STAGES)
                 for half in gl.static_range(2):
                     kv_i = _load_kv(k_desc, v_desc, seq_start + start_m + half * HALF, h * D, k_smem, v_smem, kv_ready,
                                     kv_empty, kv_i, STAGES)
@@ -290,11 +295,14 @@ def _consumer(Out, offsets, aux, q_smem, k_smem, v_smem, q_ready, q_empty, kv_re
 
 @gluon.jit
 def _hstu_fwd_ws(q_desc, k_desc, v_desc, kc_desc, vc_desc, Out, offsets, aux, alpha, inv_n, n_items, NB, H, stride_ol,
-                 stride_oh, Trace, C: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                 OVERLAP: gl.constexpr, COALESCE: gl.constexpr, TRACE: gl.constexpr, CACHED: gl.constexpr):
+                 stride_oh, Trace, PageTable, stride_pt, C: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                 OVERLAP: gl.constexpr, COALESCE: gl.constexpr, TRACE: gl.constexpr, CACHED: gl.constexpr,
+                 PAGE: gl.constexpr = 0):
     """The full attention (aux: each user's targets), or with CACHED the cached one (offsets: the new rows',
-    aux: the caches', kc/vc: the cache's K and V, k/v: the new rows')."""
+    aux: the caches', kc/vc: the cache's K and V, k/v: the new rows'). PAGE > 0 (cached, paged): kc/vc are one
+    layer's page pool [pages * PAGE, H, D], user b's cache tile at row r is read from page PageTable[b, r // PAGE]
+    (only the producer changes), and aux holds cumulative cache lengths (only their differences are read)."""
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [4, HALF, D], q_desc.layout)  # 2 items x 2 halves
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], k_desc.layout)
@@ -319,7 +327,8 @@ def _hstu_fwd_ws(q_desc, k_desc, v_desc, kc_desc, vc_desc, Out, offsets, aux, al
                      alpha, inv_n, stride_ol, stride_oh, Trace, 1, C, D, BLOCK_M, BLOCK_N, STAGES, OVERLAP,
                      COALESCE, TRACE, CACHED)),
         (_producer, (q_desc, k_desc, v_desc, kc_desc, vc_desc, offsets, aux, q_smem, k_smem, v_smem, q_ready, q_empty,
-                     kv_ready, kv_empty, n_items, NB, H, C, D, BLOCK_M, BLOCK_N, STAGES, CACHED)),
+                     kv_ready, kv_empty, n_items, NB, H, PageTable, stride_pt, C, D, BLOCK_M, BLOCK_N, STAGES, CACHED,
+                     PAGE)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -357,7 +366,8 @@ def programs(n_items: int, NB: int, sms: int, contextual_len: int = 0, block_n: 
     return best
 
 
-def _launch(q, k, v, kc, vc, offsets, aux, out, max_seq_len, n_blocks, alpha, contextual_len, cached, config, trace):
+def _launch(q, k, v, kc, vc, offsets, aux, out, max_seq_len, n_blocks, alpha, contextual_len, cached, config, trace,
+            page_table=None, page=0):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     cfg = WS_TILES | (config or {})
@@ -376,10 +386,11 @@ def _launch(q, k, v, kc, vc, offsets, aux, out, max_seq_len, n_blocks, alpha, co
     grid = (programs(n_items, n_blocks, sm_count(q.device), contextual_len, cfg["BLOCK_N"], cfg["COPRIME"]),)
     _hstu_fwd_ws[grid](
         *descs, out, offsets, aux, alpha, 1.0 / max_seq_len, n_items, n_blocks, H, out.stride(0), out.stride(1),
-        out if trace is None else trace, C=0 if cached else contextual_len, D=D, BLOCK_M=128, BLOCK_N=cfg["BLOCK_N"],
-        STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
-        OVERLAP=cfg["OVERLAP"], COALESCE=cfg["COALESCE"],
-        TRACE=0 if trace is None else trace.shape[2], CACHED=cached, num_warps=4)
+        out if trace is None else trace, aux if page_table is None else page_table,
+        0 if page_table is None else page_table.stride(0), C=0 if cached else contextual_len, D=D, BLOCK_M=128,
+        BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        PRODUCER_REGS=cfg["PRODUCER_REGS"], OVERLAP=cfg["OVERLAP"], COALESCE=cfg["COALESCE"],
+        TRACE=0 if trace is None else trace.shape[2], CACHED=cached, PAGE=page, num_warps=4)
     return out
 
 
@@ -403,7 +414,20 @@ def launch_cached_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta_of
                    triton.cdiv(max_delta_len, 128), alpha, 0, True, config, trace)
 
 
-def compile_sm90(contextual_len: int = 4, config: dict | None = None, cached: bool = False):
+def launch_cached_paged_ws(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, delta_offsets: torch.Tensor,
+                           k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
+                           cache_lens: torch.Tensor, out: torch.Tensor, max_seq_len: int, alpha: float,
+                           max_delta_len: int, config: dict | None = None):
+    """launch_cached_ws with each user's cache read through its page table: k_pages / v_pages one layer's pool
+    [pages, page_rows, H, 128] (page_rows a multiple of the 64-row key tile), page_table [B, max_pages] int32."""
+    page = k_pages.shape[1]
+    assert page % HALF.value == 0, f"page_rows {page} must be a multiple of the key tile {HALF.value}"
+    cum = torch.nn.functional.pad(cache_lens.to(torch.int64).cumsum(0), (1, 0))  # (the kernel reads differences)
+    return _launch(q, k, v, k_pages.flatten(0, 1), v_pages.flatten(0, 1), delta_offsets, cum, out, max_seq_len,
+                   triton.cdiv(max_delta_len, 128), alpha, 0, True, config, None, page_table, page)
+
+
+def compile_sm90(contextual_len: int = 4, config: dict | None = None, cached: bool = False, page: int = 0):
     """Build the kernel for sm_90 without a GPU (ptxas from Triton's wheel): the CPU-side check that it
     compiles, fits shared memory and keeps its registers (tests/ops/test_hstu_attention_triton.py)."""
     from triton.backends.compiler import GPUTarget
@@ -419,10 +443,11 @@ def compile_sm90(contextual_len: int = 4, config: dict | None = None, cached: bo
                                                       ("v_desc", cfg["BLOCK_N"]), ("kc_desc", cfg["BLOCK_N"]),
                                                       ("vc_desc", cfg["BLOCK_N"]))}
     sig |= {"Out": "*bf16", "offsets": "*i64", "aux": "*i64", "alpha": "fp32", "inv_n": "fp32", "n_items": "i32",
-            "NB": "i32", "H": "i32", "stride_ol": "i32", "stride_oh": "i32", "Trace": "*i64"}
+            "NB": "i32", "H": "i32", "stride_ol": "i32", "stride_oh": "i32", "Trace": "*i64", "PageTable": "*i32",
+            "stride_pt": "i32"}
     const = {"C": contextual_len, "D": D, "BLOCK_M": 128, "BLOCK_N": cfg["BLOCK_N"], "STAGES": cfg["STAGES"],
              "CONSUMER_REGS": cfg["CONSUMER_REGS"], "PRODUCER_REGS": cfg["PRODUCER_REGS"], "OVERLAP": cfg["OVERLAP"], "COALESCE": cfg["COALESCE"],
-             "TRACE": cfg.get("TRACE", 0), "CACHED": cached}
+             "TRACE": cfg.get("TRACE", 0), "CACHED": cached, "PAGE": page}
     names = _hstu_fwd_ws.arg_names
     sig |= dict.fromkeys(const, "constexpr")
     src = GluonASTSource(_hstu_fwd_ws, signature={n: sig[n] for n in names},

@@ -134,3 +134,25 @@ def cached_hstu_attention(
         max_seq_len, alpha, contextual_len, max_attn_len, min_full_attn_seq_len,
     )
     return full[d_rows]
+
+
+def paged_rows(page_table: Tensor, cache_lens: Tensor, page_rows: int) -> tuple[Tensor, Tensor]:
+    """(pool row of every cached row, users jagged [B+1]) from page tables: user b's row r lives at
+    page_table[b, r // page_rows] * page_rows + r % page_rows of the pool's [pages * page_rows] rows."""
+    cache_offsets = F.pad(cache_lens.to(torch.int64).cumsum(0), (1, 0))
+    user, pos, _ = _jagged_index(cache_offsets, int(cache_offsets[-1]))
+    pages = page_table.to(torch.int64)[user, pos // page_rows]
+    return pages * page_rows + pos % page_rows, cache_offsets
+
+
+@TABLE.register(Impl.REFERENCE)
+def cached_hstu_attention_paged(
+    q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
+    cache_lens: Tensor, max_seq_len: int, alpha: float, contextual_len: int, max_attn_len: int, max_delta_len: int,
+    min_full_attn_seq_len: int = 0,
+) -> Tensor:
+    # The definition: gather each user's cache rows out of the pages, then the contiguous cached attention.
+    rows, cache_offsets = paged_rows(page_table, cache_lens, k_pages.shape[1])
+    k_cache, v_cache = k_pages.flatten(0, 1)[rows], v_pages.flatten(0, 1)[rows]
+    return cached_hstu_attention(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha,
+                                 contextual_len, max_attn_len, max_delta_len, min_full_attn_seq_len)

@@ -224,15 +224,20 @@ def _hstu_fwd(Q, K, V, Out, offsets, num_targets, alpha, inv_n, split_len,
 def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, inv_n, split_len,
                      stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh,
                      stride_kcl, stride_kch, stride_vcl, stride_vch, stride_os, stride_ol, stride_oh,
+                     PageTable, stride_pt,
                      H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WINDOW: tl.constexpr,
                      MIN_FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     IEEE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr):
+                     IEEE: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr, PAGE: tl.constexpr = 0):
     """Program (m, b*H+h, s) adds the contribution of cache keys [s*split_len, (s+1)*split_len) to a float32
     partial Out[s]; split 0 also adds each row's own (diagonal) term. No softmax: partials just add.
     Only a key block that crosses the split's end (or any block, with a window) is masked: rows past the
     user's new rows are never stored, so they need no mask. Every new row is a target (id hi): with a
     window it sees the cache rows at most WINDOW ids back, contextual ones too, and with MIN_FULL > 0
-    every cache row (HSTU.md: a target's id hi is >= hi - MIN_FULL). TMA as in _hstu_fwd."""
+    every cache row (HSTU.md: a target's id hi is >= hi - MIN_FULL). TMA as in _hstu_fwd.
+    PAGE > 0 (paged): KC/VC are one layer of a page pool, [pages * PAGE, H, d] rows, and user b's cache row r
+    is row r % PAGE of page PageTable[b, r // PAGE]; cache_offsets holds each user's cache length [B]. PAGE is a
+    multiple of BLOCK_N (and split_len of BLOCK_N), so a key block never straddles two pages: one page-id load
+    per key block, then the same tile load as the contiguous form."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -243,8 +248,11 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
     start_m = pid_m * BLOCK_M
     if start_m >= d_len:
         return
-    c_start = tl.load(cache_offsets + b)
-    c_len = tl.load(cache_offsets + b + 1) - c_start  # = hist_end: every new row is a target
+    if PAGE > 0:
+        c_len = tl.load(cache_offsets + b)  # = hist_end: every new row is a target
+    else:
+        c_start = tl.load(cache_offsets + b)
+        c_len = tl.load(cache_offsets + b + 1) - c_start  # = hist_end: every new row is a target
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < d_len
@@ -260,14 +268,19 @@ def _hstu_cached_fwd(Q, K, V, KC, VC, Out, delta_offsets, cache_offsets, alpha, 
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        k = _rows(KC, c_start, start_n, stride_kcl, h * stride_kch, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
+        if PAGE > 0:  # the key block's page: its rows start at page * PAGE + start_n % PAGE of the pool
+            page = tl.load(PageTable + b.to(tl.int64) * stride_pt + start_n // PAGE).to(tl.int64)
+            base = page * PAGE + start_n % PAGE - start_n
+        else:
+            base = c_start
+        k = _rows(KC, base, start_n, stride_kcl, h * stride_kch, n_valid, BLOCK_N, BLOCK_DQK, DQK, TMA, True)
         p = _pointwise(mma(q, tl.trans(k), IEEE), alpha, inv_n, FAST, False)
         if WINDOW > 0 and MIN_FULL == 0:
             id_n = tl.where(offs_n < C, 0, offs_n - C + 1)
             p = tl.where(n_valid[None, :] & (id_m - id_n[None, :] <= WINDOW), p, 0.0)
         elif start_n + BLOCK_N > hi:
             p = tl.where(n_valid[None, :], p, 0.0)
-        v = _rows(VC, c_start, start_n, stride_vcl, h * stride_vch, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
+        v = _rows(VC, base, start_n, stride_vcl, h * stride_vch, n_valid, BLOCK_N, BLOCK_DV, DV, TMA, True)
         acc += mma(p.to(v.dtype), v, IEEE)
     out_base = Out + pid_s.to(tl.int64) * stride_os + d_start * stride_ol
     tl.store(out_base + (offs_m[:, None] * stride_ol + h * stride_oh + offs_dv[None, :]), acc.to(Out.dtype.element_ty),
@@ -322,6 +335,12 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 # (bf16 rel. error <= 4.0e-3, no unwritten rows; runs 65-66).
 FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True,
              "CTX_FIRST": True, "WS": True}
+# PAGED_WS: paged cached launches that takes_cached_ws picks go to the Gluon kernel's paged form (its producer
+# reads the page table; gluon_ws.launch_cached_paged_ws) instead of the Triton kernel's PAGE mode. Off until
+# a GPU run has checked it: it builds for sm_90 without spilling (Triton 3.9's ptxas, on the CPU machine) but
+# has not run; benchmarks/gpu_check.py reports it as diagnostic rows (bit for bit against the contiguous Gluon
+# launch, and vs float64) and benchmarks/gpu_paged.py times it. Turn on when both say so.
+PAGED_WS = False
 
 
 def _gluon_takes(q: Tensor, *others: Tensor) -> bool:
@@ -501,19 +520,31 @@ def cache_splits(max_seq_len: int, programs: int, block_n: int) -> tuple[int, in
 def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cache: Tensor, v_cache: Tensor,
                   cache_offsets: Tensor, out: Tensor, max_seq_len: int, alpha: float, contextual_len: int,
                   max_attn_len: int, max_delta_len: int, launcher=lambda kernel: kernel, tma: bool | None = None,
-                  min_full_attn_seq_len: int = 0) -> Tensor:
+                  min_full_attn_seq_len: int = 0, page_table: Tensor | None = None) -> Tensor:
     """Launch into the float32 partials `out` [splits, Ld, H, dv] (see cached_partials_shape); sum(0) is the result.
     With one split `out` may be the result itself, [1, Ld, H, dv] in q's dtype (written once, nothing to sum).
-    `tma` None: FWD_FLAGS["TMA"] (then TMA where tma_ok and the launch is real, as for the full kernel)."""
+    `tma` None: FWD_FLAGS["TMA"] (then TMA where tma_ok and the launch is real, as for the full kernel).
+    Paged (`page_table` [B, max_pages] int32): k_cache / v_cache are one layer's page pool [pages, page_rows, H, d]
+    and `cache_offsets` the users' cache lengths [B]; the Gluon kernel's paged form only with PAGED_WS."""
     L, H, dqk = q.shape
     dv = v.shape[-1]
-    if takes_cached_ws(q, k, v, k_cache, v_cache, out, max_attn_len, tma):
+    paged = page_table is not None
+    if (not paged or PAGED_WS) and takes_cached_ws(q, k, v, k_cache, v_cache, out, max_attn_len, tma):
         from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it runs)
 
-        gluon_ws.launch_cached_ws(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, out[0], max_seq_len, alpha,
-                                  max_delta_len)
+        if paged:
+            gluon_ws.launch_cached_paged_ws(q, k, v, delta_offsets, k_cache, v_cache, page_table, cache_offsets,
+                                            out[0], max_seq_len, alpha, max_delta_len)
+        else:
+            gluon_ws.launch_cached_ws(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, out[0], max_seq_len,
+                                      alpha, max_delta_len)
         return out
     cfg = _blocks(dqk, dv, q.dtype)
+    page = 0
+    if paged:
+        page = k_cache.shape[1]
+        assert page % cfg["BLOCK_N"] == 0, f"page_rows {page} must be a multiple of BLOCK_N {cfg['BLOCK_N']}"
+        k_cache, v_cache = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [pages * page_rows, H, d]: views
     m_blocks = triton.cdiv(max_delta_len, cfg["BLOCK_M"])
     splits, split_len = cache_splits(max_seq_len, m_blocks * (delta_offsets.shape[0] - 1) * H, cfg["BLOCK_N"])
     assert out.shape[0] == splits, "allocate out with cached_partials_shape"
@@ -521,13 +552,14 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]  # the new rows' own k / v come in [BLOCK_M] tiles, the cache's in [BLOCK_N]
     qa, ka, va, kca, vca = ((_descriptor(q, bm), _descriptor(k, bm), _descriptor(v, bm), _descriptor(k_cache, bn),
                              _descriptor(v_cache, bn)) if use_tma else (q, k, v, k_cache, v_cache))
+    pt = page_table if paged else cache_offsets  # (unread when not paged)
     launcher(_hstu_cached_fwd)[(m_blocks, (delta_offsets.shape[0] - 1) * H, splits)](
         qa, ka, va, kca, vca, out, delta_offsets, cache_offsets, alpha, 1.0 / max_seq_len, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), pt, pt.stride(0) if paged else 0,
         H=H, DQK=dqk, DV=dv, C=contextual_len, WINDOW=max_attn_len, MIN_FULL=min_full_attn_seq_len if max_attn_len else 0,
-        TMA=use_tma, **cfg,
+        TMA=use_tma, PAGE=page, **cfg,
     )
     return out
 
@@ -562,6 +594,26 @@ def _(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alph
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
+@triton_op("hstu_opt::cached_hstu_attention_paged_triton", mutates_args=())
+def cached_hstu_attention_paged_triton(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_pages: Tensor,
+                                       v_pages: Tensor, page_table: Tensor, cache_lens: Tensor, max_seq_len: int,
+                                       alpha: float, contextual_len: int, max_attn_len: int, max_delta_len: int,
+                                       min_full_attn_seq_len: int) -> Tensor:
+    shape = cached_partials_shape(q, v, delta_offsets, max_seq_len, max_delta_len)
+    one = shape[0] == 1  # one split: the kernel writes the result in q's dtype
+    out = q.new_empty(shape) if one else q.new_empty(shape, dtype=torch.float32)
+    launch_cached(q, k, v, delta_offsets, k_pages, v_pages, cache_lens, out, max_seq_len, alpha, contextual_len,
+                  max_attn_len, max_delta_len, wrap_triton, min_full_attn_seq_len=min_full_attn_seq_len,
+                  page_table=page_table)
+    return out[0] if one else out.sum(0).to(q.dtype)
+
+
+@cached_hstu_attention_paged_triton.register_fake
+def _(q, k, v, delta_offsets, k_pages, v_pages, page_table, cache_lens, max_seq_len, alpha, contextual_len,
+      max_attn_len, max_delta_len, min_full_attn_seq_len):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
 # What benchmarks/gpu_check.py sweeps on the GPU against float64 (full, key-split and cached kernels, every
 # load kind, every mask option), and so all the router sends to these kernels: head dims (dqk == dv, and the
 # mixed pairs below) x dtypes. Anything else runs the reference op (checked on the CPU against the spec),
@@ -570,6 +622,10 @@ def _(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alph
 CHECKED_HEAD_DIMS = (16, 32, 48, 50, 64, 96, 100, 128, 192, 256)
 CHECKED_MIXED_DIMS = ((32, 64), (64, 32), (128, 64))
 CHECKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Page sizes (rows per page) the GPU check sweeps for the paged cached kernel (benchmarks/gpu_check.py
+# "cached_paged"): multiples of every BLOCK_N the cached kernel takes (_blocks: 64, or 32 for fp32 and heads
+# of 256), so a key block never straddles two pages. Other page sizes run the reference (a gather).
+CHECKED_PAGE_ROWS = (64, 128, 256)
 
 
 def checked(dqk: int, dv: int, dtype: torch.dtype) -> bool:
@@ -614,3 +670,26 @@ def _cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len
     q, k, v, k_cache, v_cache = (unit_stride(t) for t in (q, k, v, k_cache, v_cache))
     return cached_hstu_attention_triton(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, max_seq_len, alpha,
                                         contextual_len, max_attn_len, max_delta_len, min_full_attn_seq_len)
+
+
+@functools.cache
+def _warn_unchecked_page(page_rows: int) -> None:
+    warnings.warn(f"cached_hstu_attention_paged: no GPU check covers pages of {page_rows} rows; running the "
+                  f"reference op (a gather) instead of the Triton kernel (checked: {CHECKED_PAGE_ROWS})", stacklevel=3)
+
+
+@TABLE.register(Impl.TRITON, "cached_hstu_attention_paged")
+def _cached_paged(q, k, v, delta_offsets, k_pages, v_pages, page_table, cache_lens, max_seq_len, alpha,
+                  contextual_len, max_attn_len, max_delta_len, min_full_attn_seq_len=0):
+    page_rows = k_pages.shape[1]
+    bad_page = page_rows not in CHECKED_PAGE_ROWS
+    if bad_page:
+        _warn_unchecked_page(page_rows)
+    if bad_page or _unchecked(q, v) or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        return reference.cached_hstu_attention_paged(q, k, v, delta_offsets, k_pages, v_pages, page_table, cache_lens,
+                                                     max_seq_len, alpha, contextual_len, max_attn_len, max_delta_len,
+                                                     min_full_attn_seq_len)
+    q, k, v = (unit_stride(t) for t in (q, k, v))
+    return cached_hstu_attention_paged_triton(q, k, v, delta_offsets, k_pages, v_pages, page_table.int(), cache_lens,
+                                              max_seq_len, alpha, contextual_len, max_attn_len, max_delta_len,
+                                              min_full_attn_seq_len)

@@ -1,7 +1,9 @@
-"""The serving user cache: a byte-budgeted store of per-user K/V plus a pluggable eviction policy."""
+"""The serving user cache: per-user K/V in page pools (paged.py; the byte-budgeted KVStore before it) plus a
+pluggable eviction policy."""
 
 from hstu_opt.serve.kv_cache.policy import POLICIES, EvictionPolicy, LRUPolicy, PredictivePolicy, make_policy
+from hstu_opt.serve.kv_cache.paged import DEFAULT_PAGE_ROWS, PagedKV, PagedKVStore, PagePool, PageShape
 from hstu_opt.serve.kv_cache.store import CacheKey, CacheStats, KVStore, UserKV, cache_key, history_digest
 
-__all__ = ["CacheKey", "CacheStats", "EvictionPolicy", "KVStore", "LRUPolicy", "POLICIES", "PredictivePolicy",
+__all__ = ["DEFAULT_PAGE_ROWS", "PageShape", "PagePool", "PagedKV", "PagedKVStore", "CacheKey", "CacheStats", "EvictionPolicy", "KVStore", "LRUPolicy", "POLICIES", "PredictivePolicy",
            "UserKV", "cache_key", "history_digest", "make_policy"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 
 
@@ -30,6 +30,17 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def victim(self) -> Hashable:
         """The entry to evict next; called only while the store holds at least one."""
+
+    def victim_among(self, keys: Collection[Hashable]) -> Hashable | None:
+        """The entry to evict next among `keys` (a subset of the resident ones: the paged store's entries of
+        one tier that no running batch pins); None when `keys` is empty. The paged store needs it; a policy
+        for the unpaged KVStore alone (the trace's Belady oracle) may leave it out."""
+        raise NotImplementedError(f"{type(self).__name__} cannot choose among a subset (the paged store needs it)")
+
+    def prefetch(self, keys: Collection[Hashable]) -> list[Hashable]:
+        """Entries among `keys` (the paged store's host tier) worth promoting to the device tier now, most
+        wanted first; the store promotes them only into free pages (no eviction). Default: none."""
+        return []
 
 
 class LRUPolicy(EvictionPolicy):
@@ -51,6 +62,9 @@ class LRUPolicy(EvictionPolicy):
     def victim(self) -> Hashable:
         return next(iter(self._order))
 
+    def victim_among(self, keys: Collection[Hashable]) -> Hashable | None:
+        return next((k for k in self._order if k in keys), None)
+
 
 class PredictivePolicy(EvictionPolicy):
     """Evict the entry whose user is expected to come back last, per byte it holds.
@@ -69,6 +83,9 @@ class PredictivePolicy(EvictionPolicy):
     One visit: events of a user less than `same_visit_s` after their last one count as the same visit,
     not a new arrival (a batch holding several keys of one user; an entry replaced right after its hit).
 
+    Prefetch (the paged store's host tier): a host-tier entry whose user is due back within `prefetch_s`
+    seconds (default 0: off, until a trace says what pays) is promoted into free device pages.
+
     Prior: a user seen once has no gap yet; it gets the mean of all gaps observed so far (over all users),
     or `prior_gap_s` before any gap was seen. Time comes from `clock` (default time.monotonic), so a trace
     replayer can drive it with trace timestamps. `victim()` scans the resident entries (O(entries)): scores
@@ -77,11 +94,12 @@ class PredictivePolicy(EvictionPolicy):
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, decay: float = 0.5,
-                 prior_gap_s: float = 3600.0, same_visit_s: float = 1.0, max_users: int = 1_000_000) -> None:
+                 prior_gap_s: float = 3600.0, same_visit_s: float = 1.0, max_users: int = 1_000_000,
+                 prefetch_s: float = 0.0) -> None:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay {decay}: must be in (0, 1]")
         self.clock, self.decay, self.prior_gap_s, self.max_users = clock, decay, prior_gap_s, max_users
-        self.same_visit_s = same_visit_s
+        self.same_visit_s, self.prefetch_s = same_visit_s, prefetch_s
         self._users: OrderedDict[Hashable, _Arrivals] = OrderedDict()  # least recently seen first
         self._sizes: dict[Hashable, int] = {}  # resident key -> bytes
         self._gap_sum, self._gap_count = 0.0, 0
@@ -97,8 +115,23 @@ class PredictivePolicy(EvictionPolicy):
         self._sizes.pop(key, None)  # the user's arrival history stays: it outlives their entries
 
     def victim(self) -> Hashable:
+        return self.victim_among(self._sizes)
+
+    def victim_among(self, keys: Collection[Hashable]) -> Hashable | None:
         now = self.clock()
-        return max(self._sizes, key=lambda k: self.expected_wait(user_of(k), now) * self._sizes[k])
+        return max(keys, key=lambda k: self.expected_wait(user_of(k), now) * self._sizes[k], default=None)
+
+    def prefetch(self, keys: Collection[Hashable]) -> list[Hashable]:
+        """Host-tier entries whose user's next request is due (last request + mean gap) within
+        `prefetch_s` seconds (0: never), soonest first. Users with one request so far have no gap: skipped."""
+        if not self.prefetch_s:
+            return []
+        now, due = self.clock(), []
+        for k in keys:
+            seen = self._users.get(user_of(k))
+            if seen is not None and seen.mean_gap is not None and seen.last + seen.mean_gap - now <= self.prefetch_s:
+                due.append((seen.last + seen.mean_gap, k))
+        return [k for _, k in sorted(due, key=lambda t: t[0])]
 
     def expected_wait(self, user: Hashable, now: float) -> float:
         """Expected seconds until `user`'s next request: gap + time since their last one (Lomax, shape 2)."""

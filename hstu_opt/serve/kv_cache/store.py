@@ -53,13 +53,21 @@ class UserKV:
 
 @dataclass
 class CacheStats:
-    hits: int = 0
+    hits: int = 0  # both tiers (host_hits: those found in the host tier, promoted first)
     misses: int = 0
     inserts: int = 0
-    evictions: int = 0
+    evictions: int = 0  # entries that left the cache (the paged store: dropped from its last tier)
     too_large: int = 0  # entries larger than the whole budget, not stored
-    bytes: int = 0
+    bytes: int = 0  # the device tier's (the paged store: whole pages)
     entries: int = 0
+    # the paged store (paged.py) only
+    host_hits: int = 0
+    promotions: int = 0  # host tier -> device tier, on a hit
+    demotions: int = 0  # device tier -> host tier, on an eviction from the device tier
+    prefetches: int = 0  # host tier -> device tier, ahead of a request (the policy's prefetch)
+    no_room: int = 0  # entries not stored: every device page was pinned by the running batch
+    host_bytes: int = 0
+    host_entries: int = 0
 
 
 class KVStore:

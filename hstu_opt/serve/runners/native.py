@@ -14,6 +14,7 @@ Engine calls carry at most the engine's max rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -22,7 +23,8 @@ import numpy as np
 
 from hstu_opt.serve.engines import (ENGINE_RULE, EngineAdapter, EngineChoice, Row, adapter_class, load_adapter,
                                     uses_cached_path)
-from hstu_opt.serve.kv_cache import CacheStats, KVStore, UserKV, cache_key, make_policy
+from hstu_opt.serve.kv_cache import (DEFAULT_PAGE_ROWS, CacheStats, EvictionPolicy, PagedKV, PagedKVStore, PageShape,
+                                     UserKV, cache_key, make_policy)
 from hstu_opt.serve.runners.base import RankInput, RankOutput, RetrieveInput, Runner
 from hstu_opt.serve.scheduler import BatchPolicy, Job, Scheduler
 from hstu_opt.serve.served_bundle import ServedBundle
@@ -52,12 +54,14 @@ class NativeRunner(Runner):
 
     def __init__(self, bundle: ServedBundle, choice: EngineChoice, cache_bytes: int, batching: BatchPolicy,
                  on_batch: Callable[[str, int], None] | None = None, on_depth: Callable[[int], None] | None = None,
-                 cache_policy: str = "lru"):
+                 cache_policy: str = "predictive", host_cache_bytes: int | None = None,
+                 page_rows: int = DEFAULT_PAGE_ROWS):
         self.bundle, self.choice, self.batching = bundle, choice, batching
         self.engine = choice.label
         self.cache_bytes = cache_bytes
         cache_on = cache_bytes > 0 and adapter_class(choice).supports_cache
-        self.store = KVStore(cache_bytes, make_policy(cache_policy)) if cache_on else None
+        self.store = (paged_store(bundle, cache_bytes, cache_bytes if host_cache_bytes is None else host_cache_bytes,
+                                  make_policy(cache_policy), page_rows) if cache_on else None)
         self.adapter: EngineAdapter | None = None
         self.max_targets = bundle.cfg.max_targets
         self._ready = False
@@ -74,7 +78,22 @@ class NativeRunner(Runner):
     def _load(self) -> EngineAdapter:
         adapter = load_adapter(self.bundle, self.choice)
         adapter.warm_up()
+        if self.store is not None and uses_cached_path(adapter, True):
+            self._warm_up_pages(adapter)
         return adapter
+
+    def _warm_up_pages(self, adapter: EngineAdapter) -> None:
+        """One entry through the page pool and the paged kernel (its first launch compiles it), then gone:
+        the first real hit must not pay for that. The cache starts empty, its counters at zero."""
+        one = np.ones(1, np.int64)
+        ctx = np.ones(adapter.contextual_len, np.int64) if adapter.contextual_len else None
+        user = RankInput(None, one, one * 0, one * 0, one, 0, ctx, False)
+        with self.store.batch():
+            kv = self.store.put((None, "warm-up", 0), adapter.prefill([user])[0])
+            if kv is not None:
+                adapter.score_cached([kv], [one])
+        self.store.clear()
+        self.store.stats = CacheStats()
 
     def draining(self) -> None:
         self.scheduler.flush()
@@ -109,7 +128,10 @@ class NativeRunner(Runner):
 
     def _describe_cache(self) -> dict:
         if self.store is not None:
-            return {"enabled": True, "budget_bytes": self.cache_bytes, "policy": type(self.store.policy).__name__,
+            st = self.store
+            return {"enabled": True, "budget_bytes": self.cache_bytes, "policy": type(st.policy).__name__,
+                    "pool": f"{st.pool.num_pages} pages on {st.pool.device.type}", "page_rows": st.shape.page_rows,
+                    "host_pages": st.host.num_pages if st.host else 0,
                     "key": "(user_id, sha256 of history rows and contextual ids, floored query time)"}
         why = ("--cache-gb 0" if self.cache_bytes <= 0
                else f"engine {self.engine} has no cached path (full-forward graphs only)")
@@ -138,18 +160,21 @@ class NativeRunner(Runner):
 
     def _rank_cached(self, users: list[RankInput]) -> tuple[list[np.ndarray], list[str], dict[str, float]]:
         t0 = time.perf_counter()
-        kvs, status = self._user_kvs(users)
-        t1 = time.perf_counter()
-        rows = [(i, g) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
-        out = []
-        for chunk in chunks(rows, self.adapter.max_rows):
-            out += self.adapter.score_cached([kvs[i] for i, _ in chunk], [g for _, g in chunk])
+        with self.store.batch() if self.store is not None else contextlib.nullcontext():  # pins the batch's pages
+            kvs, status = self._user_kvs(users)
+            t1 = time.perf_counter()
+            rows = [(i, g) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
+            out = []
+            for chunk in chunks(rows, self.adapter.max_rows):
+                out += self.adapter.score_cached([kvs[i] for i, _ in chunk], [g for _, g in chunk])
         t2 = time.perf_counter()
+        if self.store is not None:
+            self.store.prefetch()  # host-tier users the policy expects back soon, into free pages
         return self._per_user(len(users), [i for i, _ in rows], out), status, {"prefill": ms(t0, t1), "score": ms(t1, t2)}
 
-    def _user_kvs(self, users: list[RankInput]) -> tuple[list[UserKV], list[str]]:
+    def _user_kvs(self, users: list[RankInput]) -> tuple[list[UserKV | PagedKV], list[str]]:
         """Each user's K/V: from the cache, or prefilled (once per distinct key in the batch) and stored."""
-        kvs: list[UserKV | None] = [None] * len(users)
+        kvs: list[UserKV | PagedKV | None] = [None] * len(users)
         status = ["off"] * len(users)
         todo: dict[Hashable, list[int]] = {}  # key -> the users needing that prefill
         for i, u in enumerate(users):
@@ -163,8 +188,8 @@ class NativeRunner(Runner):
         pending = list(todo.items())
         for chunk in chunks(pending, self.adapter.max_rows):
             for (key, idx), kv in zip(chunk, self.adapter.prefill([users[ix[0]] for _, ix in chunk])):
-                if self.store is not None:
-                    self.store.put(key, kv)
+                if self.store is not None:  # the entry in pages; kv itself when the pool had no room
+                    kv = self.store.put(key, kv) or kv
                 for i in idx:
                     kvs[i] = kv
         return kvs, status
@@ -182,3 +207,13 @@ class NativeRunner(Runner):
         for chunk in chunks(users, self.adapter.max_rows):
             out += list(self.adapter.retrieve(chunk))  # [D] each
         return out
+
+
+def paged_store(bundle: ServedBundle, device_bytes: int, host_bytes: int, policy: EvictionPolicy,
+                page_rows: int) -> PagedKVStore:
+    """The cache's page pools, shaped by the bundle's model, where eager_model puts it (CUDA when there is one)."""
+    import torch
+
+    cfg = bundle.cfg
+    shape = PageShape(cfg.num_layers, page_rows, cfg.num_heads, cfg.attention_dim, cfg.linear_dim, cfg.torch_dtype)
+    return PagedKVStore(shape, device_bytes, host_bytes, policy, "cuda" if torch.cuda.is_available() else "cpu")

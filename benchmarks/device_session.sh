@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: the steps named on the command line, in order, each writing its results
+# under $OUT/<step>/ and its log to $OUT/<step>.log, with a one-line verdict and the log's tail printed.
+#
+#   bash benchmarks/device_session.sh check plugin cutlass paged     # correctness sweeps + kernel timings
+#   bash benchmarks/device_session.sh bundle serve                   # dlrm-v3 bundle, then the served latency
+#
+# Wheels the image lacks (fastapi, uvicorn, pydantic, ...) travel in .whl (carry it) and are installed to
+# /tmp/site first; the nvidia-cutlass wheel (headers) travels in .gpu-wheels. A step's failure does not
+# stop the next one; the exit code is the number of failed steps.
+set -u
+OUT=${OUT:?set OUT to the results folder}
+BUNDLE=/tmp/b/dlrm-v3-ranking/1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+failed=0
+
+step() {  # step NAME CMD...: run CMD, log to $OUT/NAME.log
+    local name=$1; shift
+    mkdir -p "$OUT/$name"
+    local t0=$SECONDS
+    echo "== $name: $* ($(date -u +%T))"
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   $name rc=$rc in $((SECONDS - t0)) s"
+    tail -n 12 "$OUT/$name.log" | cut -c1-220
+    [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+serve_load() {  # serve_load TAG ARGS...: one serve_load.py run against the dlrm-v3 bundle
+    local tag=$1; shift
+    step "serve_$tag" python3 benchmarks/serve_load.py --bundle "$BUNDLE" --engine compiled --max-batch 16 \
+        --history 4096 --candidates 256 --engine-repeats 30 --out "$OUT/serve_$tag" "$@"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+for s in "$@"; do
+    case $s in
+        check) step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 14 ;;
+        plugin) step plugin python3 benchmarks/gpu_plugin.py --out "$OUT/plugin" ;;
+        cutlass) step cutlass python3 benchmarks/gpu_cutlass.py --out "$OUT/cutlass" -j 8 ;;
+        fp8) step fp8 python3 benchmarks/gpu_fp8.py --out "$OUT/fp8" ;;
+        paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
+        bundle) step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" \
+                    --max-batch 16 ;;
+        check+bundle)  # both compile-bound and untimed: the bundle builds in the background during the sweep
+            mkdir -p "$OUT/bundle"
+            python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16 \
+                > "$OUT/bundle.log" 2>&1 &
+            bundle_pid=$!
+            step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12
+            wait $bundle_pid; echo "   bundle rc=$?"; tail -n 3 "$OUT/bundle.log" | cut -c1-300 ;;
+        serve)  # cache off (the compiled graph), JSON lists then packed arrays; then cached users (paged cache)
+            serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 300
+            serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --engine-repeats 0
+            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed ;;
+        *) echo "unknown step $s"; failed=$((failed + 1)) ;;
+    esac
+done
+exit $failed

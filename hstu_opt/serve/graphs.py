@@ -1,0 +1,128 @@
+"""Cache hits as CUDA-graph replays: model.score_cached over the page pool, captured once per batch size.
+
+A hit's work is small (256 candidates through 5 layers is about 20 kernels of tens of microseconds) and,
+run eagerly, the Python around each op costs more than the op: the eager path took milliseconds where the
+GPU needed a fraction of one. The paged cache makes the hit path capturable: the pool's tensors never
+move, so a graph can read any user's K/V in place through a page table that is just data.
+
+One graph per number of user groups B (1..max_rows). Every group is padded to max_targets candidates
+(item 1 in the unused slots): targets never attend to each other (HSTU.md), so padding rows change no real
+row's score, and the candidates' jagged offsets are fixed (b * max_targets). Page tables are padded to
+the pages of the longest history the model takes. A replay stages candidate ids, page table and cache
+lengths in one page-locked host buffer, copies it in, runs the captured ops and copies the probabilities
+out, all inside the graph: one launch and one wait.
+
+Only the paged Triton route is captured (CUDA, every entry in the device pool). If capturing fails (an op
+the router sends to a path that syncs with the host, say), the scorer says so once and the adapter keeps
+running that batch size eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from hstu_opt.backends.compiled import host_buffer
+from hstu_opt.model.hstu import HstuModel, PagedKVCache
+
+log = logging.getLogger("hstu_opt.serve")
+PAD_ITEM = 1  # candidate id in unused slots (any valid id: those rows are computed and dropped)
+
+
+class PagedScoreGraphs:
+    def __init__(self, model: HstuModel, k_pages: torch.Tensor, v_pages: torch.Tensor, max_pages: int):
+        self.model, self.k_pages, self.v_pages = model, k_pages, v_pages
+        self.T, self.P = model.cfg.max_targets, max_pages
+        self.device = k_pages.device
+        self._graphs: dict[int, _Capture | None] = {}  # None: capture failed, run eagerly
+        self._mempool = torch.cuda.graph_pool_handle()
+        self.replays = 0
+
+    def covers(self, pages: Sequence[Sequence[int]], counts: Sequence[int]) -> bool:
+        return (self._graphs.get(len(counts), True) is not None and max(counts) <= self.T
+                and max(len(p) for p in pages) <= self.P)
+
+    def run(self, pages: Sequence[Sequence[int]], rows: Sequence[int], cands: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """Per group: probabilities [len(cands[b]), tasks]; None when this batch size cannot be captured."""
+        B = len(cands)
+        if B not in self._graphs:
+            self._graphs[B] = self._capture(B)
+        cap = self._graphs[B]
+        if cap is None:
+            return None
+        cap.stage(pages, rows, cands)
+        cap.graph.replay()
+        torch.cuda.current_stream().synchronize()
+        self.replays += 1
+        return cap.split(cap.host_out, cands)
+
+    def _capture(self, B: int) -> _Capture | None:
+        try:
+            return _Capture(self, B)
+        except Exception as exc:  # noqa: BLE001 (any failure means: not capturable, run eagerly)
+            log.warning("cached scoring for %d user groups cannot be captured in a CUDA graph (%s: %s); "
+                        "it runs eagerly", B, type(exc).__name__, exc)
+            torch.cuda.synchronize()
+            return None
+
+
+class Staged:
+    """One batch size's fixed buffers, [B*T candidate ids | B*P page ids | B lengths] on the host and on the
+    device, and the scoring over them (what the graph captures; on a CPU, tests call it directly)."""
+
+    def __init__(self, model: HstuModel, k_pages: torch.Tensor, v_pages: torch.Tensor, B: int, T: int, P: int,
+                 page_locked: bool):
+        self.model, self.k_pages, self.v_pages = model, k_pages, v_pages
+        self.B, self.T, self.P = B, T, P
+        n = B * T + B * P + B
+        self.host = host_buffer(n, page_locked=page_locked)[:n]
+        self.host_t = torch.from_numpy(self.host)
+        self.stage([[0]] * B, [1] * B, [np.zeros(0, np.int64)] * B)  # one cached row each (page 0)
+        self.flat = self.host_t.to(k_pages.device)
+        self.delta = torch.arange(B + 1, device=k_pages.device, dtype=torch.int64) * T  # [B+1]
+
+    def score(self) -> torch.Tensor:
+        """Probabilities [B*T, tasks] for what the device buffer holds."""
+        B, T, P = self.B, self.T, self.P
+        cand = self.flat[:B * T]
+        table = self.flat[B * T:B * T + B * P].view(B, P).to(torch.int32)
+        lengths = self.flat[B * T + B * P:]
+        cache = PagedKVCache(self.k_pages, self.v_pages, table, lengths)
+        return self.model.score_cached(cache, cand, self.delta).float()
+
+    def stage(self, pages: Sequence[Sequence[int]], rows: Sequence[int], cands: Sequence[np.ndarray]) -> None:
+        B, T, P = self.B, self.T, self.P
+        ids = self.host[:B * T].reshape(B, T)
+        table = self.host[B * T:B * T + B * P].reshape(B, P)
+        ids.fill(PAD_ITEM)
+        table.fill(0)
+        for b, (pg, c) in enumerate(zip(pages, cands)):
+            ids[b, :len(c)] = c
+            table[b, :len(pg)] = pg
+        self.host[B * T + B * P:] = rows
+
+    def split(self, out: np.ndarray, cands: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [out[b * self.T: b * self.T + len(c)].copy() for b, c in enumerate(cands)]
+
+
+class _Capture(Staged):
+    """Staged + its CUDA graph: copy in, score, copy the probabilities out to a page-locked buffer."""
+
+    def __init__(self, owner: PagedScoreGraphs, B: int):
+        super().__init__(owner.model, owner.k_pages, owner.v_pages, B, owner.T, owner.P, page_locked=True)
+        side = torch.cuda.Stream(owner.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # one run off the capture: compiles and lazy initialization happen here
+            out = self.score()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.host_out = host_buffer(out.numel(), True, np.float32)[:out.numel()].reshape(out.shape)
+        dst = torch.from_numpy(self.host_out)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=owner._mempool):
+            self.flat.copy_(self.host_t, non_blocking=True)
+            out = self.score()
+            dst.copy_(out, non_blocking=True)

@@ -1,0 +1,1 @@
+"""TensorRT plugins shipped into engine bundles, one package per plugin (STYLE.md)."""
