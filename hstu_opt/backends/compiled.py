@@ -459,6 +459,11 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
             "inputs": input_names("ranking", cfg.contextual_len), "outputs": ["probs"], "cache": CACHE,
             "shapes": [list(s) for s in shapes], "torch": torch.__version__, "triton": toolchain.toolchain()["triton"]}
     ship_cutlass(meta, out_dir)
+    if uses_fp8(meta["impl"]):
+        meta["fp8"] = {"weights": "e4m3 per output column (scale = column absmax / 448), a pure function of the "
+                                  "shipped bf16 weights, computed at load before any CUDA graph (ops/_fp8.py)",
+                       "activations": "e4m3 per row, scales from the quantizing LayerNorm pass",
+                       "accuracy": "fp8_accuracy.json in build-engine's output (backends/fp8_gate.py)"}
     write_json_atomic(out_dir / META, meta)
     with tempfile.TemporaryDirectory(prefix="hstu-opt-compiled-") as tmp:
         cold = _fresh_process("compile", out_dir, Path(tmp), timeout_s)
