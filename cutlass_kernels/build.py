@@ -116,7 +116,46 @@ def parse_ptxas(log: str) -> dict:
             "spill_store_bytes": sum(s for s, _ in spills), "spill_load_bytes": sum(l for _, l in spills)}
 
 
+def includes(name: str) -> list[str]:
+    """The local headers `name` includes, transitively (#include "x.hpp" lines)."""
+    seen: list[str] = []
+    todo = [name]
+    while todo:
+        for inc in re.findall(r'^#include "([^"]+)"', (HERE / todo.pop()).read_text(), re.M):
+            if inc not in seen and (HERE / inc).exists():
+                seen.append(inc)
+                todo.append(inc)
+    return sorted(seen)
+
+
+def object_key(source: str, arch: str, nvcc: Path) -> str:
+    """One object's cache key: its source, the local headers it includes, flags, nvcc and CUTLASS versions
+    (a new kernel in the library does not recompile the others)."""
+    h = hashlib.sha256()
+    for name in [source, *includes(source)]:
+        h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    h.update(json.dumps([arch, [f for f in compile_flags(arch, nvcc) if not f.startswith("-I")],
+                         nvcc_version(nvcc), cutlass_version()]).encode())
+    return h.hexdigest()[:16]
+
+
 def _compile(source: str, arch: str, nvcc: Path, dest: Path) -> dict:
+    """Compile one source into dest, or copy it from the per-object cache (dest/../objects/<key>/)."""
+    stem = Path(source).stem
+    cached = dest.parent / "objects" / object_key(source, arch, nvcc)
+    if (cached / "kernel.json").exists():
+        for suffix in (".o", ".ptxas.log"):
+            shutil.copyfile(cached / (stem + suffix), dest / (stem + suffix))
+        return json.loads((cached / "kernel.json").read_text()) | {"cached_object": True}
+    info = _compile_now(source, arch, nvcc, dest)
+    cached.mkdir(parents=True, exist_ok=True)
+    for suffix in (".o", ".ptxas.log"):
+        shutil.copyfile(dest / (stem + suffix), cached / (stem + suffix))
+    (cached / "kernel.json").write_text(json.dumps(info))
+    return info
+
+
+def _compile_now(source: str, arch: str, nvcc: Path, dest: Path) -> dict:
     obj = dest / (Path(source).stem + ".o")
     t0 = time.perf_counter()
     proc = subprocess.run([str(nvcc), *compile_flags(arch, nvcc), "-c", str(HERE / source), "-o", str(obj)],
@@ -141,7 +180,8 @@ def _link(objects: list[Path], nvcc: Path, lib: Path) -> None:
 
 def inspect(obj: Path, nvcc: Path | None = None) -> dict:
     """What the product holds: the cubins' architectures (cuobjdump -lelf) and counts of the Hopper
-    instructions these kernels must use (HGMMA: warpgroup MMA; UTMALDG / UTMASTG: TMA loads and stores),
+    instructions these kernels must use (HGMMA: bf16 warpgroup MMA; QGMMA: the FP8 one, e4m3 x e4m3 -> F32;
+    UTMALDG / UTMASTG: TMA loads and stores),
     from cuobjdump -sass. Without cuobjdump: the architectures only, read from the ELF names in the
     object's embedded fatbin."""
     nvcc = nvcc or nvcc_path()
@@ -153,6 +193,7 @@ def inspect(obj: Path, nvcc: Path | None = None) -> dict:
     ptx = subprocess.run([str(cuobjdump), "-lptx", str(obj)], capture_output=True, text=True).stdout
     sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
     counts = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "UTMALDG", "UTMASTG", "MUFU.TANH")}
+    counts["QGMMA.E4M3"] = len(re.findall(r"\bQGMMA\.\w+\.F32\.E4M3\.E4M3\b", sass))
     return {"archs": sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", elf))),
             "ptx": sorted(set(re.findall(r"\.(sm_\d+a?)\.ptx", ptx))), "sass": counts}
 

@@ -137,10 +137,22 @@ class EngineSection(Section):
     profile: ProfileSection = ProfileSection()
     intra_op_threads: int = Field(2, ge=1)
     ops: dict[Literal["uvqk", "hstu_output", "hstu_attention", "layer_norm", "embedding_rows"],
-              Literal["reference", "triton", "cutlass"]] = Field(
+              Literal["reference", "triton", "cutlass", "cutlass_fp8"]] = Field(
         {}, description="the `compiled` engine's implementation per op on a GPU, e.g. "
         "`{uvqk: cutlass, hstu_output: cutlass, hstu_attention: triton}` (ops not named: the reference, fused by "
         "Inductor); empty: Triton for every op. CPU builds run the reference")
+    precision: Literal["bf16", "fp8"] = Field(
+        "bf16", description="the `compiled` engine's projections on a GPU: `fp8` runs uvqk and hstu_output as "
+        "CUTLASS e4m3 GEMMs (weights per channel, activations per row, scales in the epilogue; overrides their "
+        "`ops` entries; `fp8_accuracy.json` in the bundle has the accuracy gate against bf16); `bf16`: `ops` as given")
+
+    def impl(self) -> dict | None:
+        """The per-op map the compiled engine is built with (None: Triton for every op)."""
+        ops = dict(self.ops)
+        if self.precision == "fp8":
+            base = ops or {op: "triton" for op in ("hstu_attention", "layer_norm", "embedding_rows")}
+            return {**base, "uvqk": "cutlass_fp8", "hstu_output": "cutlass_fp8"}
+        return ops or None
 
 
 class BenchSection(Section):

@@ -239,6 +239,10 @@ class CompiledRunner:
         model.use_eager_layers(bool(meta.get("eager_layers")))
         self.device = torch.device(meta["device"])
         self.model = model.to(self.device, model.cfg.torch_dtype).eval()
+        if uses_fp8(meta["impl"]) and self.device.type == "cuda":  # the weights' e4m3 form, before any graph
+            from hstu_opt.ops import _fp8
+
+            _fp8.prepare(self.model)
         mode = None if meta["mode"] == "default" else meta["mode"]
         # Automatic dynamic shapes: the first shape compiles static, a second one recompiles once with the
         # changing sizes symbolic. Not dynamic=True: that also makes the config's ints (N, the 1/N scale)
@@ -455,6 +459,11 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
             "inputs": input_names("ranking", cfg.contextual_len), "outputs": ["probs"], "cache": CACHE,
             "shapes": [list(s) for s in shapes], "torch": torch.__version__, "triton": toolchain.toolchain()["triton"]}
     ship_cutlass(meta, out_dir)
+    if uses_fp8(meta["impl"]):
+        meta["fp8"] = {"weights": "e4m3 per output column (scale = column absmax / 448), a pure function of the "
+                                  "shipped bf16 weights, computed at load before any CUDA graph (ops/_fp8.py)",
+                       "activations": "e4m3 per row, scales from the quantizing LayerNorm pass",
+                       "accuracy": "fp8_accuracy.json in build-engine's output (backends/fp8_gate.py)"}
     write_json_atomic(out_dir / META, meta)
     with tempfile.TemporaryDirectory(prefix="hstu-opt-compiled-") as tmp:
         cold = _fresh_process("compile", out_dir, Path(tmp), timeout_s)
@@ -472,7 +481,12 @@ def build(model: HstuModel, out_dir: Path, max_batch: int, shapes: list[tuple[in
 
 
 def uses_cutlass(impl: str | dict) -> bool:
-    return Impl.CUTLASS.value in (impl.values() if isinstance(impl, dict) else [impl])
+    used = set(impl.values() if isinstance(impl, dict) else [impl])
+    return bool(used & {Impl.CUTLASS.value, Impl.CUTLASS_FP8.value})
+
+
+def uses_fp8(impl: str | dict) -> bool:
+    return Impl.CUTLASS_FP8.value in (impl.values() if isinstance(impl, dict) else [impl])
 
 
 def ship_cutlass(meta: dict, out_dir: Path) -> None:

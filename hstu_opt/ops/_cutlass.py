@@ -29,6 +29,9 @@ CANNOT_IMPLEMENT = 1
 # 128x128 tiles; UVQK_CONFIG is the one the op runs (benchmarks/gpu_cutlass.py times both).
 UVQK_CONFIGS = ("coop", "pingpong")
 UVQK_CONFIG = "coop"
+# the FP8 uvqk's instances (cutlass_kernels/uvqk_fp8_<config>.cu), the same two schedules with K tiles of 128;
+# UVQK_FP8_CONFIG is the one the op runs until benchmarks/gpu_fp8.py has timed both
+UVQK_FP8_CONFIG = "pingpong"
 
 # What the GPU check covers (benchmarks/gpu_cutlass.py: D in {64, 192, 512, 1024}, H in {1, 2, 4}, d in
 # {32, 64, 128}): bf16; the model width D (uvqk's K, hstu_output's N) a multiple of 64 up to 1024;
@@ -62,6 +65,13 @@ def load(path: str) -> ctypes.CDLL:
         getattr(lib, f"hstu_uvqk_bf16_{config}_can_implement").argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldw, ldo, M, N, K
     lib.hstu_output_bf16.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, i64, i32, i32, i32, p]
     lib.hstu_output_bf16_can_implement.argtypes = [i64] * 6 + [i32] * 3  # lda0..2, ldw, ldr, ldo, M, N, k_part
+    # FP8 (ops/_fp8.py): a, lda, wt, ldwt, row_scale, col_scale, bias, gate, out, ldo, M, N, K, stream
+    for config in UVQK_CONFIGS:
+        getattr(lib, f"hstu_uvqk_fp8_{config}").argtypes = [p, i64, p, i64, p, p, p, p, p, i64, i32, i32, i32, p]
+        getattr(lib, f"hstu_uvqk_fp8_{config}_can_implement").argtypes = [i64, i64, i64, i32, i32, i32]
+    # a, lda, wt, ldwt, row_scale, col_scale, residual, ldr, out, ldo, M, N, K, stream
+    lib.hstu_output_fp8.argtypes = [p, i64, p, i64, p, p, p, i64, p, i64, i32, i32, i32, p]
+    lib.hstu_output_fp8_can_implement.argtypes = [i64] * 4 + [i32] * 3  # lda, ldwt, ldr, ldo, M, N, K
     return lib
 
 

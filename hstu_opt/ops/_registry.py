@@ -18,9 +18,10 @@ class Impl(str, enum.Enum):
     REFERENCE = "reference"
     TRITON = "triton"
     CUTLASS = "cutlass"
+    CUTLASS_FP8 = "cutlass_fp8"  # e4m3 projections on the CUTLASS kernels (ops/_fp8.py)
 
 
-_EXTRA = {Impl.TRITON: "triton", Impl.CUTLASS: "cutlass"}
+_EXTRA = {Impl.TRITON: "triton", Impl.CUTLASS: "cutlass", Impl.CUTLASS_FP8: "cutlass"}
 
 
 class OpTable:

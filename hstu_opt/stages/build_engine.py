@@ -44,7 +44,10 @@ class BuildEngine(Stage):
 
     def key_sections(self, recipe) -> tuple[str, ...]:
         # the compiled engine is compiled ahead for the bench grid's shapes (see _compiled)
-        return self.sections + (("bench",) if "compiled" in recipe.engine.backends else ())
+        extra = ("bench",) if "compiled" in recipe.engine.backends else ()
+        if "compiled" in recipe.engine.backends and recipe.engine.precision == "fp8":  # the FP8 accuracy gate's
+            extra += ("quantize", "data", "model")  # bar, held-out split and tasks
+        return self.sections + extra
 
     def input_stages(self, recipe) -> tuple[str, ...]:
         optional = {"fuse": recipe.fuse.attention_plugin, "calibrate-int8": recipe.quantize.enabled,
@@ -106,8 +109,34 @@ class BuildEngine(Stage):
 
         recipe = ctx.recipe
         model, _ = load_checkpoint(ctx.inputs["train-stub"] / "checkpoint", expect=recipe.model)
-        return {"ranking": compiled.build(model, ctx.out_dir / "compiled", recipe.export.max_batch, recipe.bench.grid(),
-                                          impl=dict(recipe.engine.ops) or None)}
+        out = {"ranking": compiled.build(model, ctx.out_dir / "compiled", recipe.export.max_batch, recipe.bench.grid(),
+                                         impl=recipe.engine.impl())}
+        if recipe.engine.precision == "fp8":
+            out["ranking"]["fp8_accuracy"] = BuildEngine._fp8_gate(ctx, model)
+        return out
+
+    @staticmethod
+    def _fp8_gate(ctx: StageContext, model) -> dict:
+        """engine.precision fp8: the FP8 accuracy gate (backends/fp8_gate.py) into compiled/fp8_accuracy.json;
+        a measured failure stops the build (the FP8 engine is not shipped), a skip is recorded as such."""
+        from hstu_opt.backends import fp8_gate
+        from hstu_opt.data.sequences import load_sequences
+        from hstu_opt.data.splits import leave_one_out
+
+        recipe, section = ctx.recipe, ctx.recipe.quantize
+        tasks = recipe.model.ranking_tasks
+        seqs = load_sequences(recipe.data, recipe.model.contextual_len)
+        test = leave_one_out(seqs, "test", max_history=recipe.model.max_history_len,
+                             num_negatives=recipe.train.eval_negatives, tasks=tasks, seed=recipe.data.seed)
+        ops = dict(recipe.engine.ops)
+        base = {**ops, "uvqk": ops.get("uvqk", "triton"), "hstu_output": ops.get("hstu_output", "triton")} if ops else None
+        report = fp8_gate.fp8_gate(model, test, tasks, section.max_relative_drop, section.gate_resamples,
+                                   section.gate_confidence, base_impl=base)
+        write_json_atomic(ctx.out_dir / "compiled" / "fp8_accuracy.json", report)
+        if report["passed"] is False:
+            raise StageError(f"engine.precision fp8: the FP8 accuracy gate failed ({report['gated']}); see "
+                             f"{ctx.out_dir / 'compiled' / 'fp8_accuracy.json'}")
+        return report
 
     @staticmethod
     def _tensorrt(ctx: StageContext, sources: dict, contract: dict) -> dict:

@@ -43,7 +43,10 @@ def test_products_are_hopper_tma_gmma_code(built):
             pytest.skip("cuobjdump not installed: architecture checked, instructions not")
         assert info["ptx"] == [], k["source"]  # SASS only: nothing for a driver to JIT
         sass = info["sass"]
-        assert sass["HGMMA"] > 0 and sass["UTMALDG"] > 0 and sass["UTMASTG"] > 0, (k["source"], sass)
+        # bf16 kernels: HGMMA; FP8 kernels: QGMMA e4m3 x e4m3 -> F32 (and no bf16 MMA: nothing upcast)
+        mma = ("QGMMA.E4M3", "HGMMA") if "_fp8" in k["source"] else ("HGMMA", "QGMMA.E4M3")
+        assert sass[mma[0]] > 0 and sass[mma[1]] == 0, (k["source"], sass)
+        assert sass["UTMALDG"] > 0 and sass["UTMASTG"] > 0, (k["source"], sass)
     for uvqk in (k for k in built["kernels"] if k["source"].startswith("uvqk_")):
         assert uvqk["inspect"]["sass"]["MUFU.TANH"] > 0  # the SiLU epilogue is in the GEMM
 
@@ -51,6 +54,16 @@ def test_products_are_hopper_tma_gmma_code(built):
 def test_a_second_build_is_the_cache(built):
     again = build.build("sm_90a", jobs=1)
     assert again["cached"] and again["lib"] == built["lib"]
+
+
+def test_objects_are_cached_per_kernel():
+    """A kernel's object key covers its own source and the headers it includes: adding the FP8 kernels (or
+    editing fp8.hpp) does not recompile the bf16 ones."""
+    nvcc = build.nvcc_path()
+    assert "fp8.hpp" not in build.includes("uvqk_bf16_coop.cu") and "uvqk.hpp" in build.includes("uvqk_bf16_coop.cu")
+    assert {"fp8.hpp", "common.hpp", "uvqk.hpp", "uvqk_fp8.hpp"} <= set(build.includes("uvqk_fp8_coop.cu"))
+    keys = {build.object_key(s, "sm_90a", nvcc) for s in ("uvqk_bf16_coop.cu", "uvqk_fp8_coop.cu", "hstu_output_fp8.cu")}
+    assert len(keys) == 3
 
 
 def test_can_implement_through_the_c_abi(built):
@@ -67,3 +80,14 @@ def test_can_implement_through_the_c_abi(built):
     assert out(2048, 512, 512, 512, 512, 512, 69632, 512, 512) == 0
     assert out(128, 32, 32, 64, 64, 64, 3, 64, 32) == 0  # H*dv = 32: half a K tile per operand
     assert out(128, 36, 36, 64, 64, 64, 3, 64, 36) == 1
+    # FP8: e4m3 rows (16-byte TMA rows = 16 elements), W stored transposed [N, K]
+    for config in _cutlass.UVQK_CONFIGS:
+        uvqk = getattr(lib, f"hstu_uvqk_fp8_{config}_can_implement")  # (lda, ldwt, ldo, M, N, K)
+        assert uvqk(512, 512, 2048, 69632, 2048, 512) == 0
+        assert uvqk(64, 64, 128, 1, 128, 64) == 0
+        assert uvqk(50, 64, 128, 7, 128, 50) == 1  # rows of 50 bytes
+        assert uvqk(64, 72, 128, 7, 128, 64) == 1  # W^T's rows not 16-byte aligned
+    out = lib.hstu_output_fp8_can_implement  # (lda, ldwt, ldr, ldo, M, N, K = 3*H*dv)
+    assert out(1536, 1536, 512, 512, 69632, 512, 1536) == 0
+    assert out(96, 96, 64, 64, 3, 64, 96) == 0  # H*dv = 32
+    assert out(100, 100, 64, 64, 3, 64, 100) == 1
