@@ -43,6 +43,7 @@ for s in "$@"; do
         plugin) step plugin python3 benchmarks/gpu_plugin.py --out "$OUT/plugin" ;;
         cutlass) step cutlass python3 benchmarks/gpu_cutlass.py --out "$OUT/cutlass" -j 8 ;;
         fp8) step fp8 python3 benchmarks/gpu_fp8.py --out "$OUT/fp8" ;;
+        overhead) step overhead python3 benchmarks/serve_overhead.py --out "$OUT/overhead" ;;
         paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
         bundle) step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" \
                     --max-batch 16 ;;
