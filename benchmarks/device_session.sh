@@ -58,6 +58,10 @@ for s in "$@"; do
             serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 300
             serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --engine-repeats 0
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed ;;
+        serve1)  # concurrency 1 only: lists, packed, cached users
+            serve_load lists --cache-gb 0 --concurrency 1 --requests 200
+            serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0
+            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0 ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;
     esac
 done
