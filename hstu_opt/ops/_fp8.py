@@ -41,13 +41,27 @@ MIN_SCALE = 1e-12  # an all-zero row or column: scale 1e-12, codes 0
 # converted temporary would not keep (a later temporary at the same address would find a stale entry).
 
 
+# Not verified: H200 run 75 (benchmarks/results/gpu_fp8_h200_2026-12-04_run75.json) passed every FP8 GEMM
+# against float64 of its own dequantized inputs (138 rows) but 5 uvqk op rows (LayerNorm + quantizing pass +
+# GEMM) missed the op bar, 1.0-2.0% against 1%, at D=512 M=333 and D=192. Until a run finds why (the op
+# reference may round to e4m3 differently from the pass; or a bug) the router sends no call to the FP8 kernels;
+# benchmarks/gpu_fp8.py sets this to True to check them.
+FP8_VERIFIED = False
+UNVERIFIED = ("the FP8 ops have not passed their H200 check (run 75: uvqk op rows 1.0-2.0% off against a 1% "
+              "bar); engine.precision fp8 runs the bf16 projections until they do")
+
+
 def uvqk_uncovered(x: Tensor, weight: Tensor, silu_cols: int) -> str | None:
+    if not FP8_VERIFIED:
+        return UNVERIFIED
     if weight.dtype != torch.bfloat16:
         return f"weight dtype {weight.dtype} (the FP8 path quantizes the model's bf16 weights)"
     return _cutlass.uvqk_uncovered(x, weight, silu_cols)
 
 
 def output_uncovered(u: Tensor, weight: Tensor) -> str | None:
+    if not FP8_VERIFIED:
+        return UNVERIFIED
     if weight.dtype != torch.bfloat16:
         return f"weight dtype {weight.dtype} (the FP8 path quantizes the model's bf16 weights)"
     return _cutlass.output_uncovered(u, weight)

@@ -81,6 +81,19 @@ def test_quantized_weights_are_cached_per_tensor_and_columns():
 
 
 # --- routing --------------------------------------------------------------------------------------------
+@pytest.fixture
+def verified(monkeypatch):
+    """Coverage as it will be once an H200 run passes the FP8 op checks (what gpu_fp8.py turns on)."""
+    monkeypatch.setattr(_fp8, "FP8_VERIFIED", True)
+
+
+def test_unverified_fp8_is_refused_everywhere(hopper):
+    """Until an H200 run passes the FP8 op checks, the router sends nothing to the FP8 kernels."""
+    assert not _fp8.FP8_VERIFIED
+    x, w = torch.empty(3, 512, dtype=torch.bfloat16), torch.empty(512, 2048, dtype=torch.bfloat16)
+    assert _fp8.uvqk_uncovered(x, w, 512) == _fp8.UNVERIFIED
+    assert _fp8.output_uncovered(torch.empty(3, 512, dtype=torch.bfloat16), w[:, :512]) == _fp8.UNVERIFIED
+
 
 @pytest.mark.parametrize("D,N,silu,dtype,wdtype,covered", [
     (512, 2048, 512, torch.bfloat16, torch.bfloat16, True),   # dlrm-v3
@@ -90,7 +103,7 @@ def test_quantized_weights_are_cached_per_tensor_and_columns():
     (50, 2048, 512, torch.bfloat16, torch.bfloat16, False),
     (512, 4096, 1024, torch.bfloat16, torch.bfloat16, False),
 ])
-def test_fp8_uvqk_covers_what_the_gpu_check_checks(hopper, D, N, silu, dtype, wdtype, covered):
+def test_fp8_uvqk_covers_what_the_gpu_check_checks(hopper, verified, D, N, silu, dtype, wdtype, covered):
     reason = _fp8.uvqk_uncovered(torch.empty(3, D, dtype=dtype), torch.empty(D, N, dtype=wdtype), silu)
     assert (reason is None) == covered, reason
 
@@ -99,7 +112,7 @@ def test_fp8_uvqk_covers_what_the_gpu_check_checks(hopper, D, N, silu, dtype, wd
     (512, 512, torch.bfloat16, True), (32, 64, torch.bfloat16, True), (512, 512, torch.float32, False),
     (48, 512, torch.bfloat16, False), (512, 500, torch.bfloat16, False),
 ])
-def test_fp8_hstu_output_covers_what_the_gpu_check_checks(hopper, hv, D, wdtype, covered):
+def test_fp8_hstu_output_covers_what_the_gpu_check_checks(hopper, verified, hv, D, wdtype, covered):
     reason = _fp8.output_uncovered(torch.empty(3, hv, dtype=torch.bfloat16), torch.empty(3 * hv, D, dtype=wdtype))
     assert (reason is None) == covered, reason
 
@@ -222,7 +235,7 @@ def test_gate_is_skipped_off_an_h200_and_says_why(monkeypatch):
     assert report["passed"] is None and "not run" in report["skipped"] and "rule" in report
 
 
-def test_covered_calls_trace_to_one_custom_op_each(hopper):
+def test_covered_calls_trace_to_one_custom_op_each(hopper, verified):
     """What torch.compile sees of a covered call (traced with fake tensors: no kernel runs): the LN pass,
     quantization and GEMM are one opaque node per projection, nothing to break the graph."""
     from torch.fx.experimental.proxy_tensor import make_fx

@@ -336,11 +336,12 @@ def _blocks(dqk: int, dv: int, dtype: torch.dtype) -> dict:
 FWD_FLAGS = {"LONGEST_FIRST": True, "TMA": True, "MERGED": None, "POST_SCALE": None, "QREG": True,
              "CTX_FIRST": True, "WS": True}
 # PAGED_WS: paged cached launches that takes_cached_ws picks go to the Gluon kernel's paged form (its producer
-# reads the page table; gluon_ws.launch_cached_paged_ws) instead of the Triton kernel's PAGE mode. Off until
-# a GPU run has checked it: it builds for sm_90 without spilling (Triton 3.9's ptxas, on the CPU machine) but
-# has not run; benchmarks/gpu_check.py reports it as diagnostic rows (bit for bit against the contiguous Gluon
-# launch, and vs float64) and benchmarks/gpu_paged.py times it. Turn on when both say so.
-PAGED_WS = False
+# reads the page table; gluon_ws.launch_cached_paged_ws) instead of the Triton kernel's PAGE mode. On since
+# H200 run 72 (benchmarks/results/gpu_check_h200_2026-12-04_run72.json: for every case the router sends to the
+# Gluon kernel and every page size, bit for bit the contiguous Gluon launch and within the float64 bar) and run
+# 76 (gpu_paged_h200_2026-12-04_run76.json, CUDA-graph replays, dlrm-v3 batch 16: 0.065 ms against 0.0615 for
+# the contiguous Gluon launch and 0.095 for the Triton kernel's PAGE mode).
+PAGED_WS = True
 
 
 def _gluon_takes(q: Tensor, *others: Tensor) -> bool:
