@@ -113,18 +113,34 @@ def test_paged_real_and_fake_signatures_agree():
 
 
 @needs_triton
-def test_paged_launches_stay_off_the_gluon_kernel_until_checked(monkeypatch):
-    """triton.PAGED_WS off: a paged launch the Gluon kernel would take (here: forced) runs the Triton kernel."""
+@pytest.mark.parametrize("paged_ws", [True, False])
+def test_paged_ws_switch_sends_gluon_launches_only_when_on(monkeypatch, paged_ws):
+    """triton.PAGED_WS (on since H200 runs 72/76): a paged launch the Gluon kernel would take (here: forced)
+    goes to its paged form when on, and runs the Triton kernel's PAGE mode (same result) when off."""
     from hstu_opt.ops.hstu_attention import gluon_ws
     from hstu_opt.ops.hstu_attention import triton as tri
 
-    def boom(*a, **k):
-        raise AssertionError("a paged launch reached the Gluon kernel")
+    calls = []
 
-    assert not tri.PAGED_WS
+    def gluon(*a, **k):  # (no Gluon on a CPU: record the call, fill the output from the Triton kernel)
+        calls.append(a)
+        raise _Routed
+
+    assert tri.PAGED_WS  # the shipped setting
+    monkeypatch.setattr(tri, "PAGED_WS", paged_ws)
     monkeypatch.setattr(tri, "takes_cached_ws", lambda *a, **k: True)
-    monkeypatch.setattr(gluon_ws, "launch_cached_paged_ws", boom)
+    monkeypatch.setattr(gluon_ws, "launch_cached_paged_ws", gluon)
     contiguous, paged = paged_case([70, 9], [2, 1], 64, 1, 16, torch.float32)
     kw = dict(max_seq_len=100, alpha=0.3, max_delta_len=2)
+    if paged_ws:
+        with pytest.raises(_Routed):
+            ops.cached_hstu_attention_paged(*paged, impl=Impl.TRITON, **kw)
+        assert len(calls) == 1
+        return
     got = ops.cached_hstu_attention_paged(*paged, impl=Impl.TRITON, **kw)
+    assert not calls
     torch.testing.assert_close(got, ops.cached_hstu_attention(*contiguous, **kw), atol=1e-6, rtol=1e-6)
+
+
+class _Routed(Exception):
+    """Raised by the stand-in Gluon launch: the router sent the call there."""
