@@ -142,5 +142,22 @@ def test_paged_ws_switch_sends_gluon_launches_only_when_on(monkeypatch, paged_ws
     torch.testing.assert_close(got, ops.cached_hstu_attention(*contiguous, **kw), atol=1e-6, rtol=1e-6)
 
 
+@needs_triton
+def test_paged_pool_is_checked_as_the_row_matrix_the_kernels_read(monkeypatch):
+    """The Gluon route's checks (tma_ok's strides) see a pool layer as [pages * page_rows, H, d], as the
+    kernels read it, not the 4-D [pages, page_rows, H, d] view (which never passed them)."""
+    from hstu_opt.ops.hstu_attention import gluon_ws
+    from hstu_opt.ops.hstu_attention import triton as tri
+
+    seen = []
+    monkeypatch.setattr(tri, "_gluon_takes", lambda q, *others: seen.append([t.dim() for t in others]) or False)
+    monkeypatch.setattr(tri, "FWD_FLAGS", {**tri.FWD_FLAGS, "WS": True})
+    monkeypatch.setattr(gluon_ws, "launch_cached_paged_ws", None)
+    contiguous, paged = paged_case([70, 9], [2, 1], 64, 1, 16, torch.float32)
+    kw = dict(max_seq_len=100, alpha=0.3, max_delta_len=2)
+    ops.cached_hstu_attention_paged(*paged, impl=Impl.TRITON, **kw)
+    assert seen and all(dims == [3, 3, 3, 3] for dims in seen), seen
+
+
 class _Routed(Exception):
     """Raised by the stand-in Gluon launch: the router sent the call there."""

@@ -530,7 +530,10 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
     L, H, dqk = q.shape
     dv = v.shape[-1]
     paged = page_table is not None
-    if (not paged or PAGED_WS) and takes_cached_ws(q, k, v, k_cache, v_cache, out, max_attn_len, tma):
+    # (a pool's [pages, page_rows, H, d] layer is checked as the [rows, H, d] matrix the kernels read: H200 run 77
+    # found the 4-D view failing tma_ok's stride test, so paged launches never reached the Gluon kernel)
+    kc_rows, vc_rows = (k_cache.flatten(0, 1), v_cache.flatten(0, 1)) if paged else (k_cache, v_cache)
+    if (not paged or PAGED_WS) and takes_cached_ws(q, k, v, kc_rows, vc_rows, out, max_attn_len, tma):
         from hstu_opt.ops.hstu_attention import gluon_ws  # (Gluon: imported only where it runs)
 
         if paged:
