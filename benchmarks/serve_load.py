@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import importlib.metadata as md
 import json
 import os
@@ -50,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from hstu_opt import toolchain  # noqa: E402
 from hstu_opt.serve.engines import Row, choose_engine, gpu_name, load_adapter, uses_cached_path  # noqa: E402
-from hstu_opt.serve.requests import rank_input  # noqa: E402
+from hstu_opt.serve.requests import pack_int64, rank_input  # noqa: E402
 from hstu_opt.serve.schemas import RankRequest  # noqa: E402
 from hstu_opt.serve.served_bundle import ServedBundle  # noqa: E402
 from hstu_opt.serve.server import set_torch_threads  # noqa: E402
@@ -100,15 +99,11 @@ def user_pool(bundle: ServedBundle, args: argparse.Namespace) -> list[dict]:
     return pool
 
 
-def pack(values: list[int]) -> str:
-    return base64.b64encode(np.asarray(values, dtype="<i8").tobytes()).decode()
-
-
 def encoded(body: dict, arrays: str) -> bytes:
     """The request as sent: JSON, with the long integer lists packed when asked."""
     if arrays == "packed":
-        body = {**body, "history": {k: pack(v) for k, v in body["history"].items()},
-                "candidates": pack(body["candidates"])}
+        body = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()},
+                "candidates": pack_int64(body["candidates"])}
     return json.dumps(body).encode()
 
 

@@ -9,7 +9,6 @@ serve_load.py, to see which part of the gap is this host's Python.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import platform
 import sys
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hstu_opt.serve import requests  # noqa: E402
+from hstu_opt.serve.requests import pack_int64  # noqa: E402
 from hstu_opt.serve.app import rank_response  # noqa: E402
 from hstu_opt.serve.kv_cache import cache_key  # noqa: E402
 from hstu_opt.serve.runners.base import RankOutput  # noqa: E402
@@ -38,8 +38,8 @@ def bodies(history: int, candidates: int) -> dict[str, bytes]:
                                          "ratings": rng.integers(0, 5, history).tolist(),
                                          "timestamps": np.sort(rng.integers(1_600_000_000, 1_700_000_000, history)).tolist()},
             "candidates": rng.integers(1, 10**6, candidates).tolist(), "contextual_ids": [1, 2, 3, 4]}
-    pack = lambda v: base64.b64encode(np.asarray(v, "<i8").tobytes()).decode()  # noqa: E731
-    packed = {**body, "history": {k: pack(v) for k, v in body["history"].items()}, "candidates": pack(body["candidates"])}
+    packed = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()},
+              "candidates": pack_int64(body["candidates"])}
     return {"lists": json.dumps(body).encode(), "packed": json.dumps(packed).encode()}
 
 

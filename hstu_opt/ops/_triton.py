@@ -36,6 +36,11 @@ def unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as the [rows, last dim] matrix the GEMM kernels read (Triton and CUTLASS alike), unit_stride."""
+    return unit_stride(t.reshape(-1, t.shape[-1]))
+
+
 @triton.jit
 def tanh_approx(x):
     """tanh.approx.f32: one MUFU op, max relative error ~2^-11 (below bf16/fp16 rounding). GPU only."""

@@ -38,6 +38,11 @@ def int_array(values: list[int] | str, field: str) -> np.ndarray:
         raise InvalidRequest(field, "a value does not fit in a signed 64-bit integer") from None
 
 
+def pack_int64(values) -> str:
+    """The packed form a client sends (packed_array's inverse): base64 of the values as little-endian int64."""
+    return binascii.b2a_base64(np.asarray(values, dtype="<i8").tobytes(), newline=False).decode()
+
+
 def packed_array(text: str, field: str) -> np.ndarray:
     try:
         raw = binascii.a2b_base64(text, strict_mode=True)  # (no whitespace, exact padding)

@@ -22,9 +22,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# A long integer list may instead be sent packed: base64 of little-endian int64 values (numpy:
-# base64.b64encode(a.astype("<i8").tobytes())). A 4096-row history then parses in about a tenth of the
-# time of a JSON list (docs/serving.md, "Packed arrays"); hstu_opt.serve.requests.int_array decodes it.
+# A long integer list may instead be sent packed: base64 of little-endian int64 values
+# (hstu_opt.serve.requests.pack_int64; numpy: base64.b64encode(a.astype("<i8").tobytes())). A 4096-row
+# history then parses in about a tenth of the time of a JSON list (docs/serving.md, "Packed arrays"); hstu_opt.serve.requests.int_array decodes it.
 # base64 of whole int64 values: 32 characters per 3 values, then 11 + "=" (one more) or 22 + "==" (two)
 BASE64 = r"^(?:[A-Za-z0-9+/]{32})*(?:[A-Za-z0-9+/]{11}=|[A-Za-z0-9+/]{22}==)?$"
 # The pattern is published, not run by pydantic: on a 44 KB string its regex cost 0.07 ms per field, and the

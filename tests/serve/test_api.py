@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from hstu_opt.model.checkpoint import load_checkpoint
 from hstu_opt.model.scoring import to_tensors
 from hstu_opt.serve.engines import padded
-from hstu_opt.serve.requests import floor_time, rank_input
+from hstu_opt.serve.requests import floor_time, pack_int64, rank_input
 from hstu_opt.serve.schemas import RankRequest
 from hstu_opt.serve.served_bundle import CHECKPOINT, ServedBundle
 from hstu_opt.serve.settings import ServeSettings
@@ -79,9 +78,8 @@ def test_packed_arrays_give_the_same_scores_and_server_timing(live, bundle):
     rng = np.random.default_rng(11)
     tasks = list(bundle.cfg.ranking_tasks)
     body = user_body(rng, bundle.cfg.num_items, 40, 9, user_id="packed")
-    pack = lambda v: base64.b64encode(np.asarray(v, dtype="<i8").tobytes()).decode()  # noqa: E731
-    packed = {**body, "history": {k: pack(v) for k, v in body["history"].items() if v is not None},
-              "candidates": pack(body["candidates"])}
+    packed = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items() if v is not None},
+              "candidates": pack_int64(body["candidates"])}
     with live.client() as c:
         listed = c.post("/v1/rank", json=body | {"user_id": None})
         sent = c.post("/v1/rank", json=packed | {"user_id": None})

@@ -17,7 +17,7 @@ from hstu_opt.errors import ServeError
 from hstu_opt.model.config import HstuConfig
 from hstu_opt.serve.engines import ENGINE_RULE, choose_engine
 from hstu_opt.serve.kv_cache import KVStore, LRUPolicy, UserKV, history_digest
-from hstu_opt.serve.requests import InvalidRequest, RequestLimits, int_array, rank_input
+from hstu_opt.serve.requests import InvalidRequest, RequestLimits, int_array, pack_int64, rank_input
 from hstu_opt.serve.runners.base import QueueFull
 from hstu_opt.serve.scheduler import BatchPolicy, Scheduler, SchedulerClosed
 from hstu_opt.serve.schemas import BASE64, RankRequest
@@ -64,16 +64,12 @@ def test_request_normalization_truncates_floors_and_defaults():
     assert rank_input(RankRequest.model_validate(body | {"query_time": 239}), LIMITS).query_time == 180
 
 
-def packed(values: list[int]) -> str:
-    return base64.b64encode(np.asarray(values, dtype="<i8").tobytes()).decode()
-
-
 def test_packed_arrays_equal_lists_and_bad_packing_names_the_field():
     body = {"history": {"item_ids": [1, 2, 3], "ratings": [1, 0, 2], "timestamps": [5, 6, 70]}, "candidates": [7, 8],
             "query_time": 100}
     want = rank_input(RankRequest.model_validate(body), LIMITS)
-    packed_body = {**body, "history": {k: packed(v) for k, v in body["history"].items()},
-                   "candidates": packed(body["candidates"])}
+    packed_body = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()},
+                   "candidates": pack_int64(body["candidates"])}
     got = rank_input(RankRequest.model_validate_json(json.dumps(packed_body)), LIMITS)
     for name in ("item_ids", "ratings", "timestamps", "candidates"):
         a, b = getattr(got, name), getattr(want, name)
@@ -88,9 +84,10 @@ def test_packed_arrays_equal_lists_and_bad_packing_names_the_field():
         with pytest.raises(InvalidRequest) as err:
             int_array(bad, "candidates")
         assert err.value.field == "candidates"
-    assert re.fullmatch(BASE64, packed([1, 2, 3, 4])) and int_array(packed([1, 2, 3, 4]), "x").tolist() == [1, 2, 3, 4]
+    assert pack_int64([1, -2, 2**62]) == base64.b64encode(np.array([1, -2, 2**62], "<i8").tobytes()).decode()
+    assert re.fullmatch(BASE64, pack_int64([1, 2, 3, 4])) and int_array(pack_int64([1, 2, 3, 4]), "x").tolist() == [1, 2, 3, 4]
     with pytest.raises(InvalidRequest) as err:  # packed ids are range-checked like listed ones
-        rank_input(RankRequest.model_validate({**body, "candidates": packed([7, 0])}), LIMITS)
+        rank_input(RankRequest.model_validate({**body, "candidates": pack_int64([7, 0])}), LIMITS)
     assert err.value.field == "candidates[1]"
 
 

@@ -548,7 +548,7 @@ def launch_cached(q: Tensor, k: Tensor, v: Tensor, delta_offsets: Tensor, k_cach
     if paged:
         page = k_cache.shape[1]
         assert page % cfg["BLOCK_N"] == 0, f"page_rows {page} must be a multiple of BLOCK_N {cfg['BLOCK_N']}"
-        k_cache, v_cache = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [pages * page_rows, H, d]: views
+        k_cache, v_cache = kc_rows, vc_rows  # [pages * page_rows, H, d]: views
     m_blocks = triton.cdiv(max_delta_len, cfg["BLOCK_M"])
     splits, split_len = cache_splits(max_seq_len, m_blocks * (delta_offsets.shape[0] - 1) * H, cfg["BLOCK_N"])
     assert out.shape[0] == splits, "allocate out with cached_partials_shape"

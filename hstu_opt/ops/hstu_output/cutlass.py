@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hstu_opt.ops import _cutlass
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride
+from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride_rows
 from hstu_opt.ops.hstu_output import TABLE
 
 
@@ -46,10 +46,6 @@ def _(u, a, x, norm_weight, norm_bias, weight, eps):
     return x.new_empty(x.shape)
 
 
-def _rows(t: Tensor) -> Tensor:
-    return unit_stride(t.reshape(-1, t.shape[-1]))
-
-
 @TABLE.register(Impl.CUTLASS, "hstu_output")
 def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
     reason = "dropout (training)" if dropout > 0 else _cutlass.output_uncovered(u, output_weight)
@@ -58,6 +54,7 @@ def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
             _cutlass.warn_fallback("hstu_output", reason)
         return TABLE.get(_cutlass.fallback(u), "hstu_output")(u, a, x, norm_weight, norm_bias, output_weight, eps,
                                                               dropout)
-    out = hstu_output_cutlass(_rows(u), _rows(a), _rows(x).contiguous(), norm_weight, norm_bias,
+    u2, a2, x2 = map(unit_stride_rows, (u, a, x))
+    out = hstu_output_cutlass(u2, a2, x2.contiguous(), norm_weight, norm_bias,
                               output_weight.to(u.dtype).contiguous(), eps)
     return out.reshape(x.shape)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from hstu_opt.ops import _cutlass, _fp8
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import unit_stride
+from hstu_opt.ops._triton import unit_stride_rows
 from hstu_opt.ops.hstu_output import TABLE
 
 
@@ -43,10 +43,6 @@ def _(u, a, x, norm_weight, norm_bias, weight, eps):
     return x.new_empty(x.shape)
 
 
-def _rows(t: Tensor) -> Tensor:
-    return unit_stride(t.reshape(-1, t.shape[-1]))
-
-
 @TABLE.register(Impl.CUTLASS_FP8, "hstu_output")
 def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
     reason = "dropout (training)" if dropout > 0 else _fp8.output_uncovered(u, output_weight)
@@ -55,6 +51,7 @@ def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
             _cutlass.warn_fallback("hstu_output (fp8)", reason)
         return TABLE.get(_cutlass.fallback(u), "hstu_output")(u, a, x, norm_weight, norm_bias, output_weight, eps,
                                                               dropout)
-    out = hstu_output_cutlass_fp8(_rows(u), _rows(a), _rows(x).contiguous(), norm_weight, norm_bias,
+    u2, a2, x2 = map(unit_stride_rows, (u, a, x))
+    out = hstu_output_cutlass_fp8(u2, a2, x2.contiguous(), norm_weight, norm_bias,
                                   output_weight, eps)
     return out.reshape(x.shape)

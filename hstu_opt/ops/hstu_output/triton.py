@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride
+from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride_rows
 from hstu_opt.ops.hstu_output import TABLE
 from hstu_opt.ops.hstu_output import reference
 
@@ -35,14 +35,11 @@ def _(u, a, x, norm_weight, norm_bias, weight, eps):
     return x.new_empty(x.shape)
 
 
-def _rows(t: Tensor) -> Tensor:
-    return unit_stride(t.reshape(-1, t.shape[-1]))
-
-
 @TABLE.register(Impl.TRITON, "hstu_output")
 def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
     if dropout > 0:
         return reference.hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout)
-    out = hstu_output_triton(_rows(u), _rows(a), _rows(x), norm_weight, norm_bias,
+    u2, a2, x2 = map(unit_stride_rows, (u, a, x))
+    out = hstu_output_triton(u2, a2, x2, norm_weight, norm_bias,
                              output_weight.to(u.dtype).contiguous(), eps)
     return out.reshape(x.shape)

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride
+from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride_rows
 from hstu_opt.ops.uvqk import TABLE, kv_columns
 
 
@@ -46,7 +46,7 @@ def _(x, norm_weight, norm_bias, weight, bias, silu_cols, eps, rows=None):
 @TABLE.register(Impl.TRITON, "uvqk")
 def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps):
     lead = x.shape[:-1]
-    x2d = unit_stride(x.reshape(-1, x.shape[-1]))
+    x2d = unit_stride_rows(x)
     hv, hqk = num_heads * linear_dim, num_heads * attention_dim
     proj = uvqk_triton(x2d, norm_weight, norm_bias, uvqk_weight.to(x.dtype).contiguous(), uvqk_bias, hv, eps)
     u, v, q, k = torch.split(proj, [hv, hv, hqk, hqk], dim=-1)
@@ -57,7 +57,7 @@ def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attentio
 @TABLE.register(Impl.TRITON, "uvqk_kv")
 def _uvqk_kv(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps, rows):
     lead = x.shape[:-1] if rows is None else rows.shape
-    x2d = unit_stride(x.reshape(-1, x.shape[-1]))
+    x2d = unit_stride_rows(x)
     w, b = kv_columns(uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim)
     proj = uvqk_triton(x2d, norm_weight, norm_bias, w.to(x.dtype).contiguous(), b, 0, eps,
                        None if rows is None else rows.to(torch.int64))
