@@ -169,7 +169,7 @@ def ship_plugin(out_dir: Path, arch: int) -> tuple[Path, dict]:
         how = f"the package's cubins/sm_{arch} (current for this kernel source)"
     else:
         require("triton", backend="tensorrt plugin (compiling its cubins)", extra="triton")
-        compile_mod.compile_arch(arch, dst / "cubins")
+        compile_mod.compile_arch_in_child(arch, dst / "cubins")
         how = f"compiled now for sm_{arch} ({time.perf_counter() - t0:.1f} s)"
     manifest = json.loads((dst / "cubins" / f"sm_{arch}" / "manifest.json").read_text())
     return dst, {"cubins": how, "arch": arch, "triton": manifest["triton"], "source_sha256": manifest["source_sha256"],

@@ -114,6 +114,25 @@ def compile_arch(arch: int, out: Path = CUBINS) -> dict:
     return manifest
 
 
+def compile_arch_in_child(arch: int, out: Path = CUBINS) -> dict:
+    """compile_arch in a fresh Python process without TRITON_INTERPRET: with the interpreter on (as in the
+    test suite, or a user's debugging shell) `triton.jit` makes InterpretedFunctions, which Triton's AOT
+    compiler cannot take. Returns the manifest it wrote; a failure raises with the child's last lines."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(HERE.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "plugins.hstu_attention.compile", "--arch", str(arch), "--out", str(out), "--force"]
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"compiling the HstuAttention cubins for sm_{arch} failed ({' '.join(cmd[1:])}):\n{tail}")
+    return json.loads((out / f"sm_{arch}" / "manifest.json").read_text())
+
+
 def is_current(folder: Path) -> bool:
     """Whether folder (cubins/sm_XX) holds every variant, compiled from today's kernel source."""
     try:
@@ -130,7 +149,7 @@ def ensure(arch: int, out: Path = CUBINS) -> Path:
     """out/sm_<arch>, compiled now unless it is current."""
     folder = out / f"sm_{arch}"
     if not is_current(folder):
-        compile_arch(arch, out)
+        compile_arch_in_child(arch, out)
     return folder
 
 

@@ -79,6 +79,25 @@ def test_shipped_cubins_are_current_and_for_their_arch(arch):
         assert f".sm_{arch}" in listing, listing
 
 
+def test_stale_cubins_are_recompiled_with_the_interpreter_on(tmp_path, monkeypatch):
+    """ship_plugin's path when the package's cubins are stale, in the test process where TRITON_INTERPRET=1
+    (tests/ops/triton_interpreter.py) makes triton.jit functions uncompilable AOT: the child process compiles
+    them, and they match the shipped ones byte for byte (the kernel source is the same)."""
+    pytest.importorskip("triton")
+    from hstu_opt.backends import tensorrt as trt_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(aot, "is_current", lambda folder: False)
+    dst, shipped = trt_backend.ship_plugin(tmp_path / "tensorrt", 90)
+    assert shipped["cubins"].startswith("compiled now for sm_90"), shipped
+    monkeypatch.undo()
+    fresh = dst / "cubins" / "sm_90"
+    assert aot.is_current(fresh)
+    kernels = json.loads((fresh / "manifest.json").read_text())["kernels"]
+    shipped_kernels = json.loads((CUBINS / "sm_90" / "manifest.json").read_text())["kernels"]
+    assert {k: v["sha256"] for k, v in kernels.items()} == {k: v["sha256"] for k, v in shipped_kernels.items()}
+
+
 def _triton_tool(name):
     found = importlib.util.find_spec("triton")
     if found is None:
