@@ -24,6 +24,17 @@ def hash_tree(root: Path) -> dict[str, dict]:
     return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files}
 
 
+def source_digest(root: Path, *folders: str, pattern: str = "*.py") -> str:
+    """sha256 over the files matching `pattern` under root/folder for each folder (recursively; names
+    relative to root, sorted, __pycache__ excluded): a stage's key part for code it compiles or ships."""
+    h = hashlib.sha256()
+    for folder in folders:
+        for f in sorted((root / folder).rglob(pattern)):
+            if "__pycache__" not in f.parts and f.is_file():
+                h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def digest_of(files: dict[str, dict]) -> str:
     return hashlib.sha256(json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode()).hexdigest()
 

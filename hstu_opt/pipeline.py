@@ -66,6 +66,7 @@ def cache_key(stage: Stage, recipe: Recipe, input_digests: dict[str, str]) -> st
         "sections": {name: recipe.section(name).digest() for name in stage.key_sections(recipe)},
         "inputs": input_digests,
         "toolchain": toolchain.fingerprint(),
+        "code": stage.code_digests(recipe),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -110,9 +111,10 @@ def plan(recipe: Recipe, root: Path, until: str | None = None) -> list[Lookup]:
 def ci_cache_key(recipe: Recipe) -> str:
     """A key for a CI cache of `<root>/.cache`: equal keys mean equal stage keys, so a restored cache
     holds this build's entries. It hashes what every stage key hashes, except the upstream outputs
-    (which follow from the rest): the recipe, the stages' names and versions, the toolchain."""
-    parts = {"recipe": recipe.digest(), "stages": {s.name: s.version for s in resolve(recipe)},
-             "toolchain": toolchain.fingerprint()}
+    (which follow from the rest): the recipe, the stages' names, versions and code digests, the toolchain."""
+    stages = resolve(recipe)
+    parts = {"recipe": recipe.digest(), "stages": {s.name: s.version for s in stages},
+             "toolchain": toolchain.fingerprint(), "code": {s.name: s.code_digests(recipe) for s in stages}}
     return f"{ci_cache_prefix(recipe)}{hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]}"
 
 

@@ -43,6 +43,12 @@ class Stage(abc.ABC):
         depends on another section only for some recipes)."""
         return self.sections
 
+    def code_digests(self, recipe: Recipe) -> dict[str, str]:
+        """Digests of the code this stage compiles or ships into its output with this recipe (kernel sources,
+        a prebuilt library), beyond what `version` and the toolchain's hstu_opt version say: part of the cache
+        key, so an edited kernel is never served from an entry built before the edit."""
+        return {}
+
     def input_stages(self, recipe: Recipe) -> tuple[str, ...]:
         """Upstream stages read with this recipe (a stage may use an optional one only when it is enabled)."""
         return self.inputs

@@ -12,12 +12,15 @@ Outputs: <backend>/... and engines.json.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+from pathlib import Path
 
 from hstu_opt.backends import onnxruntime as ort_backend
 from hstu_opt.backends import tensorrt as trt_backend
 from hstu_opt.errors import StageError
-from hstu_opt.fsutil import write_json_atomic
+from hstu_opt.fsutil import sha256_file, source_digest, write_json_atomic
 from hstu_opt.stages.base import Stage, StageContext
 from hstu_opt.stages.calibrate_int8 import INT8_FILES
 from hstu_opt.stages.export_onnx import GRAPH_FILES
@@ -34,6 +37,9 @@ def check_profile(recipe, limits: dict) -> None:
                              "(the exported graph's limits): fix the recipe")
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # holds hstu_opt/
+
+
 class BuildEngine(Stage):
     name = "build-engine"
     version = 5  # 2: Q/DQ engines keep MatMulAddFusion off; 3: session.json records `quantized`; 4: compiled;
@@ -48,6 +54,28 @@ class BuildEngine(Stage):
         if "compiled" in recipe.engine.backends and recipe.engine.precision == "fp8":  # the FP8 accuracy gate's
             extra += ("quantize", "data", "model")  # bar, held-out split and tasks
         return self.sections + extra
+
+    def code_digests(self, recipe) -> dict[str, str]:
+        """The kernels this stage compiles or ships: the HstuAttention plugin package (the fused TensorRT plan),
+        hstu-opt's model and ops (the compiled and AOTInductor engines), the CUTLASS library they ship."""
+        out: dict[str, str] = {}
+        backends = set(recipe.engine.backends)
+        if "tensorrt" in backends and recipe.fuse.attention_plugin:
+            found = importlib.util.find_spec("plugins.hstu_attention")
+            # (its kernel imports hstu_opt/ops/_triton.py: plugins/hstu_attention/compile.source_digest)
+            out["hstu_attention_plugin"] = (source_digest(Path(found.origin).parent.parent.parent, "plugins/hstu_attention")
+                                            + sha256_file(PACKAGE_ROOT / "hstu_opt" / "ops" / "_triton.py")
+                                            if found and found.origin else "not installed")
+        if backends & {"compiled", "aoti"}:
+            out["hstu_opt"] = source_digest(PACKAGE_ROOT, "hstu_opt/ops", "hstu_opt/model", "hstu_opt/backends")
+        if "compiled" in backends:
+            from hstu_opt.backends.compiled import uses_cutlass
+            from hstu_opt.ops import _cutlass
+
+            if uses_cutlass(recipe.engine.impl() or {}):
+                lib = os.environ.get(_cutlass.ENV_LIB)
+                out["cutlass_lib"] = sha256_file(Path(lib)) if lib and os.path.isfile(lib) else "not built"
+        return out
 
     def input_stages(self, recipe) -> tuple[str, ...]:
         optional = {"fuse": recipe.fuse.attention_plugin, "calibrate-int8": recipe.quantize.enabled,

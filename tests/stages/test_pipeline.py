@@ -125,3 +125,40 @@ def test_compiled_engine_through_the_pipeline(micro_recipe, tmp_path, reporter):
     assert reporter.ran() == ["build-engine", "bench"]
     engine = json.loads((path / "build-engine" / "engines.json").read_text())["compiled"]["ranking"]
     assert engine["shapes"] == [[2, 24, 4]]
+
+
+def test_an_edited_kernel_rebuilds_the_engines_and_nothing_before_them(micro_recipe, tmp_path, reporter, monkeypatch):
+    """build-engine's key holds the digests of the code it compiles or ships (Stage.code_digests): the
+    plugin package (CI found a plan cached from before a kernel edit would have been reused)."""
+    from hstu_opt.stages.build_engine import BuildEngine
+
+    root = tmp_path / "out"
+    recipe = load_recipe(micro_recipe)
+    pipeline.build(recipe, root, reporter)
+    before = BuildEngine().code_digests(recipe)
+    reporter.events.clear()
+    monkeypatch.setattr(BuildEngine, "code_digests", lambda self, r: {k: "edited" for k in before} | {"x": "edited"})
+    pipeline.build(recipe, root, reporter)
+    # (bench reruns only if the rebuilt engines differ: its key hashes build-engine's outputs)
+    assert reporter.ran()[0] == "build-engine" and set(reporter.ran()) <= {"build-engine", "bench"}
+    assert reporter.cached()[:4] == ["train-stub", "export-onnx", "fuse", "calibrate-int8"]
+
+
+def test_code_digests_follow_the_sources(tmp_path):
+    from hstu_opt.fsutil import source_digest
+    from hstu_opt.stages.build_engine import BuildEngine
+
+    (tmp_path / "k" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "k" / "a.py").write_text("x = 1\n")
+    first = source_digest(tmp_path, "k")
+    (tmp_path / "k" / "__pycache__" / "a.cpython.pyc").write_bytes(b"ignored")
+    assert source_digest(tmp_path, "k") == first
+    (tmp_path / "k" / "a.py").write_text("x = 2\n")
+    assert source_digest(tmp_path, "k") != first
+
+    recipe = load_recipe(Path(__file__).parent.parent.parent / "recipes" / "tiny.yaml")
+    assert set(BuildEngine().code_digests(recipe)) == {"hstu_attention_plugin"}  # tensorrt + fused plugin
+    compiled = recipe.model_copy(update={"engine": recipe.engine.model_copy(update={
+        "backends": ("onnxruntime", "compiled"), "ops": {"uvqk": "cutlass", "hstu_attention": "triton"}})})
+    got = BuildEngine().code_digests(compiled)
+    assert set(got) == {"hstu_opt", "cutlass_lib"} and len(got["hstu_opt"]) == 64
