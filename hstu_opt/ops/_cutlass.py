@@ -129,6 +129,13 @@ def fallback(t: torch.Tensor):
     return Impl.TRITON if t.device.type == "cuda" else Impl.REFERENCE
 
 
+def run_fallback(table, entry: str, label: str, reason: str, x: torch.Tensor, *args):
+    """An uncovered call of a CUTLASS entry: warn (once per label and reason), then run `entry` of the
+    fallback implementation (`fallback(x)`) with (x, *args)."""
+    warn_fallback(label, reason)
+    return table.get(fallback(x), entry)(x, *args)
+
+
 @functools.cache
 def warn_fallback(op: str, reason: str) -> None:
     warnings.warn(f"{op}: the CUTLASS kernel does not cover {reason}; running the Triton (GPU) or reference op",

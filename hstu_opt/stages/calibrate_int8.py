@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import tempfile
@@ -29,7 +28,6 @@ from hstu_opt.backends import onnxruntime as ort_backend
 from hstu_opt.data import agreement
 from hstu_opt.data.sequences import load_sequences
 from hstu_opt.data.splits import leave_one_out
-from hstu_opt.errors import StageError
 from hstu_opt.fsutil import write_json_atomic
 from hstu_opt.stages.base import Stage, StageContext
 from hstu_opt.stages.export_onnx import GRAPH_FILES

@@ -46,15 +46,22 @@ def _(u, a, x, norm_weight, norm_bias, weight, eps):
     return x.new_empty(x.shape)
 
 
-@TABLE.register(Impl.CUTLASS, "hstu_output")
-def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
-    reason = "dropout (training)" if dropout > 0 else _cutlass.output_uncovered(u, output_weight)
+def route(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout, label: str, uncovered, run):
+    """Both CUTLASS hstu_output entries: training (dropout) runs the fallback op silently, an uncovered call
+    (uncovered() says why) with a warning; a covered one runs run(u, a, x) on unit-stride rows."""
+    reason = "dropout (training)" if dropout > 0 else uncovered()
     if reason:
         if dropout == 0:
-            _cutlass.warn_fallback("hstu_output", reason)
+            _cutlass.warn_fallback(label, reason)
         return TABLE.get(_cutlass.fallback(u), "hstu_output")(u, a, x, norm_weight, norm_bias, output_weight, eps,
                                                               dropout)
     u2, a2, x2 = map(unit_stride_rows, (u, a, x))
-    out = hstu_output_cutlass(u2, a2, x2.contiguous(), norm_weight, norm_bias,
-                              output_weight.to(u.dtype).contiguous(), eps)
-    return out.reshape(x.shape)
+    return run(u2, a2, x2.contiguous()).reshape(x.shape)
+
+
+@TABLE.register(Impl.CUTLASS, "hstu_output")
+def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
+    return route(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout, "hstu_output",
+                 lambda: _cutlass.output_uncovered(u, output_weight),
+                 lambda u2, a2, x2: hstu_output_cutlass(u2, a2, x2, norm_weight, norm_bias,
+                                                        output_weight.to(u.dtype).contiguous(), eps))

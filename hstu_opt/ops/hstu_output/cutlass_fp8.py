@@ -13,8 +13,8 @@ from torch import Tensor
 
 from hstu_opt.ops import _cutlass, _fp8
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import unit_stride_rows
 from hstu_opt.ops.hstu_output import TABLE
+from hstu_opt.ops.hstu_output.cutlass import route
 
 
 def launch(cq: Tensor, row_scale: Tensor, wq_t: Tensor, col_scale: Tensor, x: Tensor, out: Tensor, lib=None) -> Tensor:
@@ -45,13 +45,6 @@ def _(u, a, x, norm_weight, norm_bias, weight, eps):
 
 @TABLE.register(Impl.CUTLASS_FP8, "hstu_output")
 def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
-    reason = "dropout (training)" if dropout > 0 else _fp8.output_uncovered(u, output_weight)
-    if reason:
-        if dropout == 0:
-            _cutlass.warn_fallback("hstu_output (fp8)", reason)
-        return TABLE.get(_cutlass.fallback(u), "hstu_output")(u, a, x, norm_weight, norm_bias, output_weight, eps,
-                                                              dropout)
-    u2, a2, x2 = map(unit_stride_rows, (u, a, x))
-    out = hstu_output_cutlass_fp8(u2, a2, x2.contiguous(), norm_weight, norm_bias,
-                                  output_weight, eps)
-    return out.reshape(x.shape)
+    return route(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout, "hstu_output (fp8)",
+                 lambda: _fp8.output_uncovered(u, output_weight),
+                 lambda u2, a2, x2: hstu_output_cutlass_fp8(u2, a2, x2, norm_weight, norm_bias, output_weight, eps))

@@ -34,6 +34,22 @@ def kv_columns(uvqk_weight: Tensor, uvqk_bias: Tensor, num_heads: int, attention
     return (torch.cat([uvqk_weight[:, c] for c in cols], dim=1), torch.cat([uvqk_bias[c] for c in cols]))
 
 
+def split_uvqk(proj: Tensor, lead: tuple, num_heads: int, attention_dim: int,
+               linear_dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A fused projection's [u | v | q | k] rows [R, N] -> (u [*lead, H*dv], q, k [*lead, H, dqk], v
+    [*lead, H, dv]): strided views, no copies (the fast implementations' common output step)."""
+    hv, hqk = num_heads * linear_dim, num_heads * attention_dim
+    u, v, q, k = torch.split(proj, [hv, hv, hqk, hqk], dim=-1)
+    return (u.reshape(*lead, hv), q.reshape(*lead, num_heads, attention_dim),
+            k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim))
+
+
+def split_kv(proj: Tensor, lead: tuple, num_heads: int, attention_dim: int, linear_dim: int) -> tuple[Tensor, Tensor]:
+    """uvqk_kv's [v | k] rows [R, N] -> (k [*lead, H, dqk], v [*lead, H, dv]), views."""
+    v, k = torch.split(proj, [num_heads * linear_dim, num_heads * attention_dim], dim=-1)
+    return k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim)
+
+
 def uvqk_kv(
     x: Tensor,
     norm_weight: Tensor,

@@ -16,7 +16,7 @@ from torch import Tensor
 from hstu_opt.ops import _cutlass
 from hstu_opt.ops._registry import Impl
 from hstu_opt.ops._triton import launch_gemm, launch_layer_norm
-from hstu_opt.ops.uvqk import TABLE, kv_columns
+from hstu_opt.ops.uvqk import TABLE, kv_columns, split_kv, split_uvqk
 
 
 @functools.cache
@@ -71,18 +71,14 @@ def _project(x2d: Tensor, norm_weight, norm_bias, weight: Tensor, bias, silu_col
 
 @TABLE.register(Impl.CUTLASS, "uvqk")
 def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps):
-    hv, hqk = num_heads * linear_dim, num_heads * attention_dim
+    hv = num_heads * linear_dim
     reason = _cutlass.uvqk_uncovered(x, uvqk_weight, hv)
     if reason:
-        _cutlass.warn_fallback("uvqk", reason)
-        return TABLE.get(_cutlass.fallback(x), "uvqk")(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads,
-                                                       attention_dim, linear_dim, eps)
-    lead = x.shape[:-1]
+        return _cutlass.run_fallback(TABLE, "uvqk", "uvqk", reason, x, norm_weight, norm_bias, uvqk_weight, uvqk_bias,
+                                     num_heads, attention_dim, linear_dim, eps)
     proj = _project(x.reshape(-1, x.shape[-1]).contiguous(), norm_weight, norm_bias, uvqk_weight, uvqk_bias, hv,
                     eps, None)
-    u, v, q, k = torch.split(proj, [hv, hv, hqk, hqk], dim=-1)
-    return (u.reshape(*lead, hv), q.reshape(*lead, num_heads, attention_dim),
-            k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim))
+    return split_uvqk(proj, x.shape[:-1], num_heads, attention_dim, linear_dim)
 
 
 @TABLE.register(Impl.CUTLASS, "uvqk_kv")
@@ -90,11 +86,9 @@ def _uvqk_kv(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, atten
     w, b = kv_columns(uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim)
     reason = _cutlass.uvqk_uncovered(x, w, 0)
     if reason:
-        _cutlass.warn_fallback("uvqk_kv", reason)
-        return TABLE.get(_cutlass.fallback(x), "uvqk_kv")(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias,
-                                                          num_heads, attention_dim, linear_dim, eps, rows)
+        return _cutlass.run_fallback(TABLE, "uvqk_kv", "uvqk_kv", reason, x, norm_weight, norm_bias, uvqk_weight,
+                                     uvqk_bias, num_heads, attention_dim, linear_dim, eps, rows)
     lead = x.shape[:-1] if rows is None else rows.shape
     proj = _project(x.reshape(-1, x.shape[-1]).contiguous(), norm_weight, norm_bias, w, b, 0, eps,
                     None if rows is None else rows.to(torch.int64))
-    v, k = torch.split(proj, [num_heads * linear_dim, num_heads * attention_dim], dim=-1)
-    return k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim)
+    return split_kv(proj, lead, num_heads, attention_dim, linear_dim)

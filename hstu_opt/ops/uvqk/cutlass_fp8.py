@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hstu_opt.ops import _cutlass, _fp8
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops.uvqk import TABLE
+from hstu_opt.ops.uvqk import TABLE, split_kv, split_uvqk
 from hstu_opt.ops.uvqk.cutlass import _gate, _out_rows
 
 
@@ -54,24 +54,17 @@ def _(x, norm_weight, norm_bias, weight, bias, silu_cols, eps, num_heads, attent
     return x.new_empty(_out_rows(x, rows), n, dtype=torch.bfloat16)
 
 
-def _fallback(entry: str, x, reason, *args):
-    _cutlass.warn_fallback(entry + " (fp8)", reason)
-    return TABLE.get(_cutlass.fallback(x), entry)(x, *args)
-
-
 @TABLE.register(Impl.CUTLASS_FP8, "uvqk")
 def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps):
-    hv, hqk = num_heads * linear_dim, num_heads * attention_dim
+    hv = num_heads * linear_dim
     reason = _fp8.uvqk_uncovered(x, uvqk_weight, hv)
     if reason:
-        return _fallback("uvqk", x, reason, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim,
-                         linear_dim, eps)
+        return _cutlass.run_fallback(TABLE, "uvqk", "uvqk (fp8)", reason, x, norm_weight, norm_bias, uvqk_weight,
+                                     uvqk_bias, num_heads, attention_dim, linear_dim, eps)
     lead = x.shape[:-1]
     proj = uvqk_cutlass_fp8(x.reshape(-1, x.shape[-1]).contiguous(), norm_weight, norm_bias, uvqk_weight, uvqk_bias,
                             hv, eps, num_heads, attention_dim, linear_dim, False, None)
-    u, v, q, k = torch.split(proj, [hv, hv, hqk, hqk], dim=-1)
-    return (u.reshape(*lead, hv), q.reshape(*lead, num_heads, attention_dim),
-            k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim))
+    return split_uvqk(proj, lead, num_heads, attention_dim, linear_dim)
 
 
 @TABLE.register(Impl.CUTLASS_FP8, "uvqk_kv")
@@ -79,12 +72,11 @@ def _uvqk_kv(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, atten
     hv, hqk = num_heads * linear_dim, num_heads * attention_dim
     reason = _fp8.uvqk_uncovered(x, uvqk_weight[:, :hv + hqk], 0)
     if reason:
-        return _fallback("uvqk_kv", x, reason, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads,
-                         attention_dim, linear_dim, eps, rows)
+        return _cutlass.run_fallback(TABLE, "uvqk_kv", "uvqk_kv (fp8)", reason, x, norm_weight, norm_bias,
+                                     uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps, rows)
     lead = x.shape[:-1] if rows is None else rows.shape
     bias = torch.cat([uvqk_bias[hv:2 * hv], uvqk_bias[2 * hv + hqk:]])
     proj = uvqk_cutlass_fp8(x.reshape(-1, x.shape[-1]).contiguous(), norm_weight, norm_bias, uvqk_weight, bias, 0,
                             eps, num_heads, attention_dim, linear_dim, True,
                             None if rows is None else rows.to(torch.int64))
-    v, k = torch.split(proj, [hv, hqk], dim=-1)
-    return k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim)
+    return split_kv(proj, lead, num_heads, attention_dim, linear_dim)

@@ -15,7 +15,7 @@ from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
 from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride_rows
-from hstu_opt.ops.uvqk import TABLE, kv_columns
+from hstu_opt.ops.uvqk import TABLE, kv_columns, split_kv, split_uvqk
 
 
 def launch(x2d: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor, out: Tensor,
@@ -47,11 +47,9 @@ def _(x, norm_weight, norm_bias, weight, bias, silu_cols, eps, rows=None):
 def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps):
     lead = x.shape[:-1]
     x2d = unit_stride_rows(x)
-    hv, hqk = num_heads * linear_dim, num_heads * attention_dim
-    proj = uvqk_triton(x2d, norm_weight, norm_bias, uvqk_weight.to(x.dtype).contiguous(), uvqk_bias, hv, eps)
-    u, v, q, k = torch.split(proj, [hv, hv, hqk, hqk], dim=-1)
-    return (u.reshape(*lead, hv), q.reshape(*lead, num_heads, attention_dim),
-            k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim))
+    proj = uvqk_triton(x2d, norm_weight, norm_bias, uvqk_weight.to(x.dtype).contiguous(), uvqk_bias,
+                       num_heads * linear_dim, eps)
+    return split_uvqk(proj, lead, num_heads, attention_dim, linear_dim)
 
 
 @TABLE.register(Impl.TRITON, "uvqk_kv")
@@ -61,5 +59,4 @@ def _uvqk_kv(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, atten
     w, b = kv_columns(uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim)
     proj = uvqk_triton(x2d, norm_weight, norm_bias, w.to(x.dtype).contiguous(), b, 0, eps,
                        None if rows is None else rows.to(torch.int64))
-    v, k = torch.split(proj, [num_heads * linear_dim, num_heads * attention_dim], dim=-1)
-    return k.reshape(*lead, num_heads, attention_dim), v.reshape(*lead, num_heads, linear_dim)
+    return split_kv(proj, lead, num_heads, attention_dim, linear_dim)
