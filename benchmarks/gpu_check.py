@@ -180,15 +180,22 @@ def cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full) -> list[tup
                                  {name: got for name, got, _ in outs})
 
 
-def paged_pool(kc: torch.Tensor, vc: torch.Tensor, c_len: list[int], page_rows: int, seed: int):
-    """The users' cache rows scattered over shuffled pages of a pool holding finite junk elsewhere (as a
-    served pool's stale pages do): (k_pages [P, page_rows, H, dqk], v_pages, page_table [B, max] int32, lens)."""
+def paged_pool(kc: torch.Tensor, vc: torch.Tensor, c_len: list[int], page_rows: int, seed: int,
+               junk: bool = True, spare: int = 2):
+    """The users' cache rows scattered over shuffled pages of a pool (`spare` more pages than they need)
+    holding finite junk elsewhere, as a served pool's stale pages do (junk=False: zeros, made on the device,
+    for timings): (k_pages [P, page_rows, H, dqk], v_pages, page_table [B, max] int32, lens)."""
     g = torch.Generator().manual_seed(seed)
     n_pages = [-(-c // page_rows) for c in c_len]
-    P = sum(n_pages) + 2
+    P = sum(n_pages) + spare
     perm = torch.randperm(P, generator=g).tolist()
-    k_pages = torch.randn(P, page_rows, *kc.shape[1:], generator=g).to(kc.dtype).to(kc.device)
-    v_pages = torch.randn(P, page_rows, *vc.shape[1:], generator=g).to(vc.dtype).to(vc.device)
+
+    def pool(like: torch.Tensor) -> torch.Tensor:
+        if junk:
+            return torch.randn(P, page_rows, *like.shape[1:], generator=g).to(like.dtype).to(like.device)
+        return torch.zeros(P, page_rows, *like.shape[1:], dtype=like.dtype, device=like.device)
+
+    k_pages, v_pages = pool(kc), pool(vc)
     table = torch.zeros(len(c_len), max(n_pages), dtype=torch.int32)
     start, used = 0, 0
     for b, (c, n) in enumerate(zip(c_len, n_pages)):

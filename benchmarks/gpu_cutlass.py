@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cutlass_kernels import LIB_NAME  # noqa: E402
+from gpu_hstu import graphed  # noqa: E402
 from cutlass_kernels import build as kbuild  # noqa: E402
 from hstu_opt.ops import _cutlass  # noqa: E402
 
@@ -153,17 +154,6 @@ def check_ops() -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- speed
-def graphed(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def bench(fn, rep: int) -> dict:
@@ -171,7 +161,7 @@ def bench(fn, rep: int) -> dict:
     from triton.testing import do_bench
 
     try:
-        return {"ms": do_bench(graphed(fn), warmup=10, rep=rep), "mode": "graph"}
+        return {"ms": do_bench(graphed(fn)[0], warmup=10, rep=rep), "mode": "graph"}
     except Exception as exc:  # noqa: BLE001
         torch.cuda.synchronize()
         return {"ms": do_bench(fn, warmup=10, rep=rep), "mode": "eager", "graph_error": f"{type(exc).__name__}: {exc}"}

@@ -44,6 +44,7 @@ import triton  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpu_check import paged_pool  # noqa: E402
 from hstu_opt import ops  # noqa: E402
 from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.model.hstu import KVCache, PagedKVCache  # noqa: E402
@@ -101,24 +102,6 @@ def ceilings() -> dict:
             "matmul_n": n, "copy_bytes": size}
 
 
-def pool_from(kc: torch.Tensor, vc: torch.Tensor, c_lens: list[int], page_rows: int, gen: torch.Generator):
-    """Each user's cache rows on shuffled pages of a pool (one layer): k_pages, v_pages, page_table, lens."""
-    n_pages = [-(-c // page_rows) for c in c_lens]
-    P = sum(n_pages) + 4
-    perm = torch.randperm(P, generator=gen).tolist()
-    k_pages = torch.zeros(P, page_rows, *kc.shape[1:], dtype=kc.dtype, device=DEV)
-    v_pages = torch.zeros(P, page_rows, *vc.shape[1:], dtype=vc.dtype, device=DEV)
-    table = torch.zeros(len(c_lens), max(n_pages), dtype=torch.int32)
-    start, used = 0, 0
-    for b, (c, n) in enumerate(zip(c_lens, n_pages)):
-        for j in range(n):
-            p, r = perm[used], min(page_rows, c - j * page_rows)
-            k_pages[p, :r], v_pages[p, :r] = kc[start:start + r], vc[start:start + r]
-            table[b, j] = p
-            start, used = start + r, used + 1
-    return k_pages, v_pages, table.to(DEV), torch.tensor(c_lens, dtype=torch.int64, device=DEV)
-
-
 def bench_attention(s: dict) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -154,7 +137,7 @@ def bench_attention(s: dict) -> list[dict]:
         rows.append(common | {"variant": "contiguous/torch.cat + routed op (the unpaged serving path)",
                               "ms": bench_ms(gathered)})
         for page_rows in s["pages"]:
-            kp, vp, table, lens = pool_from(kc, vc, [c_len] * B, page_rows, gen)
+            kp, vp, table, lens = paged_pool(kc, vc, [c_len] * B, page_rows, seed=page_rows, junk=False, spare=4)
             paged = lambda: ops.cached_hstu_attention_paged(q, k, v, do, kp, vp, table, lens, impl=Impl.TRITON, **kw)  # noqa: E731
             identical = bool(torch.equal(paged(), base))
             ms = bench_ms(paged)
@@ -205,7 +188,7 @@ def bench_model(s: dict, model: HstuModel) -> list[dict]:
         ms_c = bench_ms(lambda: model.score_cached(contiguous, cand, delta), reps=50)
         rows.append({"part": "score_cached", "B": B, "variant": "contiguous KVCache", "ms": ms_c})
         for page_rows in s["pages"]:
-            pools = [pool_from(kl, vl, [c_len] * B, page_rows, torch.Generator().manual_seed(page_rows))
+            pools = [paged_pool(kl, vl, [c_len] * B, page_rows, seed=page_rows, junk=False, spare=4)
                      for kl, vl in zip(keys, values)]  # the same permutation in every layer, as the store's pages
             cache = PagedKVCache(torch.stack([p[0] for p in pools]), torch.stack([p[1] for p in pools]), pools[0][2],
                                  pools[0][3])
