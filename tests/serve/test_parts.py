@@ -80,7 +80,9 @@ def test_packed_arrays_equal_lists_and_bad_packing_names_the_field():
     with pytest.raises(InvalidRequest) as err:  # ... and the decoder enforces it
         rank_input(RankRequest.model_validate({**body, "candidates": seven}), LIMITS)
     assert err.value.field == "candidates" and "multiple of 8" in str(err.value)
-    for bad in ("AAAA AAAAAAA=", "AAAAAAAAAAA", "AAAAAAAAAA!="):  # whitespace, no padding, not base64
+    # whitespace, no padding, not base64, too much padding, not ASCII: none matches the published pattern
+    for bad in ("AAAA AAAAAAA=", "AAAAAAAAAAA", "AAAAAAAAAA!=", "AAAAAAAAAAA==", "AAAAAAAAAA\u00e9="):
+        assert not re.fullmatch(BASE64, bad)
         with pytest.raises(InvalidRequest) as err:
             int_array(bad, "candidates")
         assert err.value.field == "candidates"
