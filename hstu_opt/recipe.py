@@ -145,7 +145,8 @@ class EngineSection(Section):
         "bf16", description="the `compiled` engine's projections on a GPU: `fp8` runs uvqk and hstu_output as "
         "CUTLASS e4m3 GEMMs (weights per channel, activations per row, scales in the epilogue; overrides their "
         "`ops` entries; `fp8_accuracy.json` in the bundle has the accuracy gate against bf16; until the FP8 ops pass "
-        "their H200 check they stay off and fp8 runs the bf16 projections, with a warning); `bf16`: `ops` as given")
+        "their H200 check they stay off and fp8 runs the bf16 projections, with a warning; needs `model.dtype: "
+        "bfloat16`); `bf16`: `ops` as given")
 
     def impl(self) -> dict | None:
         """The per-op map the compiled engine is built with (None: Triton for every op)."""
@@ -189,6 +190,14 @@ class Recipe(Section):
     def section(self, name: str) -> Section:
         return getattr(self, name)
 
+    @model_validator(mode="after")
+    def _check_fp8_dtype(self) -> "Recipe":
+        if self.engine.precision == "fp8" and self.model.dtype != "bfloat16":
+            raise ValueError(f"engine.precision fp8 needs model.dtype bfloat16 (the FP8 projections quantize bf16 "
+                             f"activations; a {self.model.dtype} model would run its projections unquantized): set "
+                             "model.dtype: bfloat16, or engine.precision: bf16")
+        return self
+
 
 def _fields_at(loc: tuple, model: type[BaseModel] = Recipe) -> list[str]:
     """The valid keys of the section that holds `loc`'s last key (for 'did you mean')."""
@@ -211,6 +220,8 @@ def _describe(path: Path, err: dict) -> str:
         return f"{path}: unknown key '{where}' ({hint})"
     if err["type"] == "missing":
         return f"{path}: missing required key '{where}': add it"
+    if not loc:  # a check across sections: its message names the fields and the fix
+        return f"{path}: {err['msg'].removeprefix('Value error, ')}"
     return f"{path}: {where}: {err['msg']} (got {err.get('input')!r}): fix this value"
 
 

@@ -13,6 +13,7 @@ why (`skipped`), with `passed: null`; it never reports a pass it did not measure
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -80,6 +81,18 @@ def fp8_impl(base_impl: dict | None) -> dict:
     return {**base, "uvqk": "cutlass_fp8", "hstu_output": "cutlass_fp8"}
 
 
+def bf16_model(model):
+    """`model` computing in bf16, what the FP8 (and bf16 CUTLASS) kernels take: itself when its config says
+    so, else a copy with the same weights and a bf16 config (model.to(bfloat16) alone would keep the
+    config's dtype, and the trunk casts its activations to that: the projections would get float32 and
+    fall back)."""
+    if model.cfg.dtype == "bfloat16":
+        return model
+    copy = type(model)(dataclasses.replace(model.cfg, dtype="bfloat16"), impl=model.impl)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 def fp8_gate(model, eval_set, tasks: tuple[str, ...], bar: float, resamples: int = 1000, confidence: float = 0.95,
              base_impl: dict | None = None) -> dict:
     """Run the gate for `model` on this machine's GPU: bf16 projections (base_impl, default Triton for
@@ -94,14 +107,16 @@ def fp8_gate(model, eval_set, tasks: tuple[str, ...], bar: float, resamples: int
         return {"skipped": why, "passed": None, "rule": rule}
     from hstu_opt.ops import _fp8
 
-    model = model.to("cuda", torch.bfloat16).eval()
+    cast_from = None if model.cfg.dtype == "bfloat16" else model.cfg.dtype
+    model = bf16_model(model).to("cuda", torch.bfloat16).eval()
     _fp8.prepare(model)
     to_impl = lambda m: {op: Impl(v) for op, v in m.items()}  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = run_gate(eval_set, ImplScorer(model, to_impl(base)), ImplScorer(model, to_impl(fp8_impl(base))),
                           tasks, bar, resamples, confidence, _describe(base))
-    report |= {"gpu": torch.cuda.get_device_name()}
+    report |= {"gpu": torch.cuda.get_device_name(),
+               "model_dtype": "bfloat16" + (f" (cast from the checkpoint's {cast_from} for both sides)" if cast_from else "")}
     fell_back = sorted({str(w.message).split(":")[0] for w in caught if "(fp8)" in str(w.message)})
     if fell_back or report["agreement"].get("prob_max_abs_diff") == 0.0:
         # FP8 did not run (H200 run 75: the tiny model computes in float32, which the kernels do not take, and

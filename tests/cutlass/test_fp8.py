@@ -281,3 +281,46 @@ def test_build_engine_writes_the_fp8_report_and_says_it_was_skipped(micro_recipe
     written = json.loads((tmp_path / "compiled" / "fp8_accuracy.json").read_text())
     assert written == report and report["passed"] is None and "not run" in report["skipped"]
     assert "paired bootstrap" in report["rule"]
+
+
+def test_fp8_needs_a_bf16_model_in_the_recipe(tmp_path):
+    from hstu_opt.errors import RecipeError
+    from hstu_opt.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nversion: '1'\nengine: {backends: [compiled], precision: fp8}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value) == (f"{path}: engine.precision fp8 needs model.dtype bfloat16 (the FP8 projections quantize "
+                              "bf16 activations; a float32 model would run its projections unquantized): set "
+                              "model.dtype: bfloat16, or engine.precision: bf16")
+    path.write_text("name: r\nversion: '1'\nmodel: {dtype: bfloat16}\nengine: {backends: [compiled], precision: fp8}\n")
+    assert load_recipe(path).engine.precision == "fp8"
+
+
+def test_the_gate_model_gives_the_projections_bf16_activations(monkeypatch):
+    """H200 run 75's gate measured nothing: the tiny float32 checkpoint moved to bf16 still cast its
+    activations to its config's float32, so every FP8 call fell back. bf16_model fixes the config."""
+    from hstu_opt.backends.fp8_gate import bf16_model
+    from hstu_opt.model import HstuConfig, HstuModel
+    from hstu_opt.ops.uvqk import TABLE
+
+    cfg = HstuConfig(num_items=50, num_ratings=5, embedding_dim=64, num_layers=2, num_heads=2, attention_dim=32,
+                     linear_dim=32, max_history_len=20, max_targets=4, contextual_len=0, contextual_cardinality=1)
+    model = HstuModel(cfg).eval()
+    seen, ref = [], TABLE.get(Impl.REFERENCE, "uvqk")
+    monkeypatch.setitem(TABLE._impls, (Impl.REFERENCE, "uvqk"), lambda x, *a: seen.append(x.dtype) or ref(x, *a))
+    feed = dict(hist_ids=torch.randint(1, 51, (2, 8)), hist_ratings=torch.randint(1, 6, (2, 8)),
+                hist_timestamps=torch.arange(16).reshape(2, 8) * 60, hist_lengths=torch.tensor([8, 5]),
+                cand_ids=torch.randint(1, 51, (2, 4)), num_candidates=torch.tensor([4, 2]),
+                query_time=torch.tensor([900, 900]))
+    b16 = bf16_model(model)
+    assert b16.cfg.dtype == "bfloat16" and bf16_model(b16) is b16
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(model.state_dict().values(), b16.state_dict().values()))
+    model.to(torch.bfloat16)  # what the gate did before: the config still says float32
+    with torch.no_grad():
+        model.rank(**feed)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        b16.to(torch.bfloat16).rank(**feed)
+    assert set(seen) == {torch.bfloat16} and len(seen) == cfg.num_layers
