@@ -191,11 +191,20 @@ class Recipe(Section):
         return getattr(self, name)
 
     @model_validator(mode="after")
-    def _check_fp8_dtype(self) -> "Recipe":
-        if self.engine.precision == "fp8" and self.model.dtype != "bfloat16":
+    def _check_kernel_dtype(self) -> "Recipe":
+        """The CUTLASS kernels take bf16 activations only: asked of another model dtype, every call would
+        fall back, so the engine would not be what the recipe says."""
+        if self.model.dtype == "bfloat16":
+            return self
+        if self.engine.precision == "fp8":
             raise ValueError(f"engine.precision fp8 needs model.dtype bfloat16 (the FP8 projections quantize bf16 "
                              f"activations; a {self.model.dtype} model would run its projections unquantized): set "
                              "model.dtype: bfloat16, or engine.precision: bf16")
+        cutlass = sorted(f"{op}: {impl}" for op, impl in self.engine.ops.items() if impl.startswith("cutlass"))
+        if cutlass:
+            raise ValueError(f"engine.ops {', '.join(cutlass)} needs model.dtype bfloat16 "
+                             f"(the CUTLASS kernels take bf16; a {self.model.dtype} model would run them as Triton): set "
+                             "model.dtype: bfloat16, or name triton for those ops")
         return self
 
 

@@ -296,6 +296,9 @@ def test_fp8_needs_a_bf16_model_in_the_recipe(tmp_path):
                               "model.dtype: bfloat16, or engine.precision: bf16")
     path.write_text("name: r\nversion: '1'\nmodel: {dtype: bfloat16}\nengine: {backends: [compiled], precision: fp8}\n")
     assert load_recipe(path).engine.precision == "fp8"
+    path.write_text("name: r\nversion: '1'\nengine: {backends: [compiled], ops: {uvqk: cutlass, hstu_output: triton}}\n")
+    with pytest.raises(RecipeError, match=r"engine.ops uvqk: cutlass needs model.dtype bfloat16 .* name triton for"):
+        load_recipe(path)
 
 
 def test_the_gate_model_gives_the_projections_bf16_activations(monkeypatch):
