@@ -30,6 +30,12 @@ Tuning: the headline rows use PredictivePolicy's defaults (decay 0.5, chosen bef
 parameter tuned, the gap decay, is picked on the odd user ids' trace (mean gap closed over the
 capacities) and then reported on the even user ids' trace against the defaults there: a held-out split.
 
+Paged: the headline replay stores entries byte-exact (KVStore). The server's store is paged
+(PagedKVStore: whole pages of --page-rows rows, so up to a page per user is lost to its last page's
+unused rows); `paged` rows replay the same trace, policies and capacities through the real PagedKVStore
+(device tier only; one float16 element per row of K and V stands for a row's bytes, so the pool is small
+and the page arithmetic is the served one) for each page size the GPU check sweeps.
+
 Capacities: fractions of the total distinct bytes (each user's largest entry, summed). The gap closed is
 (predictive - LRU) / (Belady - LRU) in hit rate. Writes JSON + a PNG to --out, prints a table.
 
@@ -43,17 +49,20 @@ import importlib.metadata as md
 import json
 import os
 import platform
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hstu_opt.data.movielens import Interactions, bundled_ml100k, read_ratings
-from hstu_opt.serve.kv_cache import EvictionPolicy, KVStore, LRUPolicy, PredictivePolicy
+from hstu_opt.serve.kv_cache import (EvictionPolicy, KVStore, LRUPolicy, PagedKVStore, PageShape, PredictivePolicy,
+                                    UserKV)
 
 FRACTIONS = (0.01, 0.03, 0.1, 0.25, 0.5)
+PAGE_ROWS = (64, 128, 256)  # the page sizes the served kernel is checked for (triton.CHECKED_PAGE_ROWS)
 DECAYS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -139,6 +148,9 @@ class BeladyPolicy(EvictionPolicy):
     def victim(self) -> Hashable:
         return max(self._next, key=self._next.__getitem__)
 
+    def victim_among(self, keys: Collection[Hashable]) -> Hashable | None:
+        return max(keys, key=self._next.__getitem__, default=None)
+
 
 PolicyFactory = Callable[[Sequence[Request], TraceClock], EvictionPolicy]
 POLICY_FACTORIES: dict[str, PolicyFactory] = {
@@ -179,6 +191,34 @@ def replay(trace: Sequence[Request], capacity_bytes: int, name: str,
                         store.stats.evictions)
 
 
+def replay_paged(trace: Sequence[Request], capacity_bytes: int, name: str, page_rows: int, bytes_per_row: int,
+                 factory: PolicyFactory | None = None) -> ReplayResult:
+    """`replay` through the served PagedKVStore of the same capacity, in pages of `page_rows` rows (module
+    docstring, "Paged"). Each request is its own batch (its pins end with it); bytes are reported in the
+    trace's units (rows x bytes_per_row)."""
+    shape = PageShape(layers=1, page_rows=page_rows, heads=1, dqk=1, dv=1, dtype=torch.float16)
+    row_bytes = shape.page_bytes // page_rows
+    clock = TraceClock()
+    store = PagedKVStore(shape, capacity_bytes // bytes_per_row * row_bytes, 0,
+                         (factory or POLICY_FACTORIES[name])(trace, clock))
+    rows_of = max(r.nbytes for r in trace) // bytes_per_row
+    k, v = torch.zeros(rows_of, 1, 1, dtype=torch.float16), torch.zeros(rows_of, 1, 1, dtype=torch.float16)
+    moved = appended = hits = 0
+    for i, r in enumerate(trace):
+        clock.now, clock.index = r.time, i
+        rows = r.nbytes // bytes_per_row
+        with store.batch():
+            cached = store.get(r.user)
+            if cached is None:
+                moved += r.nbytes if store.put(r.user, UserKV([k[:rows]], [v[:rows]])) else 0
+                continue
+            hits += 1
+            if rows > cached.rows and store.put(r.user, UserKV([k[:rows]], [v[:rows]])):
+                appended += (rows - cached.rows) * bytes_per_row
+    return ReplayResult(name, capacity_bytes, len(trace), hits, hits / len(trace), moved, appended,
+                        store.stats.evictions)
+
+
 def gap_closed(lru: float, pred: float, opt: float) -> float | None:
     """(pred - lru) / (opt - lru); None when OPT does not beat LRU (no gap to close)."""
     return None if opt <= lru else (pred - lru) / (opt - lru)
@@ -188,16 +228,22 @@ def predictive(decay: float) -> PolicyFactory:
     return lambda trace, clock: PredictivePolicy(clock=clock, decay=decay)
 
 
-def run_all(trace: Sequence[Request], fractions: Sequence[float], decay: float = 0.5) -> list[dict]:
-    """Every policy at each capacity (a fraction of `trace`'s distinct bytes); predictive with `decay`."""
+def run_all(trace: Sequence[Request], fractions: Sequence[float], decay: float = 0.5,
+            page_rows: Sequence[int] = (), bytes_per_row: int = TraceConfig.bytes_per_row) -> list[dict]:
+    """Every policy at each capacity (a fraction of `trace`'s distinct bytes); predictive with `decay`;
+    with page_rows, also through the paged store at each page size (row["paged"][page_rows][policy])."""
     total = distinct_bytes(trace)
     rows = []
     for f in fractions:
         cap = int(total * f)
-        res = {name: replay(trace, cap, name, predictive(decay) if name == "predictive" else None)
-               for name in POLICY_FACTORIES}
-        rows.append({"fraction": f, "capacity_bytes": cap, **{n: asdict(r) for n, r in res.items()},
-                     "gap_closed": gap_closed(res["lru"].hit_rate, res["predictive"].hit_rate, res["belady"].hit_rate)})
+        factory = {"predictive": predictive(decay)}
+        res = {name: replay(trace, cap, name, factory.get(name)) for name in POLICY_FACTORIES}
+        row = {"fraction": f, "capacity_bytes": cap, **{n: asdict(r) for n, r in res.items()},
+               "gap_closed": gap_closed(res["lru"].hit_rate, res["predictive"].hit_rate, res["belady"].hit_rate)}
+        if page_rows:
+            row["paged"] = {str(pr): {name: asdict(replay_paged(trace, cap, name, pr, bytes_per_row, factory.get(name)))
+                                      for name in POLICY_FACTORIES} for pr in page_rows}
+        rows.append(row)
     return rows
 
 
@@ -231,6 +277,16 @@ def print_table(rows: list[dict]) -> None:
               f"{r['belady']['hit_rate']:>8.3f} {gc:>10} {mb[0]:>8.0f} {mb[1]:>8.0f} {mb[2]:>8.0f}")
 
 
+def print_paged(rows: list[dict]) -> None:
+    """Hit rates byte-exact (KVStore) vs paged (PagedKVStore) per page size, each policy."""
+    sizes = list(rows[0]["paged"])
+    print(f"{'capacity':>9} {'policy':>10} {'exact':>7} " + " ".join(f"{'pages ' + s:>10}" for s in sizes))
+    for r in rows:
+        for name in POLICY_FACTORIES:
+            cells = " ".join(f"{r['paged'][s][name]['hit_rate']:>10.3f}" for s in sizes)
+            print(f"{r['fraction']:>8.0%} {name:>10} {r[name]['hit_rate']:>7.3f} {cells}")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -239,14 +295,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["fraction"] * 100 for r in rows]
-    for name, label in (("lru", "LRU"), ("predictive", "Predictive"), ("belady", "Belady (furthest next use)")):
-        ax.plot(xs, [r[name]["hit_rate"] for r in rows], marker="o", label=label)
+    for i, (name, label) in enumerate((("lru", "LRU"), ("predictive", "Predictive"),
+                                       ("belady", "Belady (furthest next use)"))):
+        ax.plot(xs, [r[name]["hit_rate"] for r in rows], marker="o", color=f"C{i}", label=label)
+        if "paged" in rows[0] and "128" in rows[0]["paged"]:  # the served store at its default page size
+            ax.plot(xs, [r["paged"]["128"][name]["hit_rate"] for r in rows], marker="x", ls="--", color=f"C{i}",
+                    label=f"{label}, paged (128-row pages)")
     ax.set_xscale("log")
     ax.set_xlabel("cache capacity (% of distinct bytes)")
     ax.set_ylabel("hit rate")
     ax.set_title("ML-100k session trace: user-cache hit rate")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -273,8 +333,10 @@ def main() -> None:
     source = bundled_ml100k()
     data = read_ratings(source, "inter")
     trace = build_trace(data, cfg)
-    rows = run_all(trace, FRACTIONS)
+    rows = run_all(trace, FRACTIONS, page_rows=PAGE_ROWS, bytes_per_row=cfg.bytes_per_row)
     print_table(rows)
+    print("the served (paged) store, same trace and capacities:")
+    print_paged(rows)
     tuning = tune_on_split(trace, FRACTIONS)
     print(f"decay tuned on odd users: {tuning['chosen_decay']} (scores {tuning['tune_scores']}); held-out even users:")
     for label, held_rows in tuning["held_out"].items():

@@ -130,3 +130,20 @@ def test_replay_is_deterministic(ct):
 def test_gap_closed(ct):
     assert ct.gap_closed(0.2, 0.3, 0.4) == pytest.approx(0.5)
     assert ct.gap_closed(0.5, 0.5, 0.5) is None
+
+
+def test_paged_replay_runs_the_served_store(ct):
+    """replay_paged (the real PagedKVStore): with one-row pages it is the byte-exact replay, hit for hit;
+    with 4-row pages a 1-row entry holds a whole page, so fewer users fit."""
+    rng = np.random.default_rng(1)
+    bpr = 16
+    trace = [ct.Request(float(t), int(u), int(r) * bpr) for t, u, r in
+             zip(np.sort(rng.integers(0, 10_000, 400)), rng.integers(0, 40, 400), rng.integers(1, 9, 400))]
+    cap = ct.distinct_bytes(trace) // 4
+    for name in ("lru", "predictive", "belady"):
+        exact, one_row = ct.replay(trace, cap, name), ct.replay_paged(trace, cap, name, 1, bpr)
+        assert (one_row.hits, one_row.bytes_moved, one_row.append_bytes) == (exact.hits, exact.bytes_moved,
+                                                                             exact.append_bytes), name
+    small = [ct.Request(float(t), u, bpr) for t, u in enumerate([1, 2, 3, 1, 2, 3])]  # 1-row entries, 3 users
+    assert ct.replay(small, 3 * bpr, "lru").hits == 3  # 3 rows of room: everyone fits
+    assert ct.replay_paged(small, 4 * bpr, "lru", 4, bpr).hits == 0  # 4 rows = one 4-row page: one user at a time
