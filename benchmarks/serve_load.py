@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=600, help="hard bound on the whole run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loop", default="auto", help="the server's event loop (serve --loop)")
+    ap.add_argument("--http", default="auto", help="the server's HTTP parser (serve --http)")
     return ap.parse_args()
 
 
@@ -149,17 +151,19 @@ def _free_gpu() -> None:
 
 
 # ---- the server ---------------------------------------------------------------------------------------
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, dict]:
+    """The server process, its URL, and the event loop and HTTP parser its startup line names."""
     cmd = [sys.executable, "-m", "hstu_opt", "serve", str(args.bundle), "--port", "0", "--runner", args.runner,
            "--engine", args.engine,
            "--cache-gb", str(args.cache_gb), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-           "--max-body-mb", "64", "--torch-threads", str(args.torch_threads)]
+           "--max-body-mb", "64", "--torch-threads", str(args.torch_threads), "--loop", args.loop, "--http", args.http]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
         print("  server:", line.rstrip())
         if m := re.search(r"serving on (http://\S+)", line):
-            return proc, m.group(1)
+            stack = re.search(r"event loop (\w+), HTTP parser (\w+)", line)
+            return proc, m.group(1), {"loop": stack.group(1), "http": stack.group(2)} if stack else {}
     raise SystemExit(f"the server exited ({proc.wait()}) before serving")
 
 
@@ -306,7 +310,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     batches = sorted({1, *(min(c, args.max_batch) for c in levels)})
     engine_rows = engine_latency(bundle, args, pool, batches) if args.engine_repeats else []
-    proc, url = start_server(args)
+    proc, url, http_stack = start_server(args)
     try:
         model = httpx.get(f"{url}/v1/model", timeout=30).json()
         rows = [run_level(url, bodies, args, c, deadline) for c in levels]
@@ -316,7 +320,7 @@ def main() -> int:
               "machine": machine(), "versions": versions(), "bundle": {"path": str(args.bundle), "name": bundle.name,
                                                                        "version": bundle.version},
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "server": model["runner"], "server_exit_code": exit_code, "rows": rows, "engine_alone": engine_rows}
+              "server": model["runner"], "http_stack": http_stack, "server_exit_code": exit_code, "rows": rows, "engine_alone": engine_rows}
     print(table(rows, engine_rows))
     args.out.mkdir(parents=True, exist_ok=True)
     host = "gpu" if gpu_name() else "cpu"

@@ -310,6 +310,9 @@ def serve(
     max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests beyond this get 503 + Retry-After."),
     max_body_mb: float = typer.Option(1.0, "--max-body-mb", help="Larger request bodies get 413."),
     torch_threads: int = typer.Option(0, "--torch-threads", help="PyTorch intra-op threads (0: its default)."),
+    loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), asyncio or uvloop."),
+    http: str = typer.Option("auto", "--http", help="HTTP/1.1 parser: auto (httptools when installed), h11 or "
+                             "httptools."),
 ) -> None:
     """Serve BUNDLE over HTTP (POST /v1/rank, /v1/retrieve; docs at /docs) until SIGINT/SIGTERM. Needs the serve extra."""
     with _errors():
@@ -317,7 +320,7 @@ def serve(
 
         settings = ServeSettings(bundle, host, port, engine, runner, max_batch, max_wait_ms, max_queue, cache_gb,
                                  max_body_mb, torch_threads, cache_policy, host_cache_gb,
-                                 **({"cache_page_rows": cache_page_rows} if cache_page_rows else {}))
+                                 **({"cache_page_rows": cache_page_rows} if cache_page_rows else {}), loop=loop, http=http)
         from hstu_opt.serve import server  # fastapi and uvicorn: only here (BackendUnavailable names the extra)
 
         server.serve(settings, _announce)

@@ -117,8 +117,9 @@ class Server(uvicorn.Server):
             self.should_exit = True
             return
         if self.started:
-            self.announce(f"serving on {url_of(self.sock)} (API docs: {url_of(self.sock)}/docs); "
-                          "Ctrl-C or SIGTERM stops after the requests in flight")
+            c = self.config
+            self.announce(f"serving on {url_of(self.sock)} (API docs: {url_of(self.sock)}/docs; event loop {c.loop}, "
+                          f"HTTP parser {c.http}); Ctrl-C or SIGTERM stops after the requests in flight")
 
     async def shutdown(self, sockets=None) -> None:
         self.announce("stopping: no new connections; finishing the requests in flight")
@@ -140,12 +141,17 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def uvicorn_config(app, settings: ServeSettings) -> uvicorn.Config:
+    """The server's uvicorn configuration (the tests' in-process servers use it too)."""
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=None,
+                          loop=settings.loop_used, http=settings.http_used)
+
+
 def serve(settings: ServeSettings, announce: Announce) -> None:
     app, runner = build(settings, announce)
     sock = listen(settings.host, settings.port)
     _log_to_stderr()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=None)
-    server = Server(config, sock, announce, runner)
+    server = Server(uvicorn_config(app, settings), sock, announce, runner)
     server.run(sockets=[sock])
     if not server.started:
         raise getattr(app.state, "start_error", None) or ServeError("the server did not start: see the log above")

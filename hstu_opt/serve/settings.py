@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from hstu_opt.serve.scheduler import BatchPolicy
 
 ENGINES = ("auto", "compiled", "onnxruntime", "eager")
 RUNNERS = ("native", "vllm")
+# uvicorn's event loop and HTTP/1.1 parser (its --loop / --http): auto takes uvloop and httptools when they are
+# installed (the serve extra installs both), else asyncio and h11, which cost more per request
+LOOPS = ("auto", "asyncio", "uvloop")
+HTTP_PARSERS = ("auto", "h11", "httptools")
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,19 @@ class ServeSettings:
     cache_policy: str = "predictive"  # eviction policy: one of POLICIES
     host_cache_gb: float | None = None  # the paged cache's host tier (None: as large as cache_gb; 0: none)
     cache_page_rows: int = DEFAULT_PAGE_ROWS  # rows per page of the paged cache (kv_cache/paged.py's rule)
+    loop: str = "auto"  # one of LOOPS
+    http: str = "auto"  # one of HTTP_PARSERS
 
     def __post_init__(self) -> None:
         for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS),
-                                       ("--cache-policy", self.cache_policy, POLICIES)):
+                                       ("--cache-policy", self.cache_policy, POLICIES), ("--loop", self.loop, LOOPS),
+                                       ("--http", self.http, HTTP_PARSERS)):
             if value not in allowed:
                 raise ServeError(f"{option} {value!r}: choose one of {', '.join(allowed)}")
+        for option, value in (("--loop", self.loop), ("--http", self.http)):
+            if value in ("uvloop", "httptools") and importlib.util.find_spec(value) is None:
+                raise ServeError(f"{option} {value}: {value} is not installed: pip install 'hstu-opt[serve]', "
+                                 f"or pass {option} auto")
         for option, value, least in (("--port", self.port, 0), ("--max-batch", self.max_batch, 1),
                                      ("--max-wait-ms", self.max_wait_ms, 0), ("--max-queue", self.max_queue, 1),
                                      ("--cache-gb", self.cache_gb, 0), ("--max-body-mb", self.max_body_mb, 0.001),
@@ -45,6 +57,16 @@ class ServeSettings:
                 raise ServeError(f"{option} {value}: must be at least {least}")
         if self.port > 65535:
             raise ServeError(f"--port {self.port}: must be at most 65535")
+
+    @property
+    def loop_used(self) -> str:
+        """The event loop uvicorn runs with these settings (auto: uvloop when installed)."""
+        return self.loop if self.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+
+    @property
+    def http_used(self) -> str:
+        """uvicorn's HTTP/1.1 parser with these settings (auto: httptools when installed)."""
+        return self.http if self.http != "auto" else ("httptools" if importlib.util.find_spec("httptools") else "h11")
 
     @property
     def cache_bytes(self) -> int:

@@ -42,8 +42,7 @@ def start_server(settings: ServeSettings) -> LiveServer:
     lines: list[str] = []
     app, runner = server.build(replace(settings, port=0), lines.append)
     sock = server.listen("127.0.0.1", 0)
-    srv = server.Server(server.uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"), sock,
-                        lines.append, runner)
+    srv = server.Server(server.uvicorn_config(app, settings), sock, lines.append, runner)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

@@ -90,6 +90,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(bundle_path):
 def test_cli_errors_are_one_line_exit_2(bundle_path, tmp_path):
     assert "no manifest.json" in one_line_error(run_cli(tmp_path / "nowhere"))
     assert "--engine 'turbo'" in one_line_error(run_cli(bundle_path, "--engine", "turbo"))
+    assert "--loop 'tokio': choose one of auto, asyncio, uvloop" in one_line_error(run_cli(bundle_path, "--loop", "tokio"))
     line = one_line_error(run_cli(bundle_path, "--engine", "compiled"))
     assert "no compiled engine" in line and "onnxruntime.fp32" in line
     with socket.socket() as taken:

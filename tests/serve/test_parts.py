@@ -207,3 +207,21 @@ def test_scheduler_flush_runs_a_batch_that_would_wait_to_fill():
     assert future.result(10) == 1
     s.close()
     s.join(10)
+
+
+def test_event_loop_and_http_parser_settings(bundle_path, monkeypatch):
+    """--loop / --http: auto takes uvloop / httptools when installed (the serve extra has both), an explicit
+    choice is kept, and asking for one that is not installed is a clear error naming the extra."""
+    import importlib.util
+
+    from hstu_opt.serve.settings import ServeSettings
+
+    auto = ServeSettings(bundle_path)
+    assert (auto.loop_used, auto.http_used) == ("uvloop", "httptools")
+    plain = ServeSettings(bundle_path, loop="asyncio", http="h11")
+    assert (plain.loop_used, plain.http_used) == ("asyncio", "h11")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "httptools" else real(name, *a))
+    assert ServeSettings(bundle_path).http_used == "h11"
+    with pytest.raises(ServeError, match=r"--http httptools: httptools is not installed: pip install 'hstu-opt\[serve\]'"):
+        ServeSettings(bundle_path, http="httptools")
