@@ -9,7 +9,7 @@ import torch
 
 from tests.ops.triton_interpreter import interpret_without_gpu  # noqa: F401 (first: before any kernel module)
 
-from hstu_opt.model.hstu import KVCache, PagedKVCache
+from hstu_opt.model.hstu import PagedKVCache
 from hstu_opt.serve.kv_cache import LRUPolicy, PagedKVStore, PageShape, PredictivePolicy, UserKV
 
 SHAPE = PageShape(layers=2, page_rows=4, heads=1, dqk=2, dv=3, dtype=torch.float32)
