@@ -8,8 +8,8 @@ H200 run 75 (benchmarks/results/gpu_fp8_h200_2026-12-04_run75.json) found two th
 - the uvqk op, checked against float64 of *torch's* codes, was 1.0-2.0% off at D=512 M=333 and D=192
   M=4353 (bar 1%), while every GEMM alone was within 0.4% of float64 of its own inputs.
 
-This script takes the op check's shapes and inputs (gpu_fp8.check_ops, same generator seed), quantizes them
-as torch does, flips a random fraction of the activation codes by one step, and reports the same
+This script takes the op check's shapes and inputs (gpu_cutlass.op_inputs, which gpu_fp8.check_ops uses),
+quantizes them as torch does, flips a random fraction of the activation codes by one step, and reports the same
 max-relative error the op check reports between the flipped and unflipped float64 results (outputs rounded
 to bf16, as the kernel writes). If flips at the measured rate reproduce run 75's numbers, the op check's
 reference (not the GEMM) is what differs, and the op is to be checked against its own codes.
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+import gpu_cutlass as gc  # (the op checks' inputs: gc.op_inputs)
 from hstu_opt.ops import _fp8
 
-SHAPES = ((333, 512, 4, 128), (1, 64, 1, 32), (4353, 192, 2, 64))  # gpu_fp8.check_ops
 RATES = (0.0005, 0.001, 0.0013)  # the pass's measured code-difference rates on the H200 (run 75)
 RUN75 = Path(__file__).parent / "results" / "gpu_fp8_h200_2026-12-04_run75.json"
 
@@ -57,14 +57,10 @@ def step(q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return ((bits & 0x80) | mag).view(torch.float8_e4m3fn)
 
 
-def case(M: int, D: int, H: int, d: int, gen: torch.Generator, flip_gen: torch.Generator, trials: int,
-         run75: dict) -> dict:
-    hv, N = H * d, 4 * H * d
-    f = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    x = (f(M, D) * 2 + 1).to(torch.bfloat16)
-    nw, nb, w, b = f(D) * 0.2 + 1, f(D) * 0.2, (f(D, N) * D ** -0.5).to(torch.bfloat16), f(N) * 0.3
-    xn = torch.nn.functional.layer_norm(x.float(), (D,), nw, nb, 1e-6).to(torch.bfloat16)
-    xq, rs = _fp8.quantize_rows(xn)
+def case(name: str, x: torch.Tensor, p: list, hv: int, flip_gen: torch.Generator, trials: int, run75: dict) -> dict:
+    """x, p: one case of gc.op_inputs (the uvqk op check's input rows and parameters)."""
+    nw, nb, w, b = p
+    xq, rs = _fp8.reference_ln_quant(x, nw, nb, 1e-6)  # torch's codes, as run 75's op reference had them
     wq, cs = _fp8.quantize_weight(w)
 
     def z_of(codes: torch.Tensor) -> torch.Tensor:
@@ -84,7 +80,6 @@ def case(M: int, D: int, H: int, d: int, gen: torch.Generator, flip_gen: torch.G
             errs.append(worst(z_of(codes), z0))
         errs.sort()
         by_rate[str(rate)] = {"min": errs[0], "median": errs[len(errs) // 2], "max": errs[-1]}
-    name = f"M={M} D={D} H={H} d={d}"
     return {"case": name, "bf16_output_rounding_alone": worst(z0, z0), "flipped": by_rate,
             "run75_op_rel_err_uqkv": run75.get(name)}
 
@@ -96,9 +91,10 @@ def main(argv=None) -> int:
                     default=Path(__file__).parent / "results" / f"fp8_code_flips_cpu_{date.today()}.json")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    gen, flip_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(7)
+    flip_gen = torch.Generator().manual_seed(7)
     run75 = run75_op_errors()
-    rows = [case(*shape, gen, flip_gen, args.trials, run75) for shape in SHAPES]
+    rows = [case(name, x, p, H * d, flip_gen, args.trials, run75)
+            for name, M, D, H, d, x, p, a, q in gc.op_inputs(device="cpu")]
     print(f"{'case':24} {'bf16 alone':>10} " + " ".join(f"{'flip ' + str(r):>22}" for r in RATES) + "  run 75 (u q k v)")
     for r in rows:
         cells = " ".join(f"{v['min']:.4f}/{v['median']:.4f}/{v['max']:.4f}".rjust(22) for v in r["flipped"].values())

@@ -128,28 +128,42 @@ def check_kernels(lib, label: str) -> list[dict]:
     return rows
 
 
+OP_CASES = ((333, 512, 4, 128), (1, 64, 1, 32), (4353, 192, 2, 64))  # M, D, H, d of the op checks
+
+
+def op_inputs(device: str = DEV, seed: int = 1):
+    """The op checks' inputs, case by case from one seeded generator, always drawn in the same order (so
+    gpu_fp8's op check and fp8_code_flips.py see exactly these): (case label, M, D, H, d, x [M, D] bf16, uvqk
+    params [norm weight, norm bias, W [D, N] bf16, bias], a [M, H*d] bf16, hstu_output params [norm weight,
+    norm bias, W_out [3*H*d, D] bf16])."""
+    gen = torch.Generator().manual_seed(seed)
+    for M, D, H, d in OP_CASES:
+        hv, N = H * d, 4 * H * d
+        f = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+        x = (f(M, D) * 2 + 1).to(torch.bfloat16)
+        p = [f(D) * 0.2 + 1, f(D) * 0.2, (f(D, N) * D ** -0.5).to(torch.bfloat16), f(N) * 0.3]
+        a = f(M, hv).to(torch.bfloat16)
+        q = [f(hv) * 0.2 + 1, f(hv) * 0.2, (f(3 * hv, D) * (3 * hv) ** -0.5).to(torch.bfloat16)]
+        yield f"M={M} D={D} H={H} d={d}", M, D, H, d, x, p, a, q
+
+
 def check_ops() -> list[dict]:
     """ops.uvqk / ops.hstu_output with Impl.CUTLASS (LayerNorm pass + kernel) against the float64
     reference ops; a fallback warning (an uncovered call) fails the check."""
     from hstu_opt import ops
     from hstu_opt.ops import Impl
 
-    gen, rows = torch.Generator().manual_seed(1), []
-    for M, D, H, d in ((333, 512, 4, 128), (1, 64, 1, 32), (4353, 192, 2, 64)):
-        hv, N = H * d, 4 * H * d
-        f = lambda *s: torch.randn(*s, generator=gen).to(DEV)  # noqa: E731
-        x = (f(M, D) * 2 + 1).to(torch.bfloat16)
-        p = [f(D) * 0.2 + 1, f(D) * 0.2, (f(D, N) * D ** -0.5).to(torch.bfloat16), f(N) * 0.3]
+    rows = []
+    for case, M, D, H, d, x, p, a, q in op_inputs():
         kw = dict(num_heads=H, attention_dim=d, linear_dim=d)
-        got, fb = fell_back(lambda: ops.uvqk(x, *p, impl=Impl.CUTLASS, **kw))
+        got, fb = fell_back(lambda: ops.uvqk(x, *p, impl=Impl.CUTLASS, **kw))  # noqa: B023
         want = ops.uvqk(x.double(), *(t.double() for t in p), **kw)
         for n, g, w in zip("uqkv", got, want):
-            rows.append(row(f"op uvqk.{n}", f"M={M} D={D} H={H} d={d}", g, w, fell_back=fb))
-        u, a = got[0], f(M, hv).to(torch.bfloat16)
-        q = [f(hv) * 0.2 + 1, f(hv) * 0.2, (f(3 * hv, D) * (3 * hv) ** -0.5).to(torch.bfloat16)]
-        out, fb = fell_back(lambda: ops.hstu_output(u, a, x, *q, impl=Impl.CUTLASS))
+            rows.append(row(f"op uvqk.{n}", case, g, w, fell_back=fb))
+        u = got[0]
+        out, fb = fell_back(lambda: ops.hstu_output(u, a, x, *q, impl=Impl.CUTLASS))  # noqa: B023
         want = ops.hstu_output(u.double(), a.double(), x.double(), *(t.double() for t in q))
-        rows.append(row("op hstu_output", f"M={M} D={D} H={H} d={d}", out, want, fell_back=fb))
+        rows.append(row("op hstu_output", case, out, want, fell_back=fb))
     return rows
 
 

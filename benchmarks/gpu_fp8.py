@@ -132,25 +132,26 @@ def check_quant_pass() -> list[dict]:
     return rows
 
 
-def own_codes_uvqk(x, norm_weight, norm_bias, weight, bias, hv: int) -> torch.Tensor:
-    """float64 of what the op's GEMM was given: the quantizing pass's own e4m3 rows and scales (ln_quant, the
-    same deterministic kernel the op runs) times the cached e4m3 weight, + bias, SiLU on the u columns."""
-    return _fp8.reference_gemm(*_fp8.ln_quant(x, norm_weight, norm_bias, 1e-6), *_fp8.quantized_weight(weight), bias,
-                               hv)
+def uvqk_from_pass(quant, x, norm_weight, norm_bias, weight, bias, hv: int) -> torch.Tensor:
+    """float64 of the FP8 uvqk given a quantizing pass `quant`: _fp8.ln_quant (the op's own codes: the same
+    deterministic kernel the op runs) or _fp8.reference_ln_quant (torch's LayerNorm, then torch's e4m3),
+    times the e4m3 weight, + bias, SiLU on the u columns."""
+    return _fp8.reference_gemm(*quant(x, norm_weight, norm_bias, 1e-6), *_fp8.quantized_weight(weight), bias, hv)
 
 
-def own_codes_output(u, a, x, norm_weight, norm_bias, weight) -> torch.Tensor:
-    return _fp8.reference_gemm(*_fp8.ln_quant(a, norm_weight, norm_bias, 1e-6, gate=u),
-                               *_fp8.quantized_weight(weight), x)
+def output_from_pass(quant, u, a, x, norm_weight, norm_bias, weight) -> torch.Tensor:
+    """The same for the FP8 hstu_output: the gated pass's [u | a | u*LN(a)] codes times the e4m3 W_out, + x."""
+    return _fp8.reference_gemm(*quant(a, norm_weight, norm_bias, 1e-6, gate=u), *_fp8.quantized_weight(weight), x)
 
 
 def check_ops() -> list[dict]:
     """ops.uvqk / uvqk_kv / hstu_output with Impl.CUTLASS_FP8 against float64; a fallback warning fails the row.
 
     The row decides on the op against float64 of its GEMM's own inputs (the quantizing pass's codes and
-    scales: `own_codes_*`), bar BAR, and against the unquantized bf16 math, bar QBAR. The pass itself is
-    checked against torch in check_quant_pass (codes that differ by one e4m3 step <= 1%). Beside them,
-    `rel_err_vs_torch_codes` is the op against torch's quantization of torch's LayerNorm: run 75 decided on
+    scales: `*_from_pass(_fp8.ln_quant, ...)`), bar BAR, and against the unquantized bf16 math, bar QBAR.
+    The pass itself is checked against torch in check_quant_pass (codes that differ by one e4m3 step <= 1%).
+    Beside them, `rel_err_vs_torch_codes` is the op against torch's quantization of torch's LayerNorm
+    (`*_from_pass(_fp8.reference_ln_quant, ...)`): run 75 decided on
     that one and five uvqk rows were 1.0-2.0% off; one-step code differences at the pass's measured rate
     (0.05-0.13%) give 0.6-1.7% (run 75: 0.8-2.0%) on the same shapes in float64 on the CPU
     (benchmarks/fp8_code_flips.py), so that quantity mixes the pass's last-bit LN differences into the GEMM's
@@ -158,37 +159,30 @@ def check_ops() -> list[dict]:
     from hstu_opt import ops
     from hstu_opt.ops import Impl
 
-    gen, rows = torch.Generator().manual_seed(1), []
-    for M, D, H, d in ((333, 512, 4, 128), (1, 64, 1, 32), (4353, 192, 2, 64)):
-        hv, N = H * d, 4 * H * d
-        f = lambda *s: torch.randn(*s, generator=gen).to(DEV)  # noqa: E731
-        x = (f(M, D) * 2 + 1).to(torch.bfloat16)
-        p = [f(D) * 0.2 + 1, f(D) * 0.2, (f(D, N) * D ** -0.5).to(torch.bfloat16), f(N) * 0.3]
+    rows = []
+    own, torch_codes = _fp8.ln_quant, _fp8.reference_ln_quant
+    for case, M, D, H, d, x, p, a, q in gc.op_inputs():
+        hv = H * d
         kw = dict(num_heads=H, attention_dim=d, linear_dim=d)
-        got, fb = gc.fell_back(lambda: ops.uvqk(x, *p, impl=Impl.CUTLASS_FP8, **kw))
+        got, fb = gc.fell_back(lambda: ops.uvqk(x, *p, impl=Impl.CUTLASS_FP8, **kw))  # noqa: B023
         want = ops.uvqk(x.double(), *(t.double() for t in p), **kw)
-        xn = torch.nn.functional.layer_norm(x.float(), (D,), p[0], p[1], 1e-6).to(torch.bfloat16)
-        zq = _fp8.reference_uvqk(xn, p[2], p[3], hv)
-        u_q, v_q, q_q, k_q = torch.split(zq, [hv, hv, hv, hv], dim=-1)
-        zo = own_codes_uvqk(x, p[0], p[1], p[2], p[3], hv)
-        u_o, v_o, q_o, k_o = torch.split(zo, [hv, hv, hv, hv], dim=-1)
-        for n, g, w, wo, wq in zip("uqkv", got, want, (u_o, q_o, k_o, v_o), (u_q, q_q, k_q, v_q)):
-            rows.append(check_row(f"op uvqk.{n} fp8", f"M={M} D={D} H={H} d={d}", g.reshape(M, -1),
-                                  wo.reshape(M, -1), w.reshape(M, -1), fell_back=fb,
-                                  rel_err_vs_torch_codes=rel(g.reshape(M, -1), wq.reshape(M, -1))))
-        (k, v), fb = gc.fell_back(lambda: ops.uvqk_kv(x, *p, impl=Impl.CUTLASS_FP8, **kw))
+        # [u | v | q | k] as the op returns them: u, q, k, v
+        zo = uvqk_from_pass(own, x, *p, hv).split(hv, dim=-1)
+        zt = uvqk_from_pass(torch_codes, x, *p, hv).split(hv, dim=-1)
+        for n, g, w, i in zip("uqkv", got, want, (0, 2, 3, 1)):
+            rows.append(check_row(f"op uvqk.{n} fp8", case, g.reshape(M, -1), zo[i], w.reshape(M, -1), fell_back=fb,
+                                  rel_err_vs_torch_codes=rel(g.reshape(M, -1), zt[i])))
+        (k, v), fb = gc.fell_back(lambda: ops.uvqk_kv(x, *p, impl=Impl.CUTLASS_FP8, **kw))  # noqa: B023
         rows.append({"kernel": "op uvqk_kv fp8 vs uvqk fp8", "case": f"M={M}", "fell_back": fb,
                      "max_abs_diff": float(max((k - got[2]).abs().max(), (v - got[3]).abs().max())),
                      "ok": not fb and torch.equal(k, got[2]) and torch.equal(v, got[3])})
-        u, a = got[0], f(M, hv).to(torch.bfloat16)
-        q = [f(hv) * 0.2 + 1, f(hv) * 0.2, (f(3 * hv, D) * (3 * hv) ** -0.5).to(torch.bfloat16)]
-        out, fb = gc.fell_back(lambda: ops.hstu_output(u, a, x, *q, impl=Impl.CUTLASS_FP8))
+        u = got[0]
+        out, fb = gc.fell_back(lambda: ops.hstu_output(u, a, x, *q, impl=Impl.CUTLASS_FP8))  # noqa: B023
         want = ops.hstu_output(u.double(), a.double(), x.double(), *(t.double() for t in q))
-        want_t = _fp8.reference_output(u, a, x, *q, 1e-6)
-        want_o = own_codes_output(u, a, x, *q)
+        want_o = output_from_pass(own, u, a, x, *q)
         # (the residual x dominates max |ref|: errors are also reported relative to the GEMM part)
-        rows.append(check_row("op hstu_output fp8", f"M={M} D={D} H={H} d={d}", out, want_o, want, fell_back=fb,
-                              rel_err_vs_torch_codes=rel(out, want_t),
+        rows.append(check_row("op hstu_output fp8", case, out, want_o, want, fell_back=fb,
+                              rel_err_vs_torch_codes=rel(out, output_from_pass(torch_codes, u, a, x, *q)),
                               rel_err_of_gemm_part=rel(out.double() - x.double(), want_o - x.double())))
     return rows
 
