@@ -320,7 +320,8 @@ def main() -> int:
               "machine": machine(), "versions": versions(), "bundle": {"path": str(args.bundle), "name": bundle.name,
                                                                        "version": bundle.version},
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "server": model["runner"], "http_stack": http_stack, "server_exit_code": exit_code, "rows": rows, "engine_alone": engine_rows}
+              "server": model["runner"], "http_stack": http_stack, "server_exit_code": exit_code, "rows": rows,
+              "engine_alone": engine_rows}
     print(table(rows, engine_rows))
     args.out.mkdir(parents=True, exist_ok=True)
     host = "gpu" if gpu_name() else "cpu"

@@ -320,7 +320,8 @@ def serve(
 
         settings = ServeSettings(bundle, host, port, engine, runner, max_batch, max_wait_ms, max_queue, cache_gb,
                                  max_body_mb, torch_threads, cache_policy, host_cache_gb,
-                                 **({"cache_page_rows": cache_page_rows} if cache_page_rows else {}), loop=loop, http=http)
+                                 **({"cache_page_rows": cache_page_rows} if cache_page_rows else {}), loop=loop,
+                                 http=http)
         from hstu_opt.serve import server  # fastapi and uvicorn: only here (BackendUnavailable names the extra)
 
         server.serve(settings, _announce)

@@ -202,9 +202,9 @@ class Recipe(Section):
                              "model.dtype: bfloat16, or engine.precision: bf16")
         cutlass = sorted(f"{op}: {impl}" for op, impl in self.engine.ops.items() if impl.startswith("cutlass"))
         if cutlass:
-            raise ValueError(f"engine.ops {', '.join(cutlass)} needs model.dtype bfloat16 "
-                             f"(the CUTLASS kernels take bf16; a {self.model.dtype} model would run them as Triton): set "
-                             "model.dtype: bfloat16, or name triton for those ops")
+            raise ValueError(f"engine.ops {', '.join(cutlass)} needs model.dtype bfloat16 (the CUTLASS kernels take "
+                             f"bf16; a {self.model.dtype} model would run them as Triton): set model.dtype: bfloat16, "
+                             "or name triton for those ops")
         return self
 
 

@@ -115,8 +115,8 @@ def fp8_gate(model, eval_set, tasks: tuple[str, ...], bar: float, resamples: int
         warnings.simplefilter("always")
         report = run_gate(eval_set, ImplScorer(model, to_impl(base)), ImplScorer(model, to_impl(fp8_impl(base))),
                           tasks, bar, resamples, confidence, _describe(base))
-    report |= {"gpu": torch.cuda.get_device_name(),
-               "model_dtype": "bfloat16" + (f" (cast from the checkpoint's {cast_from} for both sides)" if cast_from else "")}
+    cast = f" (cast from the checkpoint's {cast_from} for both sides)" if cast_from else ""
+    report |= {"gpu": torch.cuda.get_device_name(), "model_dtype": "bfloat16" + cast}
     fell_back = sorted({str(w.message).split(":")[0] for w in caught if "(fp8)" in str(w.message)})
     if fell_back or report["agreement"].get("prob_max_abs_diff") == 0.0:
         # FP8 did not run (H200 run 75: the tiny model computes in float32, which the kernels do not take, and

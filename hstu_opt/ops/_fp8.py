@@ -46,8 +46,9 @@ MIN_SCALE = 1e-12  # an all-zero row or column: scale 1e-12, codes 0
 # GEMM) missed the op bar, 1.0-2.0% against 1%, at D=512 M=333 and D=192. That check's reference quantized
 # torch's LayerNorm, whose codes differ from the pass's in 0.05-0.13% of elements by one step; flips at that
 # rate give 0.6-1.7% on the same shapes in float64 (benchmarks/fp8_code_flips.py; run 75: 0.8-2.0%), so the
-# reference, not the GEMM, is the likely difference (likely: 2.0% is above the simulation's largest). gpu_fp8.check_ops now checks the op against its own codes; until an H200
-# run passes that, the router sends no call to the FP8 kernels (benchmarks/gpu_fp8.py sets this to True).
+# reference, not the GEMM, is the likely difference (likely: 2.0% is above the simulation's largest).
+# gpu_fp8.check_ops now checks the op against its own codes; until an H200 run passes that, the router sends
+# no call to the FP8 kernels (benchmarks/gpu_fp8.py sets this to True).
 FP8_VERIFIED = False
 UNVERIFIED = ("the FP8 ops have not passed their H200 check (run 75: uvqk op rows 1.0-2.0% off against a 1% "
               "bar); engine.precision fp8 runs the bf16 projections until they do")
