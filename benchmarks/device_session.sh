@@ -42,7 +42,7 @@ for s in "$@"; do
         check) step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 14 ;;
         plugin) step plugin python3 benchmarks/gpu_plugin.py --out "$OUT/plugin" ;;
         cutlass) step cutlass python3 benchmarks/gpu_cutlass.py --out "$OUT/cutlass" -j 8 ;;
-        fp8) step fp8 python3 benchmarks/gpu_fp8.py --out "$OUT/fp8" ;;
+        fp8) step fp8 python3 benchmarks/gpu_fp8.py --out "$OUT/fp8" ${FP8_ARGS:-} ;;  # e.g. FP8_ARGS="--no-compile"
         overhead) step overhead python3 benchmarks/serve_overhead.py --out "$OUT/overhead" ;;
         paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
         bundle) step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" \
@@ -61,6 +61,9 @@ for s in "$@"; do
         serve1)  # concurrency 1 only: lists, packed, cached users
             serve_load lists --cache-gb 0 --concurrency 1 --requests 200
             serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0
+            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0 ;;
+        serve2)  # concurrency 1, packed bodies: cache off, then cached users (paged cache)
+            serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0 ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;
     esac

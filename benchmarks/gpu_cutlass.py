@@ -257,6 +257,11 @@ def libraries(args) -> tuple[dict, list[dict]]:
     found, notes = {}, []
     for manifest in sorted(Path(args.carried).glob(f"*/{LIB_NAME}")):
         info = json.loads((manifest.parent / "build.json").read_text())
+        built_from = sorted(k["source"] for k in info["kernels"])
+        if built_from != sorted(kbuild.SOURCES):  # an older build (e.g. before the FP8 kernels): not the code now
+            notes.append({"lib": f"carried:{manifest.parent.name}", "skipped": "stale: built from "
+                          f"{built_from}, the sources now are {sorted(kbuild.SOURCES)}"})
+            continue
         found[f"carried:{manifest.parent.name}"] = str(manifest)
         notes.append({"lib": f"carried:{manifest.parent.name}", "nvcc": info["nvcc"], "cutlass": info["cutlass"]})
     if not args.no_build:
