@@ -144,9 +144,8 @@ class EngineSection(Section):
     precision: Literal["bf16", "fp8"] = Field(
         "bf16", description="the `compiled` engine's projections on a GPU: `fp8` runs uvqk and hstu_output as "
         "CUTLASS e4m3 GEMMs (weights per channel, activations per row, scales in the epilogue; overrides their "
-        "`ops` entries; `fp8_accuracy.json` in the bundle has the accuracy gate against bf16; until the FP8 ops pass "
-        "their H200 check they stay off and fp8 runs the bf16 projections, with a warning; needs `model.dtype: "
-        "bfloat16`); `bf16`: `ops` as given")
+        "`ops` entries; `fp8_accuracy.json` in the bundle has the accuracy gate against bf16; shapes the FP8 kernels are not "
+        "checked for run the bf16 projections, with a warning; needs `model.dtype: bfloat16`); `bf16`: `ops` as given")
 
     def impl(self) -> dict | None:
         """The per-op map the compiled engine is built with (None: Triton for every op)."""

@@ -87,9 +87,10 @@ def verified(monkeypatch):
     monkeypatch.setattr(_fp8, "FP8_VERIFIED", True)
 
 
-def test_unverified_fp8_is_refused_everywhere(hopper):
-    """Until an H200 run passes the FP8 op checks, the router sends nothing to the FP8 kernels."""
-    assert not _fp8.FP8_VERIFIED
+def test_fp8_switched_off_is_refused_everywhere(hopper, monkeypatch):
+    """With FP8_VERIFIED off (how it shipped until H200 run 79 passed the op checks), the router sends nothing
+    to the FP8 kernels."""
+    monkeypatch.setattr(_fp8, "FP8_VERIFIED", False)
     x, w = torch.empty(3, 512, dtype=torch.bfloat16), torch.empty(512, 2048, dtype=torch.bfloat16)
     assert _fp8.uvqk_uncovered(x, w, 512) == _fp8.UNVERIFIED
     assert _fp8.output_uncovered(torch.empty(3, 512, dtype=torch.bfloat16), w[:, :512]) == _fp8.UNVERIFIED
