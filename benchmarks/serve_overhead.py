@@ -71,7 +71,7 @@ def main() -> None:
                "checks_ms": p50_ms(lambda: requests.rank_input(req, LIMITS)),
                "cache_key_ms": p50_ms(lambda: cache_key(inp)),
                "response_ms": p50_ms(lambda: rank_response(inp, out, ["watched", "liked"], ref, time.perf_counter(),
-                                                           time.perf_counter()))}
+                                                           time.perf_counter(), time.perf_counter()))}
         row["sum_ms"] = row["parse_ms"] + row["checks_ms"] + row["response_ms"]
         rows.append(row)
         print(json.dumps(row))

@@ -60,7 +60,7 @@ def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: 
         inp = requests.rank_input(body, limits)
         t_in = time.perf_counter()
         out = await runner.rank(inp)
-        return rank_response(inp, out, tasks, model_ref(), t0, t_in)
+        return rank_response(inp, out, tasks, model_ref(), t0, t_in, time.perf_counter())
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS,
               openapi_extra=json_body(RetrieveRequest))
@@ -143,13 +143,21 @@ def elapsed_ms(t0: float) -> float:
 
 
 def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: ModelRef, t0: float,
-                  t_in: float) -> Response:
+                  t_in: float, t_back: float) -> Response:
     """The RankResponse, serialized directly (pydantic-core's JSON writer on plain lists and dicts):
-    building 256 ScoredItem models and FastAPI's validate-then-encode of them took 10x longer."""
+    building 256 ScoredItem models and FastAPI's validate-then-encode of them took 10x longer.
+    timing_ms: input (body read, parsed, checked), the runner's phases, reply (from the runner's thread
+    finishing to this route resuming: the hand-back to the event loop), response (building the results,
+    before serializing them), total (up to the same point)."""
     order = np.argsort(-out.probs[:, 0], kind="stable")  # by the first task, highest first
-    ids, probs = inp.candidates[order].tolist(), out.probs[order].tolist()
-    results = [{"item_id": i, "scores": dict(zip(tasks, p))} for i, p in zip(ids, probs)]
-    timing = {"input": round((t_in - t0) * 1e3, 3), **out.timing_ms, "total": elapsed_ms(t0)}
+    ids, scores = inp.candidates[order].tolist(), [{} for _ in order]
+    for task, column in zip(tasks, out.probs[order].T.tolist()):  # column by column: half the time of
+        for item_scores, p in zip(scores, column):                # dict(zip(tasks, row)) per candidate
+            item_scores[task] = p
+    results = [{"item_id": i, "scores": s} for i, s in zip(ids, scores)]
+    reply = {"reply": round((t_back - out.finished) * 1e3, 3)} if out.finished else {}
+    timing = {"input": round((t_in - t0) * 1e3, 3), **out.timing_ms, **reply, "response": elapsed_ms(t_back),
+              "total": elapsed_ms(t0)}
     body = {"results": results, "model": model.model_dump(), "cache": out.cache, "truncated": inp.truncated,
             "timing_ms": timing}
     return Response(to_json(body), media_type="application/json")

@@ -70,6 +70,9 @@ def test_rank_groups_miss_then_hit_equal(live, bundle, model):
     assert first_task == sorted(first_task, reverse=True)
     assert first["model"] == {"name": bundle.name, "version": bundle.version, "engine": "eager"}
     assert first["truncated"] is False and first["timing_ms"]["total"] > 0
+    phases = first["timing_ms"]  # the route's phases, in order, each within the total
+    assert list(phases)[0] == "input" and list(phases)[-3:] == ["reply", "response", "total"]
+    assert all(0 <= v <= phases["total"] for v in phases.values())
 
 
 def test_packed_arrays_give_the_same_scores_and_server_timing(live, bundle):

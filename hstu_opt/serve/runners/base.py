@@ -42,6 +42,7 @@ class RankOutput:
     probs: np.ndarray  # [M, T] float32, rows in the candidate order given, columns in task order
     cache: str  # "hit" | "miss" | "off"
     timing_ms: dict[str, float] = field(default_factory=dict)
+    finished: float = 0.0  # time.perf_counter() when the runner's thread finished it (0: not known)
 
 
 @dataclass(frozen=True)

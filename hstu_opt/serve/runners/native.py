@@ -147,8 +147,9 @@ class NativeRunner(Runner):
             probs, status, phases = self._rank_cached(users)
         else:
             probs, status, phases = self._rank_full(users), ["off"] * len(users), {}
-        batch_ms = ms(t0, time.perf_counter())
-        return [RankOutput(p, s, {"queue": ms(j.enqueued, j.started), "batch": batch_ms, **phases})
+        t1 = time.perf_counter()
+        batch_ms = ms(t0, t1)
+        return [RankOutput(p, s, {"queue": ms(j.enqueued, j.started), "batch": batch_ms, **phases}, finished=t1)
                 for j, p, s in zip(jobs, probs, status)]
 
     def _rank_full(self, users: list[RankInput]) -> list[np.ndarray]:
