@@ -61,12 +61,12 @@ class ServeSettings:
     @property
     def loop_used(self) -> str:
         """The event loop uvicorn runs with these settings (auto: uvloop when installed)."""
-        return self.loop if self.loop != "auto" else ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+        return _resolve(self.loop, "uvloop", "asyncio")
 
     @property
     def http_used(self) -> str:
         """uvicorn's HTTP/1.1 parser with these settings (auto: httptools when installed)."""
-        return self.http if self.http != "auto" else ("httptools" if importlib.util.find_spec("httptools") else "h11")
+        return _resolve(self.http, "httptools", "h11")
 
     @property
     def cache_bytes(self) -> int:
@@ -83,3 +83,8 @@ class ServeSettings:
     @property
     def batching(self) -> BatchPolicy:
         return BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3, max_queue=self.max_queue)
+
+
+def _resolve(choice: str, fast: str, default: str) -> str:
+    """An --loop/--http choice as uvicorn gets it: auto is `fast` when that package is installed, else `default`."""
+    return choice if choice != "auto" else (fast if importlib.util.find_spec(fast) else default)

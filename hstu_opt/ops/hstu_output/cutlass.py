@@ -49,12 +49,11 @@ def _(u, a, x, norm_weight, norm_bias, weight, eps):
 def route(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout, label: str, uncovered, run):
     """Both CUTLASS hstu_output entries: training (dropout) runs the fallback op silently, an uncovered call
     (uncovered() says why) with a warning; a covered one runs run(u, a, x) on unit-stride rows."""
-    reason = "dropout (training)" if dropout > 0 else uncovered()
-    if reason:
-        if dropout == 0:
-            _cutlass.warn_fallback(label, reason)
-        return TABLE.get(_cutlass.fallback(u), "hstu_output")(u, a, x, norm_weight, norm_bias, output_weight, eps,
-                                                              dropout)
+    args = (u, a, x, norm_weight, norm_bias, output_weight, eps, dropout)
+    if dropout > 0:
+        return TABLE.get(_cutlass.fallback(u), "hstu_output")(*args)
+    if reason := uncovered():
+        return _cutlass.run_fallback(TABLE, "hstu_output", label, reason, *args)
     u2, a2, x2 = map(unit_stride_rows, (u, a, x))
     return run(u2, a2, x2.contiguous()).reshape(x.shape)
 
