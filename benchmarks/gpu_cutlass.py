@@ -257,10 +257,10 @@ def libraries(args) -> tuple[dict, list[dict]]:
     found, notes = {}, []
     for manifest in sorted(Path(args.carried).glob(f"*/{LIB_NAME}")):
         info = json.loads((manifest.parent / "build.json").read_text())
-        built_from = sorted(k["source"] for k in info["kernels"])
-        if built_from != sorted(kbuild.SOURCES):  # an older build (e.g. before the FP8 kernels): not the code now
-            notes.append({"lib": f"carried:{manifest.parent.name}", "skipped": "stale: built from "
-                          f"{built_from}, the sources now are {sorted(kbuild.SOURCES)}"})
+        if info.get("sources_sha256") != kbuild.sources_digest():  # built from other sources: not the code now
+            notes.append({"lib": f"carried:{manifest.parent.name}", "skipped": "stale: built from other sources "
+                          f"({info.get('sources_sha256', 'no digest: an older build')[:16]}, now "
+                          f"{kbuild.sources_digest()[:16]})"})
             continue
         found[f"carried:{manifest.parent.name}"] = str(manifest)
         notes.append({"lib": f"carried:{manifest.parent.name}", "nvcc": info["nvcc"], "cutlass": info["cutlass"]})

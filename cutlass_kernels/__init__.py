@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 SOURCES = ("uvqk_bf16_coop.cu", "uvqk_bf16_pingpong.cu", "hstu_output_bf16.cu",  # one kernel each: ~50-100 s, ~3.3 GB
            "uvqk_fp8_coop.cu", "uvqk_fp8_pingpong.cu", "hstu_output_fp8.cu")  # e4m3 x e4m3 -> bf16, scales in the epilogue (fp8.hpp)
 UVQK_CONFIGS = ("coop", "pingpong")  # uvqk_bf16_<config>.cu
-HEADERS = ("common.hpp", "uvqk.hpp", "three_operand_mainloop.hpp", "fp8.hpp", "uvqk_fp8.hpp")
+HEADERS = ("common.hpp", "uvqk.hpp", "three_operand_mainloop.hpp", "hstu_output.hpp", "fp8.hpp", "uvqk_fp8.hpp")
 LIB_NAME = "libhstu_cutlass.so"
 ENV_LIB = "HSTU_CUTLASS_LIB"  # where hstu_opt/ops/_cutlass.py finds the built library
 

@@ -81,7 +81,7 @@ def compile_flags(arch: str, nvcc: Path) -> list[str]:
     # the explicit -gencode: plain -arch=sm_90a would add a generic compute_90 PTX pass as well
     flags = ["-gencode", f"arch=compute_{num},code=sm_{num}", "-std=c++17", "--expt-relaxed-constexpr", "-O3",
              "-DNDEBUG", "-Xptxas", "-v", "-Xcompiler", "-fPIC"]
-    return flags + [f"-I{p}" for p in cutlass_include()]
+    return flags + [f"-I{p}" for p in (HERE, *cutlass_include())]  # HERE: for generated sources (sweep.py)
 
 
 def nvcc_version(nvcc: Path) -> str:
@@ -97,10 +97,17 @@ def cutlass_version() -> str:
     return ".".join(m.group(1) for m in parts if m) or "unknown"
 
 
-def cache_key(arch: str, nvcc: Path) -> str:
+def sources_digest() -> str:
+    """sha256 over the shipped sources and headers alone: a library carried to another machine (built
+    there by another nvcc) is the code now only if its build.json has this digest."""
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(arch: str, nvcc: Path) -> str:
+    h = hashlib.sha256(sources_digest().encode())
     # flags without the include paths (where the wheel lies does not change the product)
     h.update(json.dumps([arch, [f for f in compile_flags(arch, nvcc) if not f.startswith("-I")],
                          nvcc_version(nvcc), cutlass_version()]).encode())
@@ -116,10 +123,11 @@ def parse_ptxas(log: str) -> dict:
             "spill_store_bytes": sum(s for s, _ in spills), "spill_load_bytes": sum(l for _, l in spills)}
 
 
-def includes(name: str) -> list[str]:
-    """The local headers `name` includes, transitively (#include "x.hpp" lines)."""
+def includes(name: str | Path) -> list[str]:
+    """The local headers `name` (a name under cutlass_kernels/, or a path) includes, transitively
+    (#include "x.hpp" lines naming files of cutlass_kernels/)."""
     seen: list[str] = []
-    todo = [name]
+    todo = [str(name)]
     while todo:
         for inc in re.findall(r'^#include "([^"]+)"', (HERE / todo.pop()).read_text(), re.M):
             if inc not in seen and (HERE / inc).exists():
@@ -128,26 +136,27 @@ def includes(name: str) -> list[str]:
     return sorted(seen)
 
 
-def object_key(source: str, arch: str, nvcc: Path) -> str:
+def object_key(source: str | Path, arch: str, nvcc: Path) -> str:
     """One object's cache key: its source, the local headers it includes, flags, nvcc and CUTLASS versions
     (a new kernel in the library does not recompile the others)."""
     h = hashlib.sha256()
-    for name in [source, *includes(source)]:
+    for name in [str(source), *includes(source)]:
         h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
     h.update(json.dumps([arch, [f for f in compile_flags(arch, nvcc) if not f.startswith("-I")],
                          nvcc_version(nvcc), cutlass_version()]).encode())
     return h.hexdigest()[:16]
 
 
-def _compile(source: str, arch: str, nvcc: Path, dest: Path) -> dict:
-    """Compile one source into dest, or copy it from the per-object cache (dest/../objects/<key>/)."""
+def compile_cached(source: str | Path, arch: str, nvcc: Path, dest: Path) -> dict:
+    """Compile one source (a name under cutlass_kernels/, or a path) into dest, or copy it from the
+    per-object cache (dest/../objects/<key>/)."""
     stem = Path(source).stem
     cached = dest.parent / "objects" / object_key(source, arch, nvcc)
     if (cached / "kernel.json").exists():
         for suffix in (".o", ".ptxas.log"):
             shutil.copyfile(cached / (stem + suffix), dest / (stem + suffix))
         return json.loads((cached / "kernel.json").read_text()) | {"cached_object": True}
-    info = _compile_now(source, arch, nvcc, dest)
+    info = compile_source(source, arch, nvcc, dest)
     cached.mkdir(parents=True, exist_ok=True)
     for suffix in (".o", ".ptxas.log"):
         shutil.copyfile(dest / (stem + suffix), cached / (stem + suffix))
@@ -155,7 +164,8 @@ def _compile(source: str, arch: str, nvcc: Path, dest: Path) -> dict:
     return info
 
 
-def _compile_now(source: str, arch: str, nvcc: Path, dest: Path) -> dict:
+def compile_source(source: str | Path, arch: str, nvcc: Path, dest: Path) -> dict:
+    """Compile one source (a name under cutlass_kernels/, or a path) into dest/<stem>.o; raises on failure."""
     obj = dest / (Path(source).stem + ".o")
     t0 = time.perf_counter()
     proc = subprocess.run([str(nvcc), *compile_flags(arch, nvcc), "-c", str(HERE / source), "-o", str(obj)],
@@ -165,10 +175,10 @@ def _compile_now(source: str, arch: str, nvcc: Path, dest: Path) -> dict:
     (dest / (Path(source).stem + ".ptxas.log")).write_text(log)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source} (exit {proc.returncode}):\n{log[-4000:]}")
-    return {"source": source, "object": obj.name, "compile_s": seconds, **parse_ptxas(log)}
+    return {"source": str(source), "object": obj.name, "compile_s": seconds, **parse_ptxas(log)}
 
 
-def _link(objects: list[Path], nvcc: Path, lib: Path) -> None:
+def link(objects: list[Path], nvcc: Path, lib: Path) -> None:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     libdir = cudart_dir(nvcc)
     cmd = [cxx, "-shared", "-o", str(lib), *map(str, objects), "-Wl,-rpath,$ORIGIN"]
@@ -212,10 +222,11 @@ def build(arch: str = "sm_90a", out: Path = DEFAULT_OUT, jobs: int = 1, check: b
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        kernels = list(pool.map(lambda s: _compile(s, arch, nvcc, dest), SOURCES))
-    _link([dest / k["object"] for k in kernels], nvcc, dest / (LIB_NAME + ".tmp"))
+        kernels = list(pool.map(lambda s: compile_cached(s, arch, nvcc, dest), SOURCES))
+    link([dest / k["object"] for k in kernels], nvcc, dest / (LIB_NAME + ".tmp"))
     (dest / (LIB_NAME + ".tmp")).rename(dest / LIB_NAME)
     info = {"arch": arch, "nvcc": nvcc_version(nvcc), "cutlass": cutlass_version(), "key": dest.name,
+            "sources_sha256": sources_digest(),
             "build_s": round(time.perf_counter() - t0, 1), "jobs": jobs, "kernels": kernels}
     if check:
         _add_inspect(info, dest, nvcc)

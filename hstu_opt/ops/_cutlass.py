@@ -55,24 +55,37 @@ def library() -> ctypes.CDLL:
     return load(path)
 
 
-def load(path: str) -> ctypes.CDLL:
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# The C ABI of each kind of kernel (cutlass_kernels/*.hpp's export macros): (kernel args, can_implement args).
+ABI = {
+    # a, lda, w, ldw, bias, gate, out, ldo, M, N, K, stream | lda, ldw, ldo, M, N, K
+    "uvqk_bf16": ([_P, _I64, _P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32, _P], [_I64] * 3 + [_I32] * 3),
+    # a0, lda0, a1, lda1, a2, lda2, w, ldw, residual, ldr, out, ldo, M, N, k_part, stream | lda0..2, ldw, ldr, ldo, M, N, k_part
+    "output_bf16": ([_P, _I64] * 6 + [_I32] * 3 + [_P], [_I64] * 6 + [_I32] * 3),
+    # a, lda, wt, ldwt, row_scale, col_scale, bias, gate, out, ldo, M, N, K, stream | lda, ldwt, ldo, M, N, K
+    "uvqk_fp8": ([_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _P], [_I64] * 3 + [_I32] * 3),
+    # a, lda, wt, ldwt, row_scale, col_scale, residual, ldr, out, ldo, M, N, K, stream | lda, ldwt, ldr, ldo, M, N, K
+    "output_fp8": ([_P, _I64, _P, _I64, _P, _P, _P, _I64, _P, _I64, _I32, _I32, _I32, _P], [_I64] * 4 + [_I32] * 3),
+}
+# the shipped library's symbols: (ABI kind, symbol)
+SYMBOLS = ([("uvqk_bf16", f"hstu_uvqk_bf16_{c}") for c in UVQK_CONFIGS] + [("output_bf16", "hstu_output_bf16")]
+           + [("uvqk_fp8", f"hstu_uvqk_fp8_{c}") for c in UVQK_CONFIGS] + [("output_fp8", "hstu_output_fp8")])
+
+
+def declare(lib: ctypes.CDLL, kind: str, symbol: str) -> None:
+    """Declare one exported kernel's C signature (and its _can_implement's) on a loaded library."""
+    args, can = ABI[kind]
+    getattr(lib, symbol).argtypes = args
+    getattr(lib, f"{symbol}_can_implement").argtypes = can
+
+
+def load(path: str, symbols=SYMBOLS) -> ctypes.CDLL:
     """Open a built library and declare its C ABI (cutlass_kernels/*.cu's extern "C" functions)."""
     if torch.cuda.is_available():
         torch.cuda.init()  # loads torch's libcudart.so.13, which the library links by soname
     lib = ctypes.CDLL(path)
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for config in UVQK_CONFIGS:
-        getattr(lib, f"hstu_uvqk_bf16_{config}").argtypes = [p, i64, p, i64, p, p, p, i64, i32, i32, i32, p]
-        getattr(lib, f"hstu_uvqk_bf16_{config}_can_implement").argtypes = [i64, i64, i64, i32, i32, i32]  # lda, ldw, ldo, M, N, K
-    lib.hstu_output_bf16.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, i64, i32, i32, i32, p]
-    lib.hstu_output_bf16_can_implement.argtypes = [i64] * 6 + [i32] * 3  # lda0..2, ldw, ldr, ldo, M, N, k_part
-    # FP8 (ops/_fp8.py): a, lda, wt, ldwt, row_scale, col_scale, bias, gate, out, ldo, M, N, K, stream
-    for config in UVQK_CONFIGS:
-        getattr(lib, f"hstu_uvqk_fp8_{config}").argtypes = [p, i64, p, i64, p, p, p, p, p, i64, i32, i32, i32, p]
-        getattr(lib, f"hstu_uvqk_fp8_{config}_can_implement").argtypes = [i64, i64, i64, i32, i32, i32]
-    # a, lda, wt, ldwt, row_scale, col_scale, residual, ldr, out, ldo, M, N, K, stream
-    lib.hstu_output_fp8.argtypes = [p, i64, p, i64, p, p, p, i64, p, i64, i32, i32, i32, p]
-    lib.hstu_output_fp8_can_implement.argtypes = [i64] * 4 + [i32] * 3  # lda, ldwt, ldr, ldo, M, N, K
+    for kind, symbol in symbols:
+        declare(lib, kind, symbol)
     return lib
 
 

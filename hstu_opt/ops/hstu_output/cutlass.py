@@ -17,13 +17,15 @@ from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride_row
 from hstu_opt.ops.hstu_output import TABLE
 
 
-def launch(u: Tensor, a: Tensor, gated: Tensor, x: Tensor, weight: Tensor, out: Tensor, lib=None) -> Tensor:
+def launch(u: Tensor, a: Tensor, gated: Tensor, x: Tensor, weight: Tensor, out: Tensor, lib=None,
+           symbol: str = "hstu_output_bf16") -> Tensor:
     """out [M, D] = [u | a | gated] @ weight [3*HV, D] + x; u, a, gated [M, HV] (row strides free), all bf16.
-    lib: a library from _cutlass.load (default: $HSTU_CUTLASS_LIB's)."""
+    lib: a library from _cutlass.load (default: $HSTU_CUTLASS_LIB's); symbol: the instance (another one
+    than the shipped kernel: cutlass_kernels/sweep.py's)."""
     (M, hv), D = u.shape, weight.shape[1]
     if M == 0:
         return out
-    code = (lib or _cutlass.library()).hstu_output_bf16(
+    code = getattr(lib or _cutlass.library(), symbol)(
         u.data_ptr(), u.stride(0), a.data_ptr(), a.stride(0), gated.data_ptr(), gated.stride(0),
         weight.data_ptr(), weight.stride(0), x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
         M, D, hv, _cutlass.stream(out))
