@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_session.sh check plugin cutlass paged     # correctness sweeps + kernel timings
 #   bash benchmarks/device_session.sh bundle serve                   # dlrm-v3 bundle, then the served latency
+#   bash benchmarks/device_session.sh sweep                          # CUTLASS tile/cluster/schedule variants
 #
 # Wheels the image lacks (fastapi, uvicorn, pydantic, ...) travel in .whl (carry it) and are installed to
 # /tmp/site first; the nvidia-cutlass wheel (headers) travels in .gpu-wheels. A step's failure does not
@@ -42,6 +43,7 @@ for s in "$@"; do
         check) step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 14 ;;
         plugin) step plugin python3 benchmarks/gpu_plugin.py --out "$OUT/plugin" ;;
         cutlass) step cutlass python3 benchmarks/gpu_cutlass.py --out "$OUT/cutlass" -j 8 ;;
+        sweep) step sweep python3 benchmarks/cutlass_sweep.py --out "$OUT/sweep" -j 16 ;;  # ~20 variants: tiles, clusters, schedules
         fp8) step fp8 python3 benchmarks/gpu_fp8.py --out "$OUT/fp8" ${FP8_ARGS:-} ;;  # e.g. FP8_ARGS="--no-compile"
         overhead) step overhead python3 benchmarks/serve_overhead.py --out "$OUT/overhead" ;;
         paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
@@ -65,6 +67,14 @@ for s in "$@"; do
         serve2)  # concurrency 1, packed bodies: cache off, then cached users (paged cache)
             serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0 ;;
+        serve3)  # packed bodies: as served by default, then --inline-lone + columnar results (c 1, 16, 64); cached
+                 # users by history, then by history_ref with both
+            serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed
+            serve_load fast --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --engine-repeats 0 \
+                --inline-lone --results-layout columns
+            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0
+            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed \
+                --engine-repeats 0 --inline-lone --results-layout columns --history-ref ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;
     esac
 done

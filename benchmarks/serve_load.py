@@ -8,9 +8,11 @@ next to the engine's own latency for the same request shape measured in this pro
 
 Request bodies are encoded once per pool user before the clock starts (a load generator's own JSON
 encoding is not the server's latency); --arrays packed sends the integer lists in the packed form
-(base64 of little-endian int64, see docs/serving.md). Each row reports three latencies: as the client
-saw them; the server's whole request (its Server-Timing header: body received to response encoded);
-and the route's own phases (timing_ms: input, queue, batch, total).
+(base64 of little-endian int64, see docs/serving.md); --results-layout columns asks for the columnar
+response (results_layout, docs/serving.md). The client decodes every response and counts its scored
+candidates (a wrong count is an error). Each row reports three latencies: as the client saw them; the
+server's whole request (its Server-Timing header: body received to response encoded); and the route's
+own phases (timing_ms: input, queue, batch, total).
 
 Requests come from a fixed pool of --users synthetic users (ids, ratings, timestamps within the bundle's
 limits), drawn at random, so a user repeats (cache hits when the cache is on); --history and --candidates
@@ -74,10 +76,16 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--candidates", type=int, default=0, help="candidates per request (0: max_targets)")
     ap.add_argument("--arrays", choices=("list", "packed"), default="list",
                     help="integer lists as JSON lists, or packed (base64 of little-endian int64)")
+    ap.add_argument("--results-layout", choices=("items", "columns"), default="items",
+                    help="the results_layout every request asks for: one object per candidate, or one list per field")
     ap.add_argument("--engine-repeats", type=int, default=30, help="timed engine calls per batch size (0: skip)")
     ap.add_argument("--max-seconds", type=float, default=600, help="hard bound on the whole run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inline-lone", action="store_true", help="serve --inline-lone: a lone request runs on the "
+                                                                   "event loop's thread")
+    ap.add_argument("--history-ref", action="store_true", help="after a user's first answer, send that user's "
+                    "history_ref instead of the history (a 409, the entry gone, resends the history)")
     ap.add_argument("--loop", default="auto", help="the server's event loop (serve --loop)")
     ap.add_argument("--http", default="auto", help="the server's HTTP parser (serve --http)")
     return ap.parse_args()
@@ -101,12 +109,41 @@ def user_pool(bundle: ServedBundle, args: argparse.Namespace) -> list[dict]:
     return pool
 
 
-def encoded(body: dict, arrays: str) -> bytes:
+def encoded(body: dict, arrays: str, results_layout: str) -> bytes:
     """The request as sent: JSON, with the long integer lists packed when asked."""
     if arrays == "packed":
         body = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()},
                 "candidates": pack_int64(body["candidates"])}
-    return json.dumps(body).encode()
+    return json.dumps({**body, "results_layout": results_layout}).encode()
+
+
+class Bodies:
+    """The request bodies per pool user: the whole request, or (history_ref) the user's reference once an
+    answer gave one; a 409 (entry gone) goes back to the whole request."""
+
+    def __init__(self, pool: list[dict], args: argparse.Namespace):
+        self.full = [encoded(b, args.arrays, args.results_layout) for b in pool]
+        self.pool, self.args, self.by_ref, self.gone = pool, args, {}, 0
+
+    def body(self, i: int) -> bytes:
+        return self.by_ref.get(i) or self.full[i]
+
+    def answered(self, i: int, status: int, reply: dict | None) -> None:
+        if not self.args.history_ref:
+            return
+        if status == 409:
+            self.by_ref.pop(i, None)
+            self.gone += 1
+        elif reply is not None and reply.get("history_ref") and i not in self.by_ref:
+            b = self.pool[i]
+            cands = pack_int64(b["candidates"]) if self.args.arrays == "packed" else b["candidates"]
+            self.by_ref[i] = json.dumps({"user_id": b["user_id"], "history_ref": reply["history_ref"],
+                                         "candidates": cands, "results_layout": self.args.results_layout}).encode()
+
+
+def scored(reply: dict) -> int:
+    """How many candidates a rank response holds, in either results layout."""
+    return len(reply["columns"]["item_id"]) if "columns" in reply else len(reply["results"])
 
 
 # ---- the engine alone -------------------------------------------------------------------------------
@@ -157,6 +194,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, dict]
            "--engine", args.engine,
            "--cache-gb", str(args.cache_gb), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--max-body-mb", "64", "--torch-threads", str(args.torch_threads), "--loop", args.loop, "--http", args.http]
+    cmd += ["--inline-lone"] if args.inline_lone else []
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
@@ -207,8 +245,9 @@ def server_timing(header: str | None) -> float | None:
     return float(m.group(1)) if m else None
 
 
-async def load(url: str, pool: list[bytes], n: int, concurrency: int, rng: np.random.Generator, deadline: float) -> Load:
-    order = rng.integers(0, len(pool), n).tolist()
+async def load(url: str, pool: Bodies, candidates: int, n: int, concurrency: int, rng: np.random.Generator,
+               deadline: float) -> Load:
+    order = rng.integers(0, len(pool.full), n).tolist()
     latencies: list[float] = []
     server: list[float] = []
     whole: list[float] = []
@@ -219,7 +258,8 @@ async def load(url: str, pool: list[bytes], n: int, concurrency: int, rng: np.ra
 
         async def worker() -> None:
             while order and time.monotonic() < deadline:
-                body = pool[order.pop()]
+                user = order.pop()
+                body = pool.body(user)
                 t0 = time.perf_counter()
                 try:
                     response = await client.post("/v1/rank", content=body,
@@ -227,9 +267,18 @@ async def load(url: str, pool: list[bytes], n: int, concurrency: int, rng: np.ra
                     status = str(response.status_code)
                 except httpx.HTTPError as exc:
                     response, status = None, type(exc).__name__
-                latencies.append((time.perf_counter() - t0) * 1e3)
+                took = (time.perf_counter() - t0) * 1e3
+                reply = response.json() if status == "200" else None
+                if response is not None:
+                    pool.answered(user, response.status_code, reply)
+                if status == "409" and pool.args.history_ref:  # the entry is gone: the history again (not timed)
+                    order.append(user)
+                    continue
+                latencies.append(took)
+                if status == "200" and scored(reply) != candidates:
+                    status = "wrong_count"  # (the server answered, but not with every candidate)
                 if status == "200":
-                    timing = response.json()["timing_ms"]
+                    timing = reply["timing_ms"]
                     server.append(timing["total"])
                     for k, v in timing.items():
                         phases.setdefault(k, []).append(v)
@@ -247,14 +296,15 @@ def percentiles(ms: np.ndarray) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": int(ms.size)}
 
 
-def run_level(url: str, pool: list[bytes], args: argparse.Namespace, c: int, deadline: float) -> dict:
+def run_level(url: str, pool: Bodies, candidates: int, args: argparse.Namespace, c: int, deadline: float) -> dict:
     rng = np.random.default_rng(args.seed + c)
-    asyncio.run(load(url, pool, 2 * c, c, rng, deadline))  # warm-up: connections, first batches
+    asyncio.run(load(url, pool, candidates, 2 * c, c, rng, deadline))  # warm-up: connections, first batches
     before = server_counters(url)
-    result = asyncio.run(load(url, pool, args.requests, c, rng, deadline))
+    result = asyncio.run(load(url, pool, candidates, args.requests, c, rng, deadline))
     after = server_counters(url)
     delta = {k: after[k] - before[k] for k in after}
     errors = sum(v for k, v in result.statuses.items() if k != "200")
+    by_ref = {"by_reference_users": len(pool.by_ref), "references_gone": pool.gone} if args.history_ref else {}
     return {"concurrency": c, "requests": len(result.latencies_ms), "errors": errors, "statuses": result.statuses,
             "requests_per_s": len(result.latencies_ms) / result.seconds, "seconds": result.seconds,
             **percentiles(np.array(result.latencies_ms)),
@@ -262,7 +312,7 @@ def run_level(url: str, pool: list[bytes], args: argparse.Namespace, c: int, dea
             **{f"whole_{k}": v for k, v in percentiles(np.array(result.whole_ms or [0.0])).items() if k != "n"},
             "phase_p50_ms": {k: float(np.median(v)) for k, v in result.phases.items()},
             "mean_batch": delta["batched"] / delta["batches"] if delta["batches"] else 0.0,
-            "cache_hits": int(delta["cache_hits"]), "cache_misses": int(delta["cache_misses"])}
+            "cache_hits": int(delta["cache_hits"]), "cache_misses": int(delta["cache_misses"]), **by_ref}
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -306,14 +356,14 @@ def main() -> int:
     deadline = time.monotonic() + args.max_seconds
     bundle = ServedBundle.open(args.bundle)
     pool = user_pool(bundle, args)
-    bodies = [encoded(b, args.arrays) for b in pool]
+    bodies = Bodies(pool, args)
     levels = [int(c) for c in args.concurrency.split(",")]
     batches = sorted({1, *(min(c, args.max_batch) for c in levels)})
     engine_rows = engine_latency(bundle, args, pool, batches) if args.engine_repeats else []
     proc, url, http_stack = start_server(args)
     try:
         model = httpx.get(f"{url}/v1/model", timeout=30).json()
-        rows = [run_level(url, bodies, args, c, deadline) for c in levels]
+        rows = [run_level(url, bodies, len(pool[0]["candidates"]), args, c, deadline) for c in levels]
     finally:
         exit_code = stop_server(proc)
     report = {"benchmark": "serve_load", "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -326,6 +376,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     host = "gpu" if gpu_name() else "cpu"
     runner = ("" if args.runner == "native" else f"_{args.runner}") + ("_packed" if args.arrays == "packed" else "")
+    runner += ("_columns" if args.results_layout == "columns" else "") + ("_ref" if args.history_ref else "")
+    runner += "_inline" if args.inline_lone else ""
     path = args.out / f"serve_load_{bundle.name}{runner}_{host}_{report['date_utc'][:10]}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")

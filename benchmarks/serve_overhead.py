@@ -1,7 +1,9 @@
 """The server's own per-request Python work, timed piece by piece in one process (no HTTP, no engine), for
 a dlrm-v3-sized request (4096 history rows, 256 candidates, 4 contextual ids): what the served latency
 adds to the engine's before any network or queueing. Run it on the machine that serves, next to
-serve_load.py, to see which part of the gap is this host's Python.
+serve_load.py, to see which part of the gap is this host's Python. The response (built and serialized) is
+timed in both results layouts (response_ms: the default items; response_columns_ms: columns), with its
+size and a client's json.loads of it (client_decode_ms); sum_ms counts the default.
 
     python benchmarks/serve_overhead.py --out DIR
 """
@@ -24,10 +26,12 @@ sys.path.insert(0, str(ROOT))
 from hstu_opt.serve import requests  # noqa: E402
 from hstu_opt.serve.requests import pack_int64  # noqa: E402
 from hstu_opt.serve.app import rank_response  # noqa: E402
-from hstu_opt.serve.kv_cache import cache_key  # noqa: E402
+from hstu_opt.serve.kv_cache import cache_key, history_ref  # noqa: E402
 from hstu_opt.serve.runners.base import RankOutput  # noqa: E402
 from hstu_opt.serve.schemas import ModelRef, RankRequest, RequestLimits  # noqa: E402
 
+# results_layout -> the suffix of its row keys (the default, items, keeps the names of earlier result files)
+LAYOUT_SUFFIX = {"items": "", "columns": "_columns"}
 LIMITS = RequestLimits(num_items=1_000_000, num_ratings=10, max_history_len=4096, max_targets=256, contextual_len=4,
                        contextual_cardinality=100, time_granularity_s=60)
 
@@ -40,7 +44,11 @@ def bodies(history: int, candidates: int) -> dict[str, bytes]:
             "candidates": rng.integers(1, 10**6, candidates).tolist(), "contextual_ids": [1, 2, 3, 4]}
     packed = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()},
               "candidates": pack_int64(body["candidates"])}
-    return {"lists": json.dumps(body).encode(), "packed": json.dumps(packed).encode()}
+    # a request by reference: the user's history_ref (from an earlier answer) instead of history, query time, contexts
+    key = cache_key(requests.rank_input(RankRequest.model_validate(body), LIMITS))
+    by_ref = {"user_id": "u1", "history_ref": history_ref(key, False), "candidates": packed["candidates"]}
+    return {"lists": json.dumps(body).encode(), "packed": json.dumps(packed).encode(),
+            "packed_by_reference": json.dumps(by_ref).encode()}
 
 
 def p50_ms(fn, n: int = 300) -> float:
@@ -51,6 +59,17 @@ def p50_ms(fn, n: int = 300) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts) * 1e3)
+
+
+def response_keys(inp, out: RankOutput, ref: ModelRef, layout: str) -> dict[str, float]:
+    """One results layout: building and serializing the response, its size, and a client's json.loads of it."""
+    def respond():
+        t = time.perf_counter()
+        return rank_response(inp, out, ["watched", "liked"], ref, t, t, t, layout)
+
+    raw, suffix = respond().body, LAYOUT_SUFFIX[layout]
+    return {f"response{suffix}_ms": p50_ms(respond), f"response{suffix}_bytes": len(raw),
+            f"client_decode{suffix}_ms": p50_ms(lambda: json.loads(raw))}
 
 
 def main() -> None:
@@ -64,14 +83,13 @@ def main() -> None:
     ref = ModelRef(name="dlrm-v3-ranking", version="1", engine="compiled")
     for form, raw in bodies(args.history, args.candidates).items():
         req = RankRequest.model_validate_json(raw)
-        inp = requests.rank_input(req, LIMITS)
+        inp = requests.rank_input(req, LIMITS, history_refs=True)
         out = RankOutput(probs, "off", {"queue": 0.1, "batch": 1.0})
         row = {"form": form, "body_bytes": len(raw),
                "parse_ms": p50_ms(lambda: RankRequest.model_validate_json(raw)),
-               "checks_ms": p50_ms(lambda: requests.rank_input(req, LIMITS)),
+               "checks_ms": p50_ms(lambda: requests.rank_input(req, LIMITS, history_refs=True)),
                "cache_key_ms": p50_ms(lambda: cache_key(inp)),
-               "response_ms": p50_ms(lambda: rank_response(inp, out, ["watched", "liked"], ref, time.perf_counter(),
-                                                           time.perf_counter(), time.perf_counter()))}
+               **response_keys(inp, out, ref, "items"), **response_keys(inp, out, ref, "columns")}
         row["sum_ms"] = row["parse_ms"] + row["checks_ms"] + row["response_ms"]
         rows.append(row)
         print(json.dumps(row))

@@ -313,6 +313,9 @@ def serve(
     loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), asyncio or uvloop."),
     http: str = typer.Option("auto", "--http", help="HTTP/1.1 parser: auto (httptools when installed), h11 or "
                              "httptools."),
+    inline_lone: bool = typer.Option(False, "--inline-lone/--no-inline-lone", help="Run a request that is alone in "
+                                     "the server on the event loop's thread when the engine is idle (skips two "
+                                     "thread hand-offs; needs --max-wait-ms 0; docs/serving.md)."),
 ) -> None:
     """Serve BUNDLE over HTTP (POST /v1/rank, /v1/retrieve; docs at /docs) until SIGINT/SIGTERM. Needs the serve extra."""
     with _errors():
@@ -321,7 +324,7 @@ def serve(
         settings = ServeSettings(bundle, host, port, engine, runner, max_batch, max_wait_ms, max_queue, cache_gb,
                                  max_body_mb, torch_threads, cache_policy, host_cache_gb,
                                  **({"cache_page_rows": cache_page_rows} if cache_page_rows else {}), loop=loop,
-                                 http=http)
+                                 http=http, inline_lone=inline_lone)
         from hstu_opt.serve import server  # fastapi and uvicorn: only here (BackendUnavailable names the extra)
 
         server.serve(settings, _announce)

@@ -17,14 +17,17 @@ from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.retrieval import ItemIndex
 from hstu_opt.serve.runners.base import RankInput, RankOutput, Runner, Unavailable
 from hstu_opt.serve.schemas import (ErrorBody, Health, ModelInfo, ModelRef, RankRequest, RankResponse,
-                                    Readiness, RetrievedItem, RetrieveRequest, RetrieveResponse,
-                                    openapi_with_limits)
+                                    Readiness, ResultsLayout, RetrievedItem, RetrieveRequest,
+                                    RetrieveResponse, openapi_with_limits)
 from hstu_opt.serve.served_bundle import ServedBundle
 
 ERRORS = {413: {"model": ErrorBody, "description": "Body over the server's limit"},
           422: {"model": ErrorBody, "description": "A field is invalid (`field` names it)"},
           500: {"model": ErrorBody, "description": "The engine failed on this request (see the server log)"},
           503: {"model": ErrorBody, "description": "Queue full, loading or shutting down (see Retry-After)"}}
+
+RANK_ERRORS = {**ERRORS, 409: {"model": ErrorBody, "description": "history_ref names a history the cache no longer holds "
+                                                                  "(send the history)"}}
 
 
 def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: ServeMetrics,
@@ -51,16 +54,16 @@ def create_app(runner: Runner, bundle: ServedBundle, items: ItemIndex, metrics: 
         if not runner.ready():
             raise Unavailable("the engine is not ready (loading, or the server is shutting down)")
 
-    @app.post("/v1/rank", response_model=RankResponse, responses=ERRORS, openapi_extra=json_body(RankRequest))
+    @app.post("/v1/rank", response_model=RankResponse, responses=RANK_ERRORS, openapi_extra=json_body(RankRequest))
     async def rank(request: Request) -> Response:
         """Task probabilities for every candidate, best first."""
         t0 = time.perf_counter()
         body = parse_body(RankRequest, await request.body())
         check_ready()
-        inp = requests.rank_input(body, limits)
+        inp = requests.rank_input(body, limits, runner.history_refs())
         t_in = time.perf_counter()
         out = await runner.rank(inp)
-        return rank_response(inp, out, tasks, model_ref(), t0, t_in, time.perf_counter())
+        return rank_response(inp, out, tasks, model_ref(), t0, t_in, time.perf_counter(), body.results_layout)
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS,
               openapi_extra=json_body(RetrieveRequest))
@@ -142,22 +145,37 @@ def elapsed_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1e3, 3)
 
 
-def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: ModelRef, t0: float,
-                  t_in: float, t_back: float) -> Response:
-    """The RankResponse, serialized directly (pydantic-core's JSON writer on plain lists and dicts):
-    building 256 ScoredItem models and FastAPI's validate-then-encode of them took 10x longer.
-    timing_ms: input (body read, parsed, checked), the runner's phases, reply (from the runner's thread
-    finishing to this route resuming: the hand-back to the event loop), response (building the results,
-    before serializing them), total (up to the same point)."""
-    order = np.argsort(-out.probs[:, 0], kind="stable")  # by the first task, highest first
-    ids, scores = inp.candidates[order].tolist(), [{} for _ in order]
-    for task, column in zip(tasks, out.probs[order].T.tolist()):  # column by column: half the time of
-        for item_scores, p in zip(scores, column):                # dict(zip(tasks, row)) per candidate
+def item_results(ids: list[int], scores: dict[str, list[float]]) -> dict:
+    """results_layout "items": one {item_id, scores} object per candidate. Filled column by column: half
+    the time of dict(zip(tasks, row)) per candidate."""
+    per_item = [{} for _ in ids]
+    for task, column in scores.items():
+        for item_scores, p in zip(per_item, column):
             item_scores[task] = p
-    results = [{"item_id": i, "scores": s} for i, s in zip(ids, scores)]
+    return {"results": [{"item_id": i, "scores": s} for i, s in zip(ids, per_item)]}
+
+
+def column_results(ids: list[int], scores: dict[str, list[float]]) -> dict:
+    """results_layout "columns": the lists as they are (no per-candidate Python)."""
+    return {"columns": {"item_id": ids, "scores": scores}}
+
+
+RESULTS_LAYOUTS = {"items": item_results, "columns": column_results}  # RankRequest.results_layout -> its builder
+
+
+def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: ModelRef, t0: float,
+                  t_in: float, t_back: float, layout: ResultsLayout = "items") -> Response:
+    """The RankResponse in the request's results_layout, serialized directly (pydantic-core's JSON writer on
+    plain lists and dicts): building 256 ScoredItem models and FastAPI's validate-then-encode of them took
+    10x longer. timing_ms: input (body read, parsed, checked), the runner's phases, reply (from the runner's
+    thread finishing to this route resuming: the hand-back to the event loop), response (building the
+    results, before serializing them), total (up to the same point)."""
+    order = np.argsort(-out.probs[:, 0], kind="stable")  # by the first task, highest first
+    ids, columns = inp.candidates[order].tolist(), out.probs[order].T.tolist()  # [M], [T][M]
+    results = RESULTS_LAYOUTS[layout](ids, dict(zip(tasks, columns)))
     reply = {"reply": round((t_back - out.finished) * 1e3, 3)} if out.finished else {}
     timing = {"input": round((t_in - t0) * 1e3, 3), **out.timing_ms, **reply, "response": elapsed_ms(t_back),
               "total": elapsed_ms(t0)}
-    body = {"results": results, "model": model.model_dump(), "cache": out.cache, "truncated": inp.truncated,
-            "timing_ms": timing}
+    body = {**results, "model": model.model_dump(), "cache": out.cache, "truncated": inp.truncated,
+            **({"history_ref": out.history_ref} if out.history_ref else {}), "timing_ms": timing}
     return Response(to_json(body), media_type="application/json")

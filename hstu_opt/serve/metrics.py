@@ -55,6 +55,11 @@ class ServeMetrics:
         self.batch_size = Histogram("hstu_serve_batch_size", "requests per engine batch, by kind", ["kind"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("hstu_serve_queue_depth", "requests waiting for a batch", registry=r)
+        self.active = 0  # in_progress as a plain count, for the runner (touched on the event loop only)
+
+    def alone(self) -> bool:
+        """Whether at most one request is being handled (the one asking)."""
+        return self.active <= 1
 
     def observe_batch(self, kind: str, size: int) -> None:
         self.batch_size.labels(kind).observe(size)

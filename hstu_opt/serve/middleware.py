@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hstu_opt.serve.metrics import ServeMetrics
 from hstu_opt.serve.requests import InvalidRequest
-from hstu_opt.serve.runners.base import QueueFull, Unavailable
+from hstu_opt.serve.runners.base import HistoryRefGone, QueueFull, Unavailable
 from hstu_opt.serve.schemas import UNION_TAGS, ErrorBody
 
 log = logging.getLogger("hstu_opt.serve")
@@ -62,6 +62,10 @@ async def _invalid_request(request: Request, exc: InvalidRequest) -> JSONRespons
     return error_response(422, str(exc), request_id(request), exc.field)
 
 
+async def _history_ref_gone(request: Request, exc: HistoryRefGone) -> JSONResponse:
+    return error_response(409, str(exc), request_id(request), "history_ref")
+
+
 async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
     return error_response(503, f"{exc}: the server is at capacity", request_id(request), retry_after_s=exc.retry_after_s)
 
@@ -74,6 +78,7 @@ def install(app: FastAPI, metrics: ServeMetrics, max_body_bytes: int) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(InvalidRequest, _invalid_request)
+    app.add_exception_handler(HistoryRefGone, _history_ref_gone)
     app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(Unavailable, _unavailable)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=max_body_bytes,
@@ -105,6 +110,7 @@ class RequestContext:
 
         t0 = time.perf_counter()
         self.metrics.in_progress.inc()
+        self.metrics.active += 1
         try:
             await self._handle(scope, receive, send_with_id, rid)
         except Exception:
@@ -114,6 +120,7 @@ class RequestContext:
                                           f"traceback under request id {rid}", rid)(scope, receive, send_with_id)
         finally:
             self.metrics.in_progress.dec()
+            self.metrics.active -= 1
             route = scope["path"] if scope["path"] in self.routes else "other"
             self.metrics.observe_request(route, status["code"], time.perf_counter() - t0)
 

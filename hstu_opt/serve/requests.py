@@ -14,6 +14,7 @@ import numpy as np
 import pybase64
 
 from hstu_opt.errors import HstuOptError
+from hstu_opt.serve.kv_cache.store import parse_history_ref
 from hstu_opt.serve.runners.base import RankInput, RetrieveInput
 from hstu_opt.serve.schemas import INT64_MAX, RankRequest, RequestLimits, RetrieveRequest, UserRequest
 
@@ -120,14 +121,41 @@ def _contextual(values: list[int] | None, lim: RequestLimits) -> np.ndarray | No
     return ctx
 
 
-def rank_input(req: RankRequest, lim: RequestLimits) -> RankInput:
+def rank_input(req: RankRequest, lim: RequestLimits, history_refs: bool = False) -> RankInput:
+    """history_refs: whether the runner takes a history by reference (Runner.history_refs)."""
+    if req.history_ref is not None:
+        return _by_reference(req, _candidates(req, lim), history_refs)
+    if req.history is None:
+        raise InvalidRequest("history", "is missing: send the user's history (or a history_ref from an earlier response)")
     h = _history(req, lim)
+    return RankInput(req.user_id, h.item_ids, h.ratings, h.timestamps, _candidates(req, lim), h.query_time,
+                     h.contextual_ids, h.truncated)
+
+
+def _candidates(req: RankRequest, lim: RequestLimits) -> np.ndarray:
     cands = int_array(req.candidates, "candidates")
     if cands.size == 0:
         raise InvalidRequest("candidates", "is empty: send at least one item to score")
     check_range(cands, 1, lim.num_items, "candidates", "item id")
-    return RankInput(req.user_id, h.item_ids, h.ratings, h.timestamps, cands, h.query_time, h.contextual_ids,
-                     h.truncated)
+    return cands
+
+
+def _by_reference(req: RankRequest, cands: np.ndarray, history_refs: bool) -> RankInput:
+    """A rank request naming a cached history: the reference holds the history, contextual ids and query time."""
+    for name in ("history", "query_time", "contextual_ids"):
+        if getattr(req, name) is not None:
+            raise InvalidRequest(name, "must be absent with history_ref (the reference stands for the history, its "
+                                       "contextual ids and its query time): send one or the other")
+    if not history_refs:
+        raise InvalidRequest("history_ref", "this server keeps no user cache (--cache-gb 0, an engine without the "
+                                            "cached path, or the vllm runner): send the history")
+    parsed = parse_history_ref(req.user_id, req.history_ref)
+    if parsed is None:
+        raise InvalidRequest("history_ref", "is not a reference this server issues (a rank response's history_ref, "
+                                            "sent with the same user_id): send the history")
+    key, truncated = parsed
+    none = np.zeros(0, np.int64)
+    return RankInput(req.user_id, none, none, none, cands, key[2], None, truncated, ref=key)
 
 
 def retrieve_input(req: RetrieveRequest, lim: RequestLimits) -> RetrieveInput:

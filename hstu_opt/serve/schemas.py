@@ -53,9 +53,25 @@ class UserRequest(_Model):
                                                                "model has contextual rows; else null.")
 
 
+ResultsLayout = Literal["items", "columns"]  # how a rank response lists the candidates (RankResponse)
+
+
+HISTORY_REF = r"^[0-9a-f]{64}\.[0-9]{1,19}\.[01]$"  # kv_cache.store.history_ref's token
+
+
 class RankRequest(UserRequest):
+    history: History | None = Field(None, description="The user's history; or null with history_ref.")
+    history_ref: str | None = Field(
+        None, max_length=100, json_schema_extra={"pattern": HISTORY_REF},
+        description="Instead of history (and query_time, contextual_ids): the history_ref of an earlier rank "
+                    "response for the same user_id, naming its cached history; 409 when the cache no longer "
+                    "holds it (send the history again).")
     candidates: Int64s = Field(description="Items to score, ids 1..num_items; any count (scored in groups of "
                                               "max_targets against one history pass).")
+    results_layout: ResultsLayout = Field(
+        "items", description="How the response lists the scored candidates: 'items', `results` with one object per "
+                             "candidate; 'columns', `columns` with one list per field (item ids, each task's scores) "
+                             "in the same order, cheaper to build and to decode for many candidates.")
 
 
 class RetrieveRequest(UserRequest):
@@ -74,11 +90,21 @@ class ScoredItem(BaseModel):
     scores: dict[str, float] = Field(description="Probability per ranking task.")
 
 
+class RankColumns(BaseModel):
+    item_id: list[int] = Field(description="Every candidate, sorted by the first task's probability, highest first.")
+    scores: dict[str, list[float]] = Field(description="Per ranking task, the probabilities in item_id's order.")
+
+
 class RankResponse(BaseModel):
-    results: list[ScoredItem] = Field(description="Every candidate, sorted by the first task's probability, highest first.")
+    results: list[ScoredItem] | None = Field(None, description="With results_layout 'items' (the default): every "
+                                             "candidate, sorted by the first task's probability, highest first.")
+    columns: RankColumns | None = Field(None, description="With results_layout 'columns' (instead of results): the "
+                                        "same candidates in the same order, one list per field.")
     model: ModelRef
     cache: Literal["hit", "miss", "off"]
     truncated: bool = Field(description="True when older history rows were dropped to fit max_history_len.")
+    history_ref: str | None = Field(None, description="While the user cache holds this history: a token naming it; "
+                                                      "send it as history_ref (same user_id) instead of the history.")
     timing_ms: dict[str, float]
 
 

@@ -69,7 +69,8 @@ def make_runner(bundle: ServedBundle, settings: ServeSettings, metrics: ServeMet
         choice = choose_engine(bundle, settings.engine, settings.cache_bytes > 0, gpu_name())
         runner = NativeRunner(bundle, choice, settings.cache_bytes, settings.batching, on_batch=metrics.observe_batch,
                               on_depth=metrics.queue_depth.set, cache_policy=settings.cache_policy,
-                              host_cache_bytes=settings.host_cache_bytes, page_rows=settings.cache_page_rows)
+                              host_cache_bytes=settings.host_cache_bytes, page_rows=settings.cache_page_rows,
+                              alone=metrics.alone)
         metrics.watch_cache(runner.cache_stats, settings.cache_bytes if runner.store else 0)
         return runner
     try:

@@ -37,6 +37,7 @@ class ServeSettings:
     cache_page_rows: int = DEFAULT_PAGE_ROWS  # rows per page of the paged cache (kv_cache/paged.py's rule)
     loop: str = "auto"  # one of LOOPS
     http: str = "auto"  # one of HTTP_PARSERS
+    inline_lone: bool = False  # a lone request runs on the event loop's thread (scheduler.Scheduler.run_now)
 
     def __post_init__(self) -> None:
         for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS),
@@ -82,7 +83,8 @@ class ServeSettings:
 
     @property
     def batching(self) -> BatchPolicy:
-        return BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3, max_queue=self.max_queue)
+        return BatchPolicy(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1e3, max_queue=self.max_queue,
+                           inline_lone=self.inline_lone)
 
 
 def _resolve(choice: str, fast: str, default: str) -> str:

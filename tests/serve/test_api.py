@@ -95,6 +95,23 @@ def test_packed_arrays_give_the_same_scores_and_server_timing(live, bundle):
     assert bad.status_code == 422 and bad.json()["field"] == "candidates"
 
 
+def test_columns_layout_equals_items(live, bundle):
+    """results_layout "columns": the same ids in the same order with the same scores (bit for bit) as the
+    default items layout, one list per field in place of `results`; every other key as with items."""
+    rng = np.random.default_rng(12)
+    tasks = list(bundle.cfg.ranking_tasks)
+    body = user_body(rng, bundle.cfg.num_items, 30, 2 * bundle.cfg.max_targets + 3, user_id="columns")
+    with live.client() as c:
+        c.post("/v1/rank", json=body)  # (a miss: both answers below are hits, the same scoring path)
+        items = c.post("/v1/rank", json=body).json()
+        columns = c.post("/v1/rank", json=body | {"results_layout": "columns"}).json()
+    assert list(items) == ["results", "model", "cache", "truncated", "history_ref", "timing_ms"]
+    assert list(columns) == ["columns", "model", "cache", "truncated", "history_ref", "timing_ms"]
+    assert items["cache"] == columns["cache"] == "hit" and items["model"] == columns["model"]
+    assert columns["columns"]["item_id"] == [r["item_id"] for r in items["results"]]
+    assert columns["columns"]["scores"] == {t: [r["scores"][t] for r in items["results"]] for t in tasks}
+
+
 def test_query_time_floored_and_defaulted(live, bundle):
     """Query times within one granularity step share the cache entry and the scores; a null query time
     means the last history timestamp."""
@@ -167,6 +184,16 @@ def test_model_health_ready_and_metrics(live, bundle):
     assert hits == live.runner.cache_stats().hits > 0
 
 
+REF = "0" * 64 + ".60.0"  # a well-formed history_ref
+
+
+def as_ref(body: dict, ref: str, **extra) -> None:
+    """body -> a request by history_ref (no history, no query time) plus extra fields."""
+    body.pop("history")
+    body.pop("query_time")
+    body.update(history_ref=ref, **extra)
+
+
 BAD = [  # (mutation of a valid body, the field the 422 must name)
     (lambda b: b["history"].update(item_ids=[0] + b["history"]["item_ids"][1:]), "history.item_ids[0]"),
     (lambda b: b.update(candidates=[1, 10**9]), "candidates[1]"),
@@ -180,6 +207,11 @@ BAD = [  # (mutation of a valid body, the field the 422 must name)
     (lambda b: b["history"]["item_ids"].__setitem__(1, "seven"), "history.item_ids[1]"),
     (lambda b: b.pop("candidates"), "candidates"),
     (lambda b: b.update(extra_field=1), "extra_field"),
+    (lambda b: b.update(results_layout="rows"), "results_layout"),
+    (lambda b: b.pop("history"), "history"),
+    (lambda b: b.update(history_ref=REF), "history"),  # both: one or the other
+    (lambda b: as_ref(b, "not-a-ref"), "history_ref"),
+    (lambda b: as_ref(b, REF, query_time=60), "query_time"),  # the reference holds the query time
 ]
 
 

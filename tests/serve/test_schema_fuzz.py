@@ -44,12 +44,23 @@ def lists_only(node):
     return {k: lists_only(v) for k, v in node.items()}
 
 
+def by_history(doc: dict) -> dict:
+    """A rank request that sends its history: a generated history_ref never names a cached entry (409), so
+    a positive run that may leave the history out for one rarely reaches the engine; references are tested
+    directly (test_history_ref)."""
+    rank = doc["components"]["schemas"]["RankRequest"]
+    rank["properties"].pop("history_ref")
+    rank["properties"]["history"] = {"$ref": "#/components/schemas/History"}
+    rank["required"] = [*rank.get("required", []), "history"]
+    return doc
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_api_conforms_to_its_schema(live, mode):
     doc = httpx.get(f"{live.url}/openapi.json").json()
     schemas = [schemathesis.openapi.from_dict(doc)]
     if mode == GenerationMode.POSITIVE:
-        schemas.append(schemathesis.openapi.from_dict(lists_only(doc)))
+        schemas.append(schemathesis.openapi.from_dict(by_history(lists_only(doc))))
     for schema in schemas:
         operations = [result.ok() for result in schema.get_all_operations()]
         assert {op.label for op in operations} == OPERATIONS

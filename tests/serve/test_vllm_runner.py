@@ -138,6 +138,19 @@ def test_rank_equals_native(servers, limits):
                                        err_msg=f"history {n_hist}, candidates {n_cand}")
 
 
+def test_columns_layout_through_vllm(servers, limits):
+    """results_layout is applied by the route after the runner: the vLLM runner's columns hold its items'
+    ids and scores."""
+    b = body(np.random.default_rng(3), limits, 20, limits["max_targets"] + 2)
+    with servers[0].client() as v:
+        items = v.post("/v1/rank", json=b)
+        columns = v.post("/v1/rank", json=b | {"results_layout": "columns"})
+    assert columns.status_code == 200, columns.text
+    cols = columns.json()["columns"]
+    by_item = dict(zip(cols["item_id"], zip(*cols["scores"].values())))
+    np.testing.assert_allclose([by_item[c] for c in b["candidates"]], probs(items, b["candidates"]), rtol=0, atol=TOL)
+
+
 def test_retrieve_equals_native(servers, limits):
     rng = np.random.default_rng(1)
     with servers[0].client() as v, servers[1].client() as n:

@@ -35,6 +35,9 @@ class RankInput:
     query_time: int  # seconds, already floored to serving.time_granularity_s
     contextual_ids: np.ndarray | None  # [C] int64, or None when the model has no contextual rows
     truncated: bool  # True when older history rows were dropped to fit the bundle's limit
+    # a request by history_ref: the cache key it names (the history arrays are then empty, H = 0; only a
+    # runner whose history_refs() is True gets one)
+    ref: tuple | None = None
 
 
 @dataclass
@@ -43,6 +46,7 @@ class RankOutput:
     cache: str  # "hit" | "miss" | "off"
     timing_ms: dict[str, float] = field(default_factory=dict)
     finished: float = 0.0  # time.perf_counter() when the runner's thread finished it (0: not known)
+    history_ref: str | None = None  # the token naming this history's cache entry, when it is cached
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class Runner(ABC):
     def describe(self) -> dict:
         """JSON-able summary for GET /v1/model: runner, engine, why this engine, cache settings."""
 
+    def history_refs(self) -> bool:
+        """Whether rank requests may name a cached history by reference (RankInput.ref) instead of sending it."""
+        return False
+
 
 class Unavailable(Exception):
     """The runner does not take work now (still loading, or draining for shutdown); the route answers 503."""
@@ -99,6 +107,11 @@ class Unavailable(Exception):
     def __init__(self, why: str, retry_after_s: float = 1):
         super().__init__(why)
         self.retry_after_s = retry_after_s
+
+
+class HistoryRefGone(Exception):
+    """A rank request named a cached history (history_ref) that the cache no longer holds; the route
+    answers 409 and the client sends the history again."""
 
 
 class QueueFull(Exception):

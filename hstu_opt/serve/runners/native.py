@@ -24,12 +24,15 @@ import numpy as np
 from hstu_opt.serve.engines import (ENGINE_RULE, EngineAdapter, EngineChoice, Row, adapter_class, load_adapter,
                                     uses_cached_path)
 from hstu_opt.serve.kv_cache import (DEFAULT_PAGE_ROWS, CacheStats, EvictionPolicy, PagedKV, PagedKVStore, PageShape,
-                                     UserKV, cache_key, make_policy)
-from hstu_opt.serve.runners.base import RankInput, RankOutput, RetrieveInput, Runner
+                                     UserKV, cache_key, history_ref, make_policy)
+from hstu_opt.serve.runners.base import HistoryRefGone, RankInput, RankOutput, RetrieveInput, Runner
 from hstu_opt.serve.scheduler import BatchPolicy, Job, Scheduler
 from hstu_opt.serve.served_bundle import ServedBundle
 
 RANK, RETRIEVE = "rank", "retrieve"
+GONE = "gone"  # the cache status of a history_ref the cache no longer holds
+HISTORY_REF_GONE = ("history_ref: the cache no longer holds this history (evicted, or the server restarted): "
+                    "send the history")
 
 
 def length_class(n: int) -> int:
@@ -55,7 +58,10 @@ class NativeRunner(Runner):
     def __init__(self, bundle: ServedBundle, choice: EngineChoice, cache_bytes: int, batching: BatchPolicy,
                  on_batch: Callable[[str, int], None] | None = None, on_depth: Callable[[int], None] | None = None,
                  cache_policy: str = "predictive", host_cache_bytes: int | None = None,
-                 page_rows: int = DEFAULT_PAGE_ROWS):
+                 page_rows: int = DEFAULT_PAGE_ROWS, alone: Callable[[], bool] | None = None):
+        """alone: whether the request asking is the only one the server is handling (the HTTP layer's
+        count); with batching.inline_lone (and no max_wait), such a request runs on the event loop's
+        thread when the engine is idle (Scheduler.run_now)."""
         self.bundle, self.choice, self.batching = bundle, choice, batching
         self.engine = choice.label
         self.cache_bytes = cache_bytes
@@ -64,6 +70,7 @@ class NativeRunner(Runner):
                                   make_policy(cache_policy), page_rows) if cache_on else None)
         self.adapter: EngineAdapter | None = None
         self.max_targets = bundle.cfg.max_targets
+        self._alone = alone if batching.inline_lone and batching.max_wait_s == 0 else None
         self._ready = False
         report = on_batch or (lambda kind, size: None)
         self.scheduler = Scheduler(self._execute, batching, on_batch=lambda bucket, size: report(bucket[0], size),
@@ -110,11 +117,25 @@ class NativeRunner(Runner):
         return await self._submit((RETRIEVE, length_class(len(req.item_ids))), req)
 
     async def _submit(self, bucket: Hashable, payload) -> object:
+        result = await self._run(bucket, payload)
+        if isinstance(result, HistoryRefGone):  # (a result, not the batch's failure: the others stand)
+            raise result
+        return result
+
+    async def _run(self, bucket: Hashable, payload) -> object:
+        if self._alone is not None and self._alone():
+            await asyncio.sleep(0)  # requests that arrived with this one start first, and count
+            done = self.scheduler.run_now(bucket, payload) if self._alone() else None
+            if done is not None:
+                return done.result()
         future: Future = self.scheduler.submit(bucket, payload)  # QueueFull / SchedulerClosed
         return await asyncio.wrap_future(future)
 
     def ready(self) -> bool:
         return self._ready
+
+    def history_refs(self) -> bool:
+        return self.store is not None
 
     def cache_stats(self) -> CacheStats | None:
         return self.store.stats if self.store else None
@@ -123,7 +144,8 @@ class NativeRunner(Runner):
         return {"runner": self.name, "engine": self.engine, "engine_reason": self.choice.reason,
                 "engine_rule": ENGINE_RULE, "cache": self._describe_cache(),
                 "batching": {"max_batch": self.batching.max_batch, "max_wait_ms": self.batching.max_wait_s * 1e3,
-                             "max_queue": self.batching.max_queue, "engine_max_rows": self.bundle.engine_max_batch,
+                             "max_queue": self.batching.max_queue, "inline_lone": self._alone is not None,
+                             "engine_max_rows": self.bundle.engine_max_batch,
                              "candidate_group": self.max_targets}}
 
     def _describe_cache(self) -> dict:
@@ -143,14 +165,16 @@ class NativeRunner(Runner):
             return self._retrieve_batch([j.payload for j in jobs])
         t0 = time.perf_counter()
         users = [j.payload for j in jobs]
+        refs: list[str | None] = [None] * len(users)
         if uses_cached_path(self.adapter, self.store is not None):
-            probs, status, phases = self._rank_cached(users)
+            probs, status, phases, refs = self._rank_cached(users)
         else:
             probs, status, phases = self._rank_full(users), ["off"] * len(users), {}
         t1 = time.perf_counter()
         batch_ms = ms(t0, t1)
-        return [RankOutput(p, s, {"queue": ms(j.enqueued, j.started), "batch": batch_ms, **phases}, finished=t1)
-                for j, p, s in zip(jobs, probs, status)]
+        return [RankOutput(p, s, {"queue": ms(j.enqueued, j.started), "batch": batch_ms, **phases}, finished=t1,
+                           history_ref=r) if s != GONE else HistoryRefGone(HISTORY_REF_GONE)
+                for j, p, s, r in zip(jobs, probs, status, refs)]
 
     def _rank_full(self, users: list[RankInput]) -> list[np.ndarray]:
         rows = [(i, Row(u, g)) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
@@ -159,41 +183,49 @@ class NativeRunner(Runner):
             out += self.adapter.rank_full([r for _, r in chunk])
         return self._per_user(len(users), [i for i, _ in rows], out)
 
-    def _rank_cached(self, users: list[RankInput]) -> tuple[list[np.ndarray], list[str], dict[str, float]]:
+    def _rank_cached(self, users: list[RankInput]) -> tuple[list[np.ndarray], list[str], dict[str, float], list]:
+        """(probs, cache status, phases, history_ref tokens) per user; a user whose history_ref names no
+        entry gets status GONE and no scores."""
         t0 = time.perf_counter()
         with self.store.batch() if self.store is not None else contextlib.nullcontext():  # pins the batch's pages
-            kvs, status = self._user_kvs(users)
+            kvs, status, keys = self._user_kvs(users)
             t1 = time.perf_counter()
-            rows = [(i, g) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
+            rows = [(i, g) for i, u in enumerate(users) if kvs[i] is not None
+                    for g in groups(u.candidates, self.max_targets)]
             out = []
             for chunk in chunks(rows, self.adapter.max_rows):
                 out += self.adapter.score_cached([kvs[i] for i, _ in chunk], [g for _, g in chunk])
         t2 = time.perf_counter()
         if self.store is not None:
             self.store.prefetch()  # host-tier users the policy expects back soon, into free pages
-        return self._per_user(len(users), [i for i, _ in rows], out), status, {"prefill": ms(t0, t1), "score": ms(t1, t2)}
+        refs = [history_ref(k, u.truncated) if k is not None else None for k, u in zip(keys, users)]
+        return (self._per_user(len(users), [i for i, _ in rows], out), status,
+                {"prefill": ms(t0, t1), "score": ms(t1, t2)}, refs)
 
-    def _user_kvs(self, users: list[RankInput]) -> tuple[list[UserKV | PagedKV], list[str]]:
-        """Each user's K/V: from the cache, or prefilled (once per distinct key in the batch) and stored."""
+    def _user_kvs(self, users: list[RankInput]) -> tuple[list, list[str], list]:
+        """Each user's K/V: from the cache, or prefilled (once per distinct key in the batch) and stored;
+        None for a history_ref the cache no longer holds (status GONE). Also each user's cache key where
+        the entry is now cached (None where it is not: cache off, or no room to store it)."""
         kvs: list[UserKV | PagedKV | None] = [None] * len(users)
         status = ["off"] * len(users)
+        cached: list = [None] * len(users)
         todo: dict[Hashable, list[int]] = {}  # key -> the users needing that prefill
         for i, u in enumerate(users):
             key = cache_key(u) if self.store is not None else i
             kv = self.store.get(key) if self.store is not None else None
             if self.store is not None:
-                status[i] = "hit" if kv is not None else "miss"
-            if kv is None:
+                status[i] = "hit" if kv is not None else (GONE if u.ref is not None else "miss")
+                cached[i] = key if kv is not None else None
+            if kv is None and u.ref is None:
                 todo.setdefault(key, []).append(i)
             kvs[i] = kv
         pending = list(todo.items())
         for chunk in chunks(pending, self.adapter.max_rows):
             for (key, idx), kv in zip(chunk, self.adapter.prefill([users[ix[0]] for _, ix in chunk])):
-                if self.store is not None:  # the entry in pages; kv itself when the pool had no room
-                    kv = self.store.put(key, kv) or kv
+                stored = self.store.put(key, kv) if self.store is not None else None  # the entry in pages
                 for i in idx:
-                    kvs[i] = kv
-        return kvs, status
+                    kvs[i], cached[i] = stored or kv, key if stored is not None else None
+        return kvs, status, cached
 
     @staticmethod
     def _per_user(n: int, owner: list[int], outputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -201,7 +233,8 @@ class NativeRunner(Runner):
         parts: list[list[np.ndarray]] = [[] for _ in range(n)]
         for i, o in zip(owner, outputs):
             parts[i].append(o)
-        return [np.concatenate(p).astype(np.float32, copy=False) for p in parts]
+        return [np.concatenate(p).astype(np.float32, copy=False) if p else np.zeros((0, 0), np.float32)
+                for p in parts]  # (no rows: a history_ref that was gone)
 
     def _retrieve_batch(self, users: list[RetrieveInput]) -> list[np.ndarray]:
         out = []
