@@ -45,3 +45,61 @@ def test_shipped_variants_are_the_shipped_kernels():
 def test_only_filters_by_gemm():
     assert {v.gemm for v in sweep.variants({"output_bf16"})} == {"output_bf16"}
     assert len(sweep.variants()) == len(sweep.VARIANTS)
+
+
+def test_the_gpu_scripts_checks_and_ranking(monkeypatch):
+    """benchmarks/cutlass_sweep.py's bookkeeping on the CPU, with each variant's kernel replaced by its math in
+    torch: every variant checked on every case, a variant that leaves its output unwritten (NaN-poisoned) or
+    wrong fails and drops out of the ranking, and the ranking's ratios are the bars' (bf16 against cuBLAS,
+    FP8 against the fastest checked bf16 uvqk)."""
+    import sys
+
+    import torch
+
+    from hstu_opt.ops import _fp8
+
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    import cutlass_sweep as cs
+    import gpu_cutlass as gc
+
+    cases = [dict(M=7, D=64, H=1, d=32, strided=False), dict(M=33, D=64, H=2, d=32, strided=True)]
+    monkeypatch.setattr(gc, "DEV", "cpu")
+    monkeypatch.setattr(gc, "cases", lambda: cases)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cs, "out_like", lambda kind, t: torch.full(
+        t["x"].shape if kind == "output_bf16" else (t["xn"].shape[0], t["w"].shape[1]), float("nan"), dtype=torch.bfloat16))
+    broken = {"uvqk_bf16 pingpong_128x128x64_c1x1": "unwritten", "output_bf16 coop_128x256x64_c1x1": "wrong"}
+
+    def math(v, lib):
+        def run(t, out):
+            if v.gemm == "uvqk_bf16":
+                z = t["xn"].float() @ t["w"].float() + t["bias"].float()
+                z[:, :t["hv"]] = torch.nn.functional.silu(z[:, :t["hv"]])
+            elif v.gemm == "uvqk_fp8":
+                z = _fp8.reference_gemm(t["xq"], t["rs"], t["wq"], t["cs"], t["bias"], t["hv"])
+            else:
+                z = torch.cat([t["u"], t["a"], t["g"]], 1).float() @ t["w"].float() + t["x"].float()
+            how = broken.get(f"{v.gemm} {v.name}")
+            if how != "unwritten":
+                out.copy_(z * (1.1 if how == "wrong" else 1.0))
+        return run
+
+    monkeypatch.setattr(cs, "launcher", math)
+    variants = sweep.variants()
+    rows = cs.check(variants, lib=None)
+    assert len(rows) == len(variants) * len(cases)
+    failed = {r["kernel"] for r in rows if not r["ok"]}
+    assert failed == set(broken)
+    ok = {r["kernel"] for r in rows} - failed
+    timed = [{"gemm": v.gemm, "impl": v.name, "shipped": v.shipped, "cublas": False, "ms": 0.2 + 0.01 * i}
+             for i, v in enumerate(variants)]
+    timed += [{"gemm": g, "impl": "cublas", "shipped": "", "cublas": True, "ms": 0.25} for g in sweep.GEMMS]
+    ranked = cs.ranked(timed, ok)
+    assert not {f"{r['gemm']} {r['impl']}" for r in ranked} & set(broken)
+    best_bf16 = min(r["ms"] for r in ranked if r["gemm"] == "uvqk_bf16" and not r["cublas"])
+    for r in ranked:
+        if r["gemm"] == "uvqk_fp8":
+            assert r["speedup_vs_bf16"] == best_bf16 / r["ms"]
+        else:
+            assert r["x_cublas"] == r["ms"] / 0.25
+    assert [r["ms"] for r in ranked if r["gemm"] == "output_bf16"] == sorted(r["ms"] for r in ranked if r["gemm"] == "output_bf16")
