@@ -1,0 +1,154 @@
+"""A Python client for `hstu-opt serve` that takes the fast paths for you (docs/serving.md, "Python client").
+
+    from hstu_opt.serve.client import RankClient
+    with RankClient("http://127.0.0.1:8000") as client:
+        r = client.rank(candidates, user_id="alice", item_ids=ids, timestamps=ts, ratings=ratings)
+        r.item_ids, r.scores["watched"]          # numpy arrays, best first; r.cache: "hit" | "miss" | "off"
+
+Every request packs its integer arrays (base64 int64) and asks for columnar results. A user's second
+request with the same history, contextual ids and query-time step goes by `history_ref` (the server does
+not receive or parse the history again); a 409 (the cache dropped it) is answered by sending the history,
+transparently. The client keys a reference by a digest of exactly what it sent, so a changed history, or
+a query time in another `serving.time_granularity_s` step, never reuses an old one.
+
+Needs httpx (the serve extra). One client per thread, or share it: httpx.Client is thread-safe and the
+reference table takes a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hstu_opt.serve.requests import pack_int64
+
+
+class RankError(Exception):
+    """The server answered a rank request with an error: its status, the field it names, its request id."""
+
+    def __init__(self, status: int, body: dict):
+        super().__init__(f"{status}: {body.get('error', body)}")
+        self.status, self.field, self.request_id = status, body.get("field"), body.get("request_id")
+
+
+@dataclass
+class Ranking:
+    item_ids: np.ndarray  # [M] int64, best first (by the first task)
+    scores: dict[str, np.ndarray]  # task -> [M] float64, in item_ids' order
+    cache: str  # "hit" | "miss" | "off"
+    truncated: bool
+    by_reference: bool  # sent as a history_ref
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    by_reference: int = 0
+    references_gone: int = 0  # 409s answered by sending the history
+
+
+class RankClient:
+    def __init__(self, base_url: str, *, timeout: float = 30.0, use_references: bool = True, max_references: int = 100_000,
+                 http=None):
+        import httpx
+
+        self._http = http or httpx.Client(base_url=base_url, timeout=timeout)
+        self._own_http = http is None
+        self.use_references, self.max_references = use_references, max_references
+        self._refs: OrderedDict[tuple, str] = OrderedDict()  # (user, digest of what was sent, time step) -> ref
+        self._lock = threading.Lock()
+        self._model: dict | None = None
+        self.stats = ClientStats()
+
+    def __enter__(self) -> RankClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_http:
+            self._http.close()
+
+    def model(self) -> dict:
+        """GET /v1/model (fetched once): name, version, tasks, limits, engine."""
+        if self._model is None:
+            r = self._http.get("/v1/model")
+            if r.status_code != 200:
+                raise RankError(r.status_code, _json(r))
+            self._model = r.json()
+        return self._model
+
+    def rank(self, candidates, *, item_ids, timestamps, user_id: str | None = None, ratings=None,
+             query_time: int | None = None, contextual_ids=None) -> Ranking:
+        """Scores of every candidate for the user with this history (oldest first), best first."""
+        ids, ts = np.asarray(item_ids, np.int64), np.asarray(timestamps, np.int64)
+        rt = None if ratings is None else np.asarray(ratings, np.int64)
+        ctx = None if contextual_ids is None else [int(c) for c in contextual_ids]
+        cands = pack_int64(candidates)
+        key = self._key(user_id, ids, rt, ts, query_time, ctx) if self.use_references and ids.size and ts.size else None
+        ref = self._ref(key)
+        self.stats.requests += 1
+        if ref is not None:
+            r = self._post({"user_id": user_id, "history_ref": ref, "candidates": cands})
+            if r.status_code != 409:
+                self.stats.by_reference += 1
+                return self._answer(r, key, by_reference=True)
+            self.stats.references_gone += 1
+            self._forget(key)
+        history = {"item_ids": pack_int64(ids), "timestamps": pack_int64(ts),
+                   "ratings": None if rt is None else pack_int64(rt)}
+        body = {"user_id": user_id, "history": history, "candidates": cands, "query_time": query_time,
+                "contextual_ids": ctx}
+        return self._answer(self._post(body), key, by_reference=False)
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _post(self, body: dict):
+        return self._http.post("/v1/rank", json={**body, "results_layout": "columns"})
+
+    def _answer(self, r, key: tuple | None, by_reference: bool) -> Ranking:
+        body = _json(r)
+        if r.status_code != 200:
+            raise RankError(r.status_code, body)
+        if key is not None and body.get("history_ref"):
+            with self._lock:
+                self._refs[key] = body["history_ref"]
+                self._refs.move_to_end(key)
+                while len(self._refs) > self.max_references:
+                    self._refs.popitem(last=False)
+        cols = body["columns"]
+        return Ranking(np.asarray(cols["item_id"], np.int64), {t: np.asarray(v) for t, v in cols["scores"].items()},
+                       body["cache"], body["truncated"], by_reference, body.get("timing_ms", {}))
+
+    def _key(self, user_id, ids, ratings, ts, query_time, ctx) -> tuple:
+        """What a reference stands for, as this client sent it: the user, a digest of the history rows and
+        contextual ids, and the query time's step (the server floors it to time_granularity_s)."""
+        h = hashlib.sha256()
+        for a in (ids, np.zeros(0, np.int64) if ratings is None else ratings, ts, np.asarray(ctx or [], np.int64)):
+            h.update(np.int64(a.size).tobytes())
+            h.update(np.ascontiguousarray(a, "<i8").tobytes())
+        step = int(self.model()["limits"]["time_granularity_s"])
+        t = int(ts[-1]) if query_time is None else int(query_time)
+        return user_id, h.hexdigest(), t - t % step
+
+    def _ref(self, key: tuple | None) -> str | None:
+        if key is None:
+            return None
+        with self._lock:
+            return self._refs.get(key)
+
+    def _forget(self, key: tuple) -> None:
+        with self._lock:
+            self._refs.pop(key, None)
+
+
+def _json(r) -> dict:
+    try:
+        return r.json()
+    except ValueError:
+        return {"error": r.text[:200]}
