@@ -17,13 +17,13 @@ reference table takes a lock.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from hstu_opt.serve.cache_keys import history_digest
 from hstu_opt.serve.requests import pack_int64
 
 
@@ -128,13 +128,11 @@ class RankClient:
     def _key(self, user_id, ids, ratings, ts, query_time, ctx) -> tuple:
         """What a reference stands for, as this client sent it: the user, a digest of the history rows and
         contextual ids, and the query time's step (the server floors it to time_granularity_s)."""
-        h = hashlib.sha256()
-        for a in (ids, np.zeros(0, np.int64) if ratings is None else ratings, ts, np.asarray(ctx or [], np.int64)):
-            h.update(np.int64(a.size).tobytes())
-            h.update(np.ascontiguousarray(a, "<i8").tobytes())
+        digest = history_digest(ids, np.zeros(0, np.int64) if ratings is None else ratings, ts,
+                                None if ctx is None else np.asarray(ctx, np.int64))
         step = int(self.model()["limits"]["time_granularity_s"])
         t = int(ts[-1]) if query_time is None else int(query_time)
-        return user_id, h.hexdigest(), t - t % step
+        return user_id, digest, t - t % step
 
     def _ref(self, key: tuple | None) -> str | None:
         if key is None:

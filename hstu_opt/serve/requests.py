@@ -14,7 +14,7 @@ import numpy as np
 import pybase64
 
 from hstu_opt.errors import HstuOptError
-from hstu_opt.serve.kv_cache.store import parse_history_ref
+from hstu_opt.serve.cache_keys import parse_history_ref
 from hstu_opt.serve.runners.base import RankInput, RetrieveInput
 from hstu_opt.serve.schemas import INT64_MAX, RankRequest, RequestLimits, RetrieveRequest, UserRequest
 

@@ -56,7 +56,7 @@ class UserRequest(_Model):
 ResultsLayout = Literal["items", "columns"]  # how a rank response lists the candidates (RankResponse)
 
 
-HISTORY_REF = r"^[0-9a-f]{64}\.[0-9]{1,19}\.[01]$"  # kv_cache.store.history_ref's token
+HISTORY_REF = r"^([0-9a-f]{64})\.([0-9]{1,19})\.([01])$"  # cache_keys.history_ref's token: digest, time, truncated
 
 
 class RankRequest(UserRequest):

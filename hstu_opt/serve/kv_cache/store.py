@@ -8,50 +8,13 @@ scheduler's worker thread touches a store; `stats` is read (not written) by /met
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-import numpy as np
 from torch import Tensor
 
+from hstu_opt.serve.cache_keys import CacheKey
 from hstu_opt.serve.kv_cache.policy import EvictionPolicy, LRUPolicy
-from hstu_opt.serve.runners.base import RankInput, RetrieveInput
-
-CacheKey = tuple[str | None, str, int]  # (user_id, sha256 of the history rows, floored query time)
-
-
-def history_digest(item_ids: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray,
-                   contextual_ids: np.ndarray | None) -> str:
-    """sha256 over the rows' ids, ratings, timestamps and the contextual ids, each length-prefixed."""
-    h = hashlib.sha256()
-    for a in (item_ids, ratings, timestamps, np.zeros(0, np.int64) if contextual_ids is None else contextual_ids):
-        h.update(np.int64(a.size).tobytes())
-        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
-    return h.hexdigest()
-
-
-def cache_key(req: RankInput | RetrieveInput) -> CacheKey:
-    if getattr(req, "ref", None) is not None:  # a request by history_ref names its key
-        return req.ref
-    return req.user_id, history_digest(req.item_ids, req.ratings, req.timestamps, req.contextual_ids), req.query_time
-
-
-_REF = re.compile(r"([0-9a-f]{64})\.(\d{1,19})\.([01])")
-
-
-def history_ref(key: CacheKey, truncated: bool) -> str:
-    """The token a rank response returns for its cached history: the history digest, the floored query time
-    and whether the history was truncated. With the same user_id it names the same cache key."""
-    return f"{key[1]}.{key[2]}.{int(truncated)}"
-
-
-def parse_history_ref(user_id: str | None, token: str) -> tuple[CacheKey, bool] | None:
-    """(cache key, truncated) of a history_ref token for this user_id; None if it is not one."""
-    m = _REF.fullmatch(token)
-    return ((user_id, m.group(1), int(m.group(2))), m.group(3) == "1") if m else None
-
 
 @dataclass
 class UserKV:
