@@ -300,8 +300,8 @@ def serve(
                                       "the engine is idle (0: run at once; requests arriving meanwhile form the next batch)."),
     cache_gb: float = typer.Option(1.0, "--cache-gb", help="User K/V cache: its page pool in GB, on the GPU when "
                                    "there is one, else in host memory (0: off)."),
-    cache_policy: str = typer.Option("predictive", "--cache-policy", help="Cache eviction: predictive (per-user "
-                                     "return-time estimate, the default) or lru; docs/serving.md."),
+    cache_policy: str = typer.Option("predictive", "--cache-policy", help="Cache eviction: predictive (a per-user "
+                                     "survival estimate of the next request, the default) or lru; docs/serving.md."),
     host_cache_gb: Optional[float] = typer.Option(None, "--host-cache-gb", help="The cache's host tier in GB (pinned "
                                                   "memory; entries evicted from the pool move there). Default: as "
                                                   "--cache-gb; 0: none."),

@@ -7,11 +7,15 @@ new class and the store does not change.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class EvictionPolicy(ABC):
@@ -67,43 +71,71 @@ class LRUPolicy(EvictionPolicy):
 
 
 class PredictivePolicy(EvictionPolicy):
-    """Evict the entry whose user is expected to come back last, per byte it holds.
+    """Evict the entry least likely to be requested again within the cache's horizon, per byte it holds.
 
     Each *user* (the first element of a tuple key such as the server's (user, digest, time bucket), else
-    the key itself; a tuple key whose user is None is its own "user") keeps two numbers: the time of its
-    last request and an exponentially decayed mean of its inter-arrival gaps (weight `decay` on the newest
-    gap). Learning per user, not per key, matters because a returning user's history digest has changed:
-    the new key is new, but the user's past arrivals still say when they tend to come back.
+    the key itself; a tuple key whose user is None is its own "user") keeps three numbers: the time of its
+    last request, how many visits it has made, and its time scale, an exponentially decayed mean of its
+    inter-arrival gaps (weight `decay` on the newest). Learning per user, not per key, matters because a
+    returning user's history digest has changed: the new key is new, but their past arrivals still count.
 
-    Model: inter-arrival times are heavy-tailed (people return in bursts, then sometimes never), taken as
-    Lomax (Pareto II) with shape 2 and mean `gap`; its mean residual life after `elapsed` seconds without a
-    request is gap + elapsed. That expected wait per byte held is the eviction score (largest goes):
-    it blends frequency (gap) with recency (elapsed), and with equal gaps and sizes it reduces to LRU.
+    Model (a survival model of the time to a user's next request, learned online from every request the
+    policy sees, hits and misses alike, so the cache's own evictions do not censor what it learns):
+      * A user's wait is their time scale times a residual whose distribution depends on their visit class
+        (`visit_classes`): seen once (no scale yet: the wait in seconds), 2-3 visits, 4 or more (waits
+        divided by the scale).
+      * Each class's residual survival S(t) is a Kaplan-Meier estimate on a log-spaced grid (4 bins a decade):
+        completed gaps are events; every known user's open gap (time since their last request) is a
+        censored observation, so users who never came back pull S's floor up: "never returns" is learned,
+        not assumed away. The two scaled classes shrink toward their pooled hazard (`prior_n` pseudo-users).
+        Refit every max(REFIT_MIN, users / 4) arrivals: O(1) per arrival amortized; past FIT_SAMPLE users
+        the open gaps come from a random sample (the completed ones are always all counted).
+      * Score of an entry: P(its user returns within the horizon H | no request for `age` seconds) =
+        1 - S(age + H) / S(age), in the class's units, divided by the entry's bytes; the lowest goes
+        (ties: the user seen longest ago first, so with nothing learned yet it is LRU).
+      * H is the cache's eviction horizon: a running geometric mean of the victims' ages (weight 0.1 on the
+        newest; `horizon_s` before the first eviction). An entry is worth keeping if its user comes back
+        before the cache would have let it go anyway.
 
     One visit: events of a user less than `same_visit_s` after their last one count as the same visit,
     not a new arrival (a batch holding several keys of one user; an entry replaced right after its hit).
 
-    Prefetch (the paged store's host tier): a host-tier entry whose user is due back within `prefetch_s`
-    seconds (default 0: off, until a trace says what pays) is promoted into free device pages.
-
-    Prior: a user seen once has no gap yet; it gets the mean of all gaps observed so far (over all users),
-    or `prior_gap_s` before any gap was seen. Time comes from `clock` (default time.monotonic), so a trace
-    replayer can drive it with trace timestamps. `victim()` scans the resident entries (O(entries)): scores
-    change with `now`, so a heap ordered once would go stale; a byte-budgeted store of per-user K/V holds
-    thousands of entries, not millions.
+    Prefetch (the paged store's host tier): a host-tier entry whose user is due back (last request + time
+    scale) within `prefetch_s` seconds (default 0: off, until a trace says what pays) is promoted into
+    free device pages. Time comes from `clock` (default time.monotonic), so a trace replayer can drive it
+    with trace timestamps. `victim_among()` scores every candidate (vectorized, O(entries)): scores change
+    with `now`, so a heap ordered once would go stale; above MAX_CANDIDATES candidates it scores a random
+    sample of that many (a bounded cost per eviction, about 0.4 ms on a 2-core CPU).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, decay: float = 0.5,
-                 prior_gap_s: float = 3600.0, same_visit_s: float = 1.0, max_users: int = 1_000_000,
-                 prefetch_s: float = 0.0) -> None:
+    RAW_EDGES = np.concatenate([[0.0], np.geomspace(60.0, 3.2e8, 29)])  # seconds: 0, 1 min .. 10 years
+    SCALED_EDGES = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 29)])  # multiples of the user's scale
+    MAX_CANDIDATES = 1024  # more resident candidates than this: score a random sample of this many
+    FIT_SAMPLE = 16384  # more known users than this: a fit counts the open gaps of a random sample of this many
+    REFIT_MIN = 16  # arrivals between refits, at least (a fit costs O(users): amortized O(1) per arrival)
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, decay: float = 0.5, horizon_s: float = 86400.0,
+                 prior_n: float = 5.0, same_visit_s: float = 1.0, max_users: int = 1_000_000,
+                 prefetch_s: float = 0.0, visit_classes: tuple[int, ...] = (2, 4), per_user_scale: bool = True,
+                 adaptive_horizon: bool = True) -> None:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay {decay}: must be in (0, 1]")
-        self.clock, self.decay, self.prior_gap_s, self.max_users = clock, decay, prior_gap_s, max_users
-        self.same_visit_s, self.prefetch_s = same_visit_s, prefetch_s
+        if horizon_s <= 0:
+            raise ValueError(f"horizon_s {horizon_s}: must be > 0")
+        self.clock, self.decay, self.prior_n, self.max_users = clock, decay, prior_n, max_users
+        self.same_visit_s, self.prefetch_s, self.horizon_s = same_visit_s, prefetch_s, horizon_s
+        self.horizon = horizon_s  # seconds: the running eviction horizon H
+        # the model's parts, switchable for benchmarks/cache_trace.py's ablations (the defaults are the model)
+        self.visit_classes, self.per_user_scale, self.adaptive_horizon = visit_classes, per_user_scale, adaptive_horizon
         self._users: OrderedDict[Hashable, _Arrivals] = OrderedDict()  # least recently seen first
         self._sizes: dict[Hashable, int] = {}  # resident key -> bytes
-        self._gap_sum, self._gap_count = 0.0, 0
+        n_cls, n_bins = len(visit_classes) + 1, len(self.RAW_EDGES)
+        self._events = np.zeros((n_cls, n_bins))  # completed gaps per (class, bin)
+        self._survival: np.ndarray | None = None  # [class, bin]: S at each edge, refit by _fit
+        self._since_fit = 0
+        self._rng = random.Random(0)  # the candidate sample: seeded, so a replay is deterministic
 
+    # -- the store's events ------------------------------------------------------------------------
     def inserted(self, key: Hashable, nbytes: int) -> None:
         self._sizes[key] = nbytes
         self._arrival(user_of(key))
@@ -118,37 +150,105 @@ class PredictivePolicy(EvictionPolicy):
         return self.victim_among(self._sizes)
 
     def victim_among(self, keys: Collection[Hashable]) -> Hashable | None:
-        now = self.clock()
-        return max(keys, key=lambda k: self.expected_wait(user_of(k), now) * self._sizes[k], default=None)
+        if not keys:
+            return None
+        now, keys = self.clock(), list(keys)
+        if len(keys) > self.MAX_CANDIDATES:  # a bounded cost per eviction, as LHD and Redis sample theirs
+            keys = self._rng.sample(keys, self.MAX_CANDIDATES)
+        seen = [self._users.get(user_of(k)) for k in keys]
+        scores = self._probability(seen, now, self.horizon) / np.fromiter(map(self._sizes.__getitem__, keys),
+                                                                           np.float64, len(keys))
+        lasts = np.fromiter((-math.inf if s is None else s.last for s in seen), np.float64, len(keys))
+        i = int(np.lexsort((lasts, scores))[0])
+        if self.adaptive_horizon:
+            self.horizon = math.exp(0.9 * math.log(self.horizon) + 0.1 * math.log(max(now - lasts[i], 1.0)))
+        return keys[i]
 
     def prefetch(self, keys: Collection[Hashable]) -> list[Hashable]:
-        """Host-tier entries whose user's next request is due (last request + mean gap) within
-        `prefetch_s` seconds (0: never), soonest first. Users with one request so far have no gap: skipped."""
+        """Host-tier entries whose user's next request is due (last request + time scale) within
+        `prefetch_s` seconds (0: never), soonest first. Users with one request so far have no scale: skipped."""
         if not self.prefetch_s:
             return []
         now, due = self.clock(), []
         for k in keys:
             seen = self._users.get(user_of(k))
-            if seen is not None and seen.mean_gap is not None and seen.last + seen.mean_gap - now <= self.prefetch_s:
-                due.append((seen.last + seen.mean_gap, k))
+            if seen is not None and seen.scale is not None and seen.last + seen.scale - now <= self.prefetch_s:
+                due.append((seen.last + seen.scale, k))
         return [k for _, k in sorted(due, key=lambda t: t[0])]
 
-    def expected_wait(self, user: Hashable, now: float) -> float:
-        """Expected seconds until `user`'s next request: gap + time since their last one (Lomax, shape 2)."""
-        seen = self._users.get(user)
-        if seen is None:
-            return self._prior_gap()
-        gap = seen.mean_gap if seen.mean_gap is not None else self._prior_gap()
-        return gap + max(now - seen.last, 0.0)
+    # -- the model ---------------------------------------------------------------------------------
+    def return_probability(self, users: list[Hashable], now: float, horizon_s: float) -> np.ndarray:
+        """P(each user's next request comes within `horizon_s` seconds of `now`), given none since their
+        last one (a user the policy does not know: 0)."""
+        return self._probability([self._users.get(u) for u in users], now, horizon_s)
 
-    def _prior_gap(self) -> float:
-        return self._gap_sum / self._gap_count if self._gap_count else self.prior_gap_s
+    def _probability(self, seen: list[_Arrivals | None], now: float, horizon_s: float) -> np.ndarray:
+        if self._survival is None or self._since_fit >= max(self.REFIT_MIN, len(self._users) // 4):
+            self._fit(now)
+        n = len(seen)
+        cls = np.fromiter((-1 if s is None else s.cls for s in seen), np.int64, n)
+        age = now - np.fromiter((now if s is None else s.last for s in seen), np.float64, n)
+        scale = np.fromiter((self._scale(s) if s is not None else 1.0 for s in seen), np.float64, n)
+        out = np.zeros(n)
+        for c in range(len(self.visit_classes) + 1):
+            sel = cls == c
+            if sel.any():
+                t, sc = np.maximum(age[sel], 0.0), scale[sel]
+                s_now, s_then = self._surv(c, t / sc), self._surv(c, (t + horizon_s) / sc)
+                out[sel] = np.where(s_now > 0, 1.0 - s_then / np.maximum(s_now, 1e-300), 0.0)
+        return out
+
+    def survival(self, visits: int, t: float) -> float:
+        """The fitted S(t) of the class of users with `visits` visits (t in seconds for one visit, else in
+        multiples of the user's scale): for tests and reports."""
+        if self._survival is None:
+            self._fit(self.clock())
+        return float(self._surv(self._class(visits), np.array([t]))[0])
+
+    def _class(self, visits: int) -> int:
+        """0 for a user seen once, else how many of `visit_classes`' thresholds `visits` reaches."""
+        return sum(visits >= v for v in self.visit_classes)
+
+    def _scale(self, seen: _Arrivals) -> float:
+        return (seen.scale or 1.0) if self.per_user_scale else 1.0
+
+    def _edges(self, cls: int) -> np.ndarray:
+        return self.SCALED_EDGES if cls and self.per_user_scale else self.RAW_EDGES
+
+    def _bin(self, cls: int, t: float) -> int:
+        return int(np.searchsorted(self._edges(cls), t, side="right")) - 1
+
+    def _fit(self, now: float) -> None:
+        """Kaplan-Meier per class on the grid: hazard in bin j = gaps ended in j / gaps (ended or open) >= edge j."""
+        users, weight = list(self._users.values()), 1.0
+        if len(users) > self.FIT_SAMPLE:  # open gaps of a seeded sample, each counting for len/FIT_SAMPLE users
+            users, weight = self._rng.sample(users, self.FIT_SAMPLE), len(users) / self.FIT_SAMPLE
+        n = len(users)
+        cls = np.fromiter((s.cls for s in users), np.int64, n)
+        t = np.maximum(now - np.fromiter((s.last for s in users), np.float64, n), 0.0)
+        t /= np.fromiter(map(self._scale, users), np.float64, n)
+        censored = np.zeros_like(self._events)
+        for c in range(len(censored)):
+            bins = np.searchsorted(self._edges(c), t[cls == c], side="right") - 1
+            censored[c] = weight * np.bincount(bins, minlength=censored.shape[1])
+        at_risk = np.cumsum((self._events + censored)[:, ::-1], axis=1)[:, ::-1]
+        hazard = self._events / np.maximum(at_risk, 1.0)
+        pooled = self._events[1:].sum(0) / np.maximum(at_risk[1:].sum(0), 1.0)
+        hazard[1:] = (self._events[1:] + self.prior_n * pooled) / (at_risk[1:] + self.prior_n)
+        self._survival = np.concatenate([np.ones((len(hazard), 1)), np.cumprod(1.0 - hazard, axis=1)[:, :-1]], axis=1)
+        self._since_fit = 0
+
+    def _surv(self, cls: int, t: np.ndarray) -> np.ndarray:
+        """S at `t`, interpolated linearly in log(1 + t / first edge) between the grid's edges."""
+        edges = self._edges(cls)
+        return np.interp(np.log1p(t / edges[1]), np.log1p(edges / edges[1]), self._survival[cls])
 
     def _arrival(self, user: Hashable) -> None:
         now = self.clock()
         seen = self._users.get(user)
         if seen is None:
             self._users[user] = _Arrivals(last=now)
+            self._since_fit += 1
             if len(self._users) > self.max_users:  # bound memory: forget the user unseen longest
                 self._users.popitem(last=False)
             return
@@ -156,16 +256,19 @@ class PredictivePolicy(EvictionPolicy):
         gap = now - seen.last
         if gap < self.same_visit_s:
             return
-        seen.mean_gap = gap if seen.mean_gap is None else self.decay * gap + (1 - self.decay) * seen.mean_gap
-        seen.last = now
-        self._gap_sum += gap
-        self._gap_count += 1
+        self._events[seen.cls, self._bin(seen.cls, gap / self._scale(seen))] += 1
+        seen.scale = gap if seen.scale is None else self.decay * gap + (1 - self.decay) * seen.scale
+        seen.last, seen.visits = now, seen.visits + 1
+        seen.cls = self._class(seen.visits)
+        self._since_fit += 1
 
 
 @dataclass
 class _Arrivals:
     last: float  # clock time of the user's latest request
-    mean_gap: float | None = None  # decayed mean inter-arrival gap; None until a second request
+    visits: int = 1  # requests so far, `same_visit_s` apart
+    scale: float | None = None  # decayed mean inter-arrival gap; None until a second visit
+    cls: int = 0  # the visit class of `visits` (PredictivePolicy._class)
 
 
 def user_of(key: Hashable) -> Hashable:
