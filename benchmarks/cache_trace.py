@@ -78,6 +78,8 @@ ABLATIONS: dict[str, dict] = {
     "fixed horizon 10 days": {"adaptive_horizon": False, "horizon_s": 864000.0},
     "visit classes 1 | 2 | 3-4 | 5-8 | 9+": {"visit_classes": (2, 3, 5, 9)},
     "one visit class (seen once or not)": {"visit_classes": (2,)},
+    "victims from a sample of 256 candidates": {"max_candidates": 256},
+    "victims from a sample of 64 candidates": {"max_candidates": 64},
 }
 
 
@@ -273,6 +275,35 @@ def ablations(trace: Sequence[Request], fractions: Sequence[float]) -> dict[str,
     return out
 
 
+def policy_cost(sizes: Sequence[int] = (100, 1000, 10_000, 100_000), repeats: int = 20) -> list[dict]:
+    """What choosing a victim and a refit cost: uniform random users, 5 visits each on average, every user
+    resident (the candidates), median of `repeats` victim choices; LRU's choice beside it."""
+    import time
+
+    out = []
+    for n in sizes:
+        now, rng = [0.0], np.random.default_rng(0)
+        pred, lru, keys = PredictivePolicy(clock=lambda: now[0]), LRUPolicy(), set()
+        for u in rng.integers(0, n, 5 * n).tolist():
+            now[0] += float(rng.exponential(0.05))
+            for p in (pred, lru):
+                p.accessed(u) if u in keys else p.inserted(u, 1)
+            keys.add(u)
+        cost = {}
+        for name, p in (("predictive", pred), ("lru", lru)):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                p.victim_among(keys)
+                times.append(time.perf_counter() - t0)
+            cost[f"{name}_victim_ms"] = float(np.median(times)) * 1e3
+        t0 = time.perf_counter()
+        pred.fit(now[0])
+        cost["predictive_fit_ms"] = (time.perf_counter() - t0) * 1e3
+        out.append({"candidates": len(keys), "users": n, "refit_every_arrivals": max(pred.REFIT_MIN, n // 4), **cost})
+    return out
+
+
 def mean_gap_closed(rows: list[dict]) -> float:
     closed = [r["gap_closed"] for r in rows if r["gap_closed"] is not None]
     return sum(closed) / len(closed) if closed else 0.0
@@ -370,6 +401,10 @@ def main() -> None:
     print_table(rows)
     print("the served (paged) store, same trace and capacities:")
     print_paged(rows)
+    cost = policy_cost()
+    print("policy cost (2-core CPU here): " + "; ".join(
+        f"{c['candidates']} candidates: victim {c['predictive_victim_ms']:.2f} ms (LRU {c['lru_victim_ms']:.3f}), "
+        f"fit {c['predictive_fit_ms']:.1f} ms every {c['refit_every_arrivals']} arrivals" for c in cost))
     ablated = ablations(trace, FRACTIONS)
     print("ablations of the predictive policy (hit rate, gap closed), capacities " +
           " / ".join(f"{f:.0%}" for f in FRACTIONS) + ":")
@@ -390,7 +425,7 @@ def main() -> None:
               "trace": {**asdict(cfg), "requests": len(trace), "users": len({r.user for r in trace}),
                         "distinct_bytes": distinct_bytes(trace)},
               "assumptions": __doc__, "predictive_params": predictive_params(),
-              "rows": rows, "ablations": ablated, "tuning": tuning}
+              "rows": rows, "ablations": ablated, "policy_cost": cost, "tuning": tuning}
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot(rows, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")

@@ -178,12 +178,12 @@ def test_paged_replay_runs_the_served_store(ct):
 
 
 def test_predictive_bounds_its_work_by_sampling():
-    """Past MAX_CANDIDATES candidates a victim comes from a seeded sample, past FIT_SAMPLE users a fit counts
+    """Past max_candidates candidates a victim comes from a seeded sample, past FIT_SAMPLE users a fit counts
     a seeded sample's open gaps: still a resident key, still a survival curve, and the same on a replay."""
     def run():
         clock = Clock()
-        pred = PredictivePolicy(clock=clock)
-        pred.MAX_CANDIDATES, pred.FIT_SAMPLE = 8, 16
+        pred = PredictivePolicy(clock=clock, max_candidates=8)
+        pred.FIT_SAMPLE = 16
         rng = np.random.default_rng(3)
         feed(pred, clock, sorted((float(t), int(u)) for t, u in zip(rng.integers(0, 5000, 300), rng.integers(0, 60, 300))))
         victims = []

@@ -104,20 +104,21 @@ class PredictivePolicy(EvictionPolicy):
     scale) within `prefetch_s` seconds (default 0: off, until a trace says what pays) is promoted into
     free device pages. Time comes from `clock` (default time.monotonic), so a trace replayer can drive it
     with trace timestamps. `victim_among()` scores every candidate (vectorized, O(entries)): scores change
-    with `now`, so a heap ordered once would go stale; above MAX_CANDIDATES candidates it scores a random
-    sample of that many (a bounded cost per eviction, about 0.4 ms on a 2-core CPU).
+    with `now`, so a heap ordered once would go stale; above `max_candidates` candidates it scores a random
+    sample of that many, so an eviction's cost is bounded (0.4 ms at 1,000 candidates on a 2-core CPU, 1-2.4
+    ms at 10k-100k: benchmarks/cache_trace.py's `policy_cost`; smaller samples cost hit rate on the trace,
+    its `ablations`).
     """
 
     RAW_EDGES = np.concatenate([[0.0], np.geomspace(60.0, 3.2e8, 29)])  # seconds: 0, 1 min .. 10 years
     SCALED_EDGES = np.concatenate([[0.0], np.geomspace(1e-3, 1e4, 29)])  # multiples of the user's scale
-    MAX_CANDIDATES = 1024  # more resident candidates than this: score a random sample of this many
     FIT_SAMPLE = 16384  # more known users than this: a fit counts the open gaps of a random sample of this many
     REFIT_MIN = 16  # arrivals between refits, at least (a fit costs O(users): amortized O(1) per arrival)
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, decay: float = 0.5, horizon_s: float = 86400.0,
                  prior_n: float = 5.0, same_visit_s: float = 1.0, max_users: int = 1_000_000,
                  prefetch_s: float = 0.0, visit_classes: tuple[int, ...] = (2, 4), per_user_scale: bool = True,
-                 adaptive_horizon: bool = True) -> None:
+                 adaptive_horizon: bool = True, max_candidates: int = 1024) -> None:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay {decay}: must be in (0, 1]")
         if horizon_s <= 0:
@@ -127,6 +128,7 @@ class PredictivePolicy(EvictionPolicy):
         self.horizon = horizon_s  # seconds: the running eviction horizon H
         # the model's parts, switchable for benchmarks/cache_trace.py's ablations (the defaults are the model)
         self.visit_classes, self.per_user_scale, self.adaptive_horizon = visit_classes, per_user_scale, adaptive_horizon
+        self.max_candidates = max_candidates  # more candidates than this: score a random sample of this many
         self._users: OrderedDict[Hashable, _Arrivals] = OrderedDict()  # least recently seen first
         self._sizes: dict[Hashable, int] = {}  # resident key -> bytes
         n_cls, n_bins = len(visit_classes) + 1, len(self.RAW_EDGES)
@@ -153,8 +155,8 @@ class PredictivePolicy(EvictionPolicy):
         if not keys:
             return None
         now, keys = self.clock(), list(keys)
-        if len(keys) > self.MAX_CANDIDATES:  # a bounded cost per eviction, as LHD and Redis sample theirs
-            keys = self._rng.sample(keys, self.MAX_CANDIDATES)
+        if len(keys) > self.max_candidates:  # a bounded cost per eviction, as LHD and Redis sample theirs
+            keys = self._rng.sample(keys, self.max_candidates)
         seen = [self._users.get(user_of(k)) for k in keys]
         scores = self._probability(seen, now, self.horizon) / np.fromiter(map(self._sizes.__getitem__, keys),
                                                                            np.float64, len(keys))
@@ -184,7 +186,7 @@ class PredictivePolicy(EvictionPolicy):
 
     def _probability(self, seen: list[_Arrivals | None], now: float, horizon_s: float) -> np.ndarray:
         if self._survival is None or self._since_fit >= max(self.REFIT_MIN, len(self._users) // 4):
-            self._fit(now)
+            self.fit(now)
         n = len(seen)
         cls = np.fromiter((-1 if s is None else s.cls for s in seen), np.int64, n)
         age = now - np.fromiter((now if s is None else s.last for s in seen), np.float64, n)
@@ -202,7 +204,7 @@ class PredictivePolicy(EvictionPolicy):
         """The fitted S(t) of the class of users with `visits` visits (t in seconds for one visit, else in
         multiples of the user's scale): for tests and reports."""
         if self._survival is None:
-            self._fit(self.clock())
+            self.fit(self.clock())
         return float(self._surv(self._class(visits), np.array([t]))[0])
 
     def _class(self, visits: int) -> int:
@@ -218,8 +220,9 @@ class PredictivePolicy(EvictionPolicy):
     def _bin(self, cls: int, t: float) -> int:
         return int(np.searchsorted(self._edges(cls), t, side="right")) - 1
 
-    def _fit(self, now: float) -> None:
-        """Kaplan-Meier per class on the grid: hazard in bin j = gaps ended in j / gaps (ended or open) >= edge j."""
+    def fit(self, now: float) -> None:
+        """Refit the survival curves at `now` (the policy does so itself every max(REFIT_MIN, users / 4) arrivals).
+        Kaplan-Meier per class on the grid: hazard in bin j = gaps ended in j / gaps (ended or open) >= edge j."""
         users, weight = list(self._users.values()), 1.0
         if len(users) > self.FIT_SAMPLE:  # open gaps of a seeded sample, each counting for len/FIT_SAMPLE users
             users, weight = self._rng.sample(users, self.FIT_SAMPLE), len(users) / self.FIT_SAMPLE
