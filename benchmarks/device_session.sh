@@ -67,14 +67,16 @@ for s in "$@"; do
         serve2)  # concurrency 1, packed bodies: cache off, then cached users (paged cache)
             serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0 ;;
-        serve3)  # packed bodies: as served by default, then --inline-lone + columnar results (c 1, 16, 64); cached
-                 # users by history, then by history_ref with both
+        serve3)  # packed bodies: as served by default, then --inline-lone + columnar results (c 1, 16, 64), then
+                 # packed results (c 1); cached users by history, then by history_ref with inline + packed results
             serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed
             serve_load fast --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --engine-repeats 0 \
                 --inline-lone --results-layout columns
+            serve_load fastest --cache-gb 0 --concurrency 1 --requests 300 --arrays packed --engine-repeats 0 \
+                --inline-lone --results-layout packed
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0
             serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed \
-                --engine-repeats 0 --inline-lone --results-layout columns --history-ref ;;
+                --engine-repeats 0 --inline-lone --results-layout packed --history-ref ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;
     esac
 done

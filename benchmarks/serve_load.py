@@ -8,8 +8,8 @@ next to the engine's own latency for the same request shape measured in this pro
 
 Request bodies are encoded once per pool user before the clock starts (a load generator's own JSON
 encoding is not the server's latency); --arrays packed sends the integer lists in the packed form
-(base64 of little-endian int64, see docs/serving.md); --results-layout columns asks for the columnar
-response (results_layout, docs/serving.md). The client decodes every response and counts its scored
+(base64 of little-endian int64, see docs/serving.md); --results-layout columns | packed asks for the
+columnar or the packed response (results_layout, docs/serving.md). The client decodes every response and counts its scored
 candidates (a wrong count is an error). Each row reports three latencies: as the client saw them; the
 server's whole request (its Server-Timing header: body received to response encoded); and the route's
 own phases (timing_ms: input, queue, batch, total).
@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hstu_opt import toolchain  # noqa: E402
+from hstu_opt.serve.client import unpack_results  # noqa: E402
 from hstu_opt.serve.engines import Row, choose_engine, gpu_name, load_adapter, uses_cached_path  # noqa: E402
 from hstu_opt.serve.requests import pack_int64, rank_input  # noqa: E402
 from hstu_opt.serve.schemas import RankRequest  # noqa: E402
@@ -76,8 +77,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--candidates", type=int, default=0, help="candidates per request (0: max_targets)")
     ap.add_argument("--arrays", choices=("list", "packed"), default="list",
                     help="integer lists as JSON lists, or packed (base64 of little-endian int64)")
-    ap.add_argument("--results-layout", choices=("items", "columns"), default="items",
-                    help="the results_layout every request asks for: one object per candidate, or one list per field")
+    ap.add_argument("--results-layout", choices=("items", "columns", "packed"), default="items",
+                    help="the results_layout every request asks for: one object per candidate, one list per field, "
+                         "or the lists as base64 arrays")
     ap.add_argument("--engine-repeats", type=int, default=30, help="timed engine calls per batch size (0: skip)")
     ap.add_argument("--max-seconds", type=float, default=600, help="hard bound on the whole run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -142,7 +144,9 @@ class Bodies:
 
 
 def scored(reply: dict) -> int:
-    """How many candidates a rank response holds, in either results layout."""
+    """How many candidates a rank response holds, in any results layout (packed: decoded, as a client would)."""
+    if "packed" in reply:
+        return len(unpack_results(reply["packed"])[0])
     return len(reply["columns"]["item_id"]) if "columns" in reply else len(reply["results"])
 
 
@@ -376,7 +380,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     host = "gpu" if gpu_name() else "cpu"
     runner = ("" if args.runner == "native" else f"_{args.runner}") + ("_packed" if args.arrays == "packed" else "")
-    runner += ("_columns" if args.results_layout == "columns" else "") + ("_ref" if args.history_ref else "")
+    runner += (f"_{args.results_layout}" if args.results_layout != "items" else "") + ("_ref" if args.history_ref else "")
     runner += "_inline" if args.inline_lone else ""
     path = args.out / f"serve_load_{bundle.name}{runner}_{host}_{report['date_utc'][:10]}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")

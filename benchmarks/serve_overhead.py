@@ -2,8 +2,9 @@
 a dlrm-v3-sized request (4096 history rows, 256 candidates, 4 contextual ids): what the served latency
 adds to the engine's before any network or queueing. Run it on the machine that serves, next to
 serve_load.py, to see which part of the gap is this host's Python. The response (built and serialized) is
-timed in both results layouts (response_ms: the default items; response_columns_ms: columns), with its
-size and a client's json.loads of it (client_decode_ms); sum_ms counts the default.
+timed in each results layout (response_ms: the default items; response_columns_ms, response_packed_ms),
+with its size and a client's decoding of it (client_decode_ms: json.loads, and for packed the base64 arrays
+into numpy too); sum_ms counts the default.
 
     python benchmarks/serve_overhead.py --out DIR
 """
@@ -26,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 from hstu_opt.serve import requests  # noqa: E402
 from hstu_opt.serve.requests import pack_int64  # noqa: E402
 from hstu_opt.serve.app import rank_response  # noqa: E402
+from hstu_opt.serve.client import unpack_results  # noqa: E402
 from hstu_opt.serve.kv_cache import cache_key, history_ref  # noqa: E402
 from hstu_opt.serve.runners.base import RankOutput  # noqa: E402
 from hstu_opt.serve.schemas import ModelRef, RankRequest, RequestLimits  # noqa: E402
 
 # results_layout -> the suffix of its row keys (the default, items, keeps the names of earlier result files)
-LAYOUT_SUFFIX = {"items": "", "columns": "_columns"}
+LAYOUT_SUFFIX = {"items": "", "columns": "_columns", "packed": "_packed"}
 LIMITS = RequestLimits(num_items=1_000_000, num_ratings=10, max_history_len=4096, max_targets=256, contextual_len=4,
                        contextual_cardinality=100, time_granularity_s=60)
 
@@ -68,8 +70,9 @@ def response_keys(inp, out: RankOutput, ref: ModelRef, layout: str) -> dict[str,
         return rank_response(inp, out, ["watched", "liked"], ref, t, t, t, layout)
 
     raw, suffix = respond().body, LAYOUT_SUFFIX[layout]
+    decode = (lambda: unpack_results(json.loads(raw)["packed"])) if layout == "packed" else (lambda: json.loads(raw))
     return {f"response{suffix}_ms": p50_ms(respond), f"response{suffix}_bytes": len(raw),
-            f"client_decode{suffix}_ms": p50_ms(lambda: json.loads(raw))}
+            f"client_decode{suffix}_ms": p50_ms(decode)}
 
 
 def main() -> None:
@@ -89,7 +92,7 @@ def main() -> None:
                "parse_ms": p50_ms(lambda: RankRequest.model_validate_json(raw)),
                "checks_ms": p50_ms(lambda: requests.rank_input(req, LIMITS, history_refs=True)),
                "cache_key_ms": p50_ms(lambda: cache_key(inp)),
-               **response_keys(inp, out, ref, "items"), **response_keys(inp, out, ref, "columns")}
+               **{k: v for layout in LAYOUT_SUFFIX for k, v in response_keys(inp, out, ref, layout).items()}}
         row["sum_ms"] = row["parse_ms"] + row["checks_ms"] + row["response_ms"]
         rows.append(row)
         print(json.dumps(row))

@@ -145,22 +145,28 @@ def elapsed_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1e3, 3)
 
 
-def item_results(ids: list[int], scores: dict[str, list[float]]) -> dict:
+def item_results(ids: np.ndarray, probs: np.ndarray, tasks: list[str]) -> dict:
     """results_layout "items": one {item_id, scores} object per candidate. Filled column by column: half
-    the time of dict(zip(tasks, row)) per candidate."""
-    per_item = [{} for _ in ids]
-    for task, column in scores.items():
+    the time of dict(zip(tasks, row)) per candidate. ids [M], probs [M, T], in the response's order."""
+    per_item = [{} for _ in range(len(ids))]
+    for task, column in zip(tasks, probs.T.tolist()):
         for item_scores, p in zip(per_item, column):
             item_scores[task] = p
-    return {"results": [{"item_id": i, "scores": s} for i, s in zip(ids, per_item)]}
+    return {"results": [{"item_id": i, "scores": s} for i, s in zip(ids.tolist(), per_item)]}
 
 
-def column_results(ids: list[int], scores: dict[str, list[float]]) -> dict:
-    """results_layout "columns": the lists as they are (no per-candidate Python)."""
-    return {"columns": {"item_id": ids, "scores": scores}}
+def column_results(ids: np.ndarray, probs: np.ndarray, tasks: list[str]) -> dict:
+    """results_layout "columns": one list per field (no per-candidate Python)."""
+    return {"columns": {"item_id": ids.tolist(), "scores": dict(zip(tasks, probs.T.tolist()))}}
 
 
-RESULTS_LAYOUTS = {"items": item_results, "columns": column_results}  # RankRequest.results_layout -> its builder
+def packed_results(ids: np.ndarray, probs: np.ndarray, tasks: list[str]) -> dict:
+    """results_layout "packed": the columns as base64 (int64 ids, float32 scores: no float formatting)."""
+    scores = {t: requests.pack(probs[:, j], "<f4") for j, t in enumerate(tasks)}
+    return {"packed": {"item_id": requests.pack(ids, "<i8"), "scores": scores}}
+
+
+RESULTS_LAYOUTS = {"items": item_results, "columns": column_results, "packed": packed_results}  # -> its builder
 
 
 def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: ModelRef, t0: float,
@@ -171,8 +177,7 @@ def rank_response(inp: RankInput, out: RankOutput, tasks: list[str], model: Mode
     thread finishing to this route resuming: the hand-back to the event loop), response (building the
     results, before serializing them), total (up to the same point)."""
     order = np.argsort(-out.probs[:, 0], kind="stable")  # by the first task, highest first
-    ids, columns = inp.candidates[order].tolist(), out.probs[order].T.tolist()  # [M], [T][M]
-    results = RESULTS_LAYOUTS[layout](ids, dict(zip(tasks, columns)))
+    results = RESULTS_LAYOUTS[layout](inp.candidates[order], out.probs[order], tasks)  # [M], [M, T]
     reply = {"reply": round((t_back - out.finished) * 1e3, 3)} if out.finished else {}
     timing = {"input": round((t_in - t0) * 1e3, 3), **out.timing_ms, **reply, "response": elapsed_ms(t_back),
               "total": elapsed_ms(t0)}

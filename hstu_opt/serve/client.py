@@ -5,7 +5,7 @@
         r = client.rank(candidates, user_id="alice", item_ids=ids, timestamps=ts, ratings=ratings)
         r.item_ids, r.scores["watched"]          # numpy arrays, best first; r.cache: "hit" | "miss" | "off"
 
-Every request packs its integer arrays (base64 int64) and asks for columnar results. A user's second
+Every request packs its integer arrays (base64 int64) and asks for packed results (base64 columns). A user's second
 request with the same history, contextual ids and query-time step goes by `history_ref` (the server does
 not receive or parse the history again); a 409 (the cache dropped it) is answered by sending the history,
 transparently. The client keys a reference by a digest of exactly what it sent, so a changed history, or
@@ -22,9 +22,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+import pybase64
 
 from hstu_opt.serve.cache_keys import history_digest
 from hstu_opt.serve.requests import pack_int64
+
+
+def unpack_results(packed: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A rank response's `packed` results -> (item ids int64 [M], {task: float32 [M]}), best first."""
+    def arr(text: str, dtype: str) -> np.ndarray:
+        return np.frombuffer(pybase64.b64decode(text), dtype=dtype)
+
+    return arr(packed["item_id"], "<i8"), {t: arr(v, "<f4") for t, v in packed["scores"].items()}
 
 
 class RankError(Exception):
@@ -38,7 +47,7 @@ class RankError(Exception):
 @dataclass
 class Ranking:
     item_ids: np.ndarray  # [M] int64, best first (by the first task)
-    scores: dict[str, np.ndarray]  # task -> [M] float64, in item_ids' order
+    scores: dict[str, np.ndarray]  # task -> [M] float32 (the engine's values), in item_ids' order
     cache: str  # "hit" | "miss" | "off"
     truncated: bool
     by_reference: bool  # sent as a history_ref
@@ -109,7 +118,7 @@ class RankClient:
 
     # ---- internals ------------------------------------------------------------------------------------
     def _post(self, body: dict):
-        return self._http.post("/v1/rank", json={**body, "results_layout": "columns"})
+        return self._http.post("/v1/rank", json={**body, "results_layout": "packed"})
 
     def _answer(self, r, key: tuple | None, by_reference: bool) -> Ranking:
         body = _json(r)
@@ -121,9 +130,8 @@ class RankClient:
                 self._refs.move_to_end(key)
                 while len(self._refs) > self.max_references:
                     self._refs.popitem(last=False)
-        cols = body["columns"]
-        return Ranking(np.asarray(cols["item_id"], np.int64), {t: np.asarray(v) for t, v in cols["scores"].items()},
-                       body["cache"], body["truncated"], by_reference, body.get("timing_ms", {}))
+        item_ids, scores = unpack_results(body["packed"])
+        return Ranking(item_ids, scores, body["cache"], body["truncated"], by_reference, body.get("timing_ms", {}))
 
     def _key(self, user_id, ids, ratings, ts, query_time, ctx) -> tuple:
         """What a reference stands for, as this client sent it: the user, a digest of the history rows and

@@ -41,7 +41,12 @@ def int_array(values: list[int] | str, field: str) -> np.ndarray:
 
 def pack_int64(values) -> str:
     """The packed form a client sends (packed_array's inverse): base64 of the values as little-endian int64."""
-    return pybase64.b64encode(np.asarray(values, dtype="<i8").tobytes()).decode()
+    return pack(values, "<i8")
+
+
+def pack(values, dtype: str) -> str:
+    """base64 of `values` as `dtype` (e.g. "<i8", "<f4"): packed request arrays and packed results."""
+    return pybase64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode()
 
 
 def packed_array(text: str, field: str) -> np.ndarray:

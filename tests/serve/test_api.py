@@ -10,6 +10,7 @@ import torch
 
 from hstu_opt.model.checkpoint import load_checkpoint
 from hstu_opt.model.scoring import to_tensors
+from hstu_opt.serve.client import unpack_results
 from hstu_opt.serve.engines import padded
 from hstu_opt.serve.requests import floor_time, pack_int64, rank_input
 from hstu_opt.serve.schemas import RankRequest
@@ -95,21 +96,30 @@ def test_packed_arrays_give_the_same_scores_and_server_timing(live, bundle):
     assert bad.status_code == 422 and bad.json()["field"] == "candidates"
 
 
-def test_columns_layout_equals_items(live, bundle):
-    """results_layout "columns": the same ids in the same order with the same scores (bit for bit) as the
-    default items layout, one list per field in place of `results`; every other key as with items."""
+def test_columns_and_packed_layouts_equal_items(live, bundle):
+    """results_layout "columns" and "packed": the same ids in the same order with the same scores (bit for
+    bit) as the default items layout, one list (or base64 array) per field in place of `results`; every
+    other key as with items. Packed scores are float32: the engine's values, which items' JSON floats widen."""
     rng = np.random.default_rng(12)
     tasks = list(bundle.cfg.ranking_tasks)
     body = user_body(rng, bundle.cfg.num_items, 30, 2 * bundle.cfg.max_targets + 3, user_id="columns")
     with live.client() as c:
-        c.post("/v1/rank", json=body)  # (a miss: both answers below are hits, the same scoring path)
+        c.post("/v1/rank", json=body)  # (a miss: the answers below are hits, the same scoring path)
         items = c.post("/v1/rank", json=body).json()
         columns = c.post("/v1/rank", json=body | {"results_layout": "columns"}).json()
+        packed = c.post("/v1/rank", json=body | {"results_layout": "packed"}).json()
     assert list(items) == ["results", "model", "cache", "truncated", "history_ref", "timing_ms"]
     assert list(columns) == ["columns", "model", "cache", "truncated", "history_ref", "timing_ms"]
-    assert items["cache"] == columns["cache"] == "hit" and items["model"] == columns["model"]
+    assert list(packed) == ["packed", "model", "cache", "truncated", "history_ref", "timing_ms"]
+    assert items["cache"] == columns["cache"] == packed["cache"] == "hit"
+    assert items["model"] == columns["model"] == packed["model"]
     assert columns["columns"]["item_id"] == [r["item_id"] for r in items["results"]]
     assert columns["columns"]["scores"] == {t: [r["scores"][t] for r in items["results"]] for t in tasks}
+    ids, scores = unpack_results(packed["packed"])
+    assert ids.dtype == np.int64 and ids.tolist() == columns["columns"]["item_id"]
+    assert list(scores) == tasks
+    for t in tasks:
+        assert scores[t].dtype == np.float32 and scores[t].tolist() == columns["columns"]["scores"][t]
 
 
 def test_query_time_floored_and_defaulted(live, bundle):
