@@ -187,6 +187,11 @@ class ReplayResult:
     bytes_moved: int  # bytes inserted on misses
     append_bytes: int  # rows appended to entries on hits
     evictions: int
+    # with a host tier (replay_paged's host_bytes): hits found there (promoted on the request's path),
+    # entries moved down on evictions, and moved up ahead of a request (the policy's prefetch)
+    host_hits: int = 0
+    demotions: int = 0
+    prefetches: int = 0
 
 
 def replay(trace: Sequence[Request], capacity_bytes: int, name: str,
@@ -209,14 +214,15 @@ def replay(trace: Sequence[Request], capacity_bytes: int, name: str,
 
 
 def replay_paged(trace: Sequence[Request], capacity_bytes: int, name: str, page_rows: int, bytes_per_row: int,
-                 factory: PolicyFactory | None = None) -> ReplayResult:
+                 factory: PolicyFactory | None = None, host_bytes: int = 0) -> ReplayResult:
     """`replay` through the served PagedKVStore of the same capacity, in pages of `page_rows` rows (module
-    docstring, "Paged"). Each request is its own batch (its pins end with it); bytes are reported in the
-    trace's units (rows x bytes_per_row)."""
+    docstring, "Paged"). Each request is its own batch (its pins end with it), followed by the store's
+    prefetch as the server runs it; bytes are reported in the trace's units (rows x bytes_per_row).
+    host_bytes: a host tier of that size behind the pool (hits counts both tiers)."""
     shape = PageShape(layers=1, page_rows=page_rows, heads=1, dqk=1, dv=1, dtype=torch.float16)
     row_bytes = shape.page_bytes // page_rows
     clock = TraceClock()
-    store = PagedKVStore(shape, capacity_bytes // bytes_per_row * row_bytes, 0,
+    store = PagedKVStore(shape, capacity_bytes // bytes_per_row * row_bytes, host_bytes // bytes_per_row * row_bytes,
                          (factory or POLICY_FACTORIES[name])(trace, clock))
     rows_of = max(r.nbytes for r in trace) // bytes_per_row
     k, v = torch.zeros(rows_of, 1, 1, dtype=torch.float16), torch.zeros(rows_of, 1, 1, dtype=torch.float16)
@@ -228,12 +234,34 @@ def replay_paged(trace: Sequence[Request], capacity_bytes: int, name: str, page_
             cached = store.get(r.user)
             if cached is None:
                 moved += r.nbytes if store.put(r.user, UserKV([k[:rows]], [v[:rows]])) else 0
-                continue
-            hits += 1
-            if rows > cached.rows and store.put(r.user, UserKV([k[:rows]], [v[:rows]])):
-                appended += (rows - cached.rows) * bytes_per_row
+            else:
+                hits += 1
+                if rows > cached.rows and store.put(r.user, UserKV([k[:rows]], [v[:rows]])):
+                    appended += (rows - cached.rows) * bytes_per_row
+        store.prefetch()
+    st = store.stats
     return ReplayResult(name, capacity_bytes, len(trace), hits, hits / len(trace), moved, appended,
-                        store.stats.evictions)
+                        st.evictions, st.host_hits, st.demotions, st.prefetches)
+
+
+PREFETCH_S = (0.0, 3600.0, 86400.0, 604800.0)  # the two-tier replay's prefetch horizons: off, 1 h, 1 day, 1 week
+HOST_FACTOR = 4  # the two-tier replay's host tier: this many times the device pool
+
+
+def prefetch_rows(trace: Sequence[Request], fractions: Sequence[float], bytes_per_row: int,
+                  page_rows: int = 128) -> list[dict]:
+    """The served store with a host tier (HOST_FACTOR x the pool) and the predictive policy at each prefetch
+    horizon: does moving host-tier entries up ahead of their users' requests turn host hits (a promotion on
+    the request's path) into device hits, and at what cost in moves?"""
+    total, out = distinct_bytes(trace), []
+    for f in fractions:
+        cap = int(total * f)
+        for ps in PREFETCH_S:
+            factory = (lambda s: lambda trace, clock: PredictivePolicy(clock=clock, prefetch_s=s))(ps)
+            res = replay_paged(trace, cap, "predictive", page_rows, bytes_per_row, factory, HOST_FACTOR * cap)
+            out.append({"fraction": f, "prefetch_s": ps, "page_rows": page_rows, "host_bytes": HOST_FACTOR * cap,
+                        "device_hits": res.hits - res.host_hits, **asdict(res)})
+    return out
 
 
 def gap_closed(lru: float, pred: float, opt: float) -> float | None:
@@ -407,6 +435,12 @@ def main() -> None:
         f"{c['candidates']} candidates: victim {c['predictive_victim_ms']:.2f} ms (LRU {c['lru_victim_ms']:.3f}), "
         f"fit {c['predictive_fit_ms']:.1f} ms every {c['refit_every_arrivals']} arrivals" for c in cost))
     ablated = ablations(trace, FRACTIONS)
+    tiers = prefetch_rows(trace, (0.03, 0.1, 0.25), cfg.bytes_per_row)
+    print(f"two tiers (host tier {HOST_FACTOR}x the pool, 128-row pages, predictive): prefetch horizon -> "
+          "device hits / host hits / prefetches / demotions")
+    for r in tiers:
+        print(f"  {r['fraction']:>4.0%} {r['prefetch_s']:>9.0f} s  {r['device_hits']:>5} / {r['host_hits']:>4} / "
+              f"{r['prefetches']:>4} / {r['demotions']:>5}")
     print("ablations of the predictive policy (hit rate, gap closed), capacities " +
           " / ".join(f"{f:.0%}" for f in FRACTIONS) + ":")
     for label, cells in ablated.items():
@@ -428,7 +462,8 @@ def main() -> None:
               "trace": {**asdict(cfg), "requests": len(trace), "users": len({r.user for r in trace}),
                         "distinct_bytes": distinct_bytes(trace)},
               "assumptions": __doc__, "predictive_params": predictive_params(),
-              "rows": rows, "ablations": ablated, "policy_cost": cost, "tuning": tuning}
+              "rows": rows, "ablations": ablated, "prefetch": tiers, "policy_cost": cost,
+              "tuning": tuning}
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot(rows, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")

@@ -307,6 +307,9 @@ def serve(
                                                   "--cache-gb; 0: none."),
     cache_page_rows: Optional[int] = typer.Option(None, "--cache-page-rows", help="Rows per cache page (default "
                                                   "128; a multiple of 64 keeps the Triton kernel; docs/serving.md)."),
+    cache_prefetch_s: float = typer.Option(0.0, "--cache-prefetch-s", help="Between batches, move host-tier entries "
+                                           "whose users are more likely than not to return within this many seconds "
+                                           "into free pool pages (predictive policy; 0: off; docs/serving.md)."),
     max_queue: int = typer.Option(1024, "--max-queue", help="Queued requests beyond this get 503 + Retry-After."),
     max_body_mb: float = typer.Option(1.0, "--max-body-mb", help="Larger request bodies get 413."),
     torch_threads: int = typer.Option(0, "--torch-threads", help="PyTorch intra-op threads (0: its default)."),
@@ -324,7 +327,7 @@ def serve(
         settings = ServeSettings(bundle, host, port, engine, runner, max_batch, max_wait_ms, max_queue, cache_gb,
                                  max_body_mb, torch_threads, cache_policy, host_cache_gb,
                                  **({"cache_page_rows": cache_page_rows} if cache_page_rows else {}), loop=loop,
-                                 http=http, inline_lone=inline_lone)
+                                 http=http, inline_lone=inline_lone, cache_prefetch_s=cache_prefetch_s)
         from hstu_opt.serve import server  # fastapi and uvicorn: only here (BackendUnavailable names the extra)
 
         server.serve(settings, _announce)

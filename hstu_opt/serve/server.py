@@ -46,10 +46,12 @@ def build(settings: ServeSettings, announce: Announce):
         announce(f"  engine: {describe['engine_reason']}")
         announce(f"  rule:   {describe['engine_rule']}")
     cache = describe.get("cache", {})
-    announce("  cache:  " + (f"on, {settings.cache_gb:g} GB pool ({cache.get('pool')}) + "
-                             f"{settings.host_cache_bytes / 2**30:g} GB host tier, pages of {settings.cache_page_rows} "
-                             f"rows, {cache.get('policy')}" if cache.get("enabled")
-                             else f"off ({cache.get('why', 'runner has none')})"))
+    if cache.get("enabled"):
+        prefetch = f", prefetch within {settings.cache_prefetch_s:g} s" if settings.cache_prefetch_s else ""
+        announce(f"  cache:  on, {settings.cache_gb:g} GB pool ({cache.get('pool')}) + {settings.host_cache_bytes / 2**30:g} "
+                 f"GB host tier, pages of {settings.cache_page_rows} rows, {cache.get('policy')}{prefetch}")
+    else:
+        announce(f"  cache:  off ({cache.get('why', 'runner has none')})")
     return create_app(runner, bundle, ItemIndex(bundle.item_table()), metrics, settings.max_body_bytes), runner
 
 
@@ -70,7 +72,7 @@ def make_runner(bundle: ServedBundle, settings: ServeSettings, metrics: ServeMet
         runner = NativeRunner(bundle, choice, settings.cache_bytes, settings.batching, on_batch=metrics.observe_batch,
                               on_depth=metrics.queue_depth.set, cache_policy=settings.cache_policy,
                               host_cache_bytes=settings.host_cache_bytes, page_rows=settings.cache_page_rows,
-                              alone=metrics.alone)
+                              alone=metrics.alone, prefetch_s=settings.cache_prefetch_s)
         metrics.watch_cache(runner.cache_stats, settings.cache_bytes if runner.store else 0)
         return runner
     try:

@@ -35,6 +35,7 @@ class ServeSettings:
     cache_policy: str = "predictive"  # eviction policy: one of POLICIES
     host_cache_gb: float | None = None  # the paged cache's host tier (None: as large as cache_gb; 0: none)
     cache_page_rows: int = DEFAULT_PAGE_ROWS  # rows per page of the paged cache (kv_cache/paged.py's rule)
+    cache_prefetch_s: float = 0.0  # the predictive policy's prefetch horizon (0: no prefetch)
     loop: str = "auto"  # one of LOOPS
     http: str = "auto"  # one of HTTP_PARSERS
     inline_lone: bool = False  # a lone request runs on the event loop's thread (scheduler.Scheduler.run_now)
@@ -53,9 +54,13 @@ class ServeSettings:
                                      ("--max-wait-ms", self.max_wait_ms, 0), ("--max-queue", self.max_queue, 1),
                                      ("--cache-gb", self.cache_gb, 0), ("--max-body-mb", self.max_body_mb, 0.001),
                                      ("--torch-threads", self.torch_threads, 0), ("--cache-page-rows", self.cache_page_rows, 1),
-                                     ("--host-cache-gb", self.host_cache_gb or 0, 0)):
+                                     ("--host-cache-gb", self.host_cache_gb or 0, 0),
+                                     ("--cache-prefetch-s", self.cache_prefetch_s, 0)):
             if value < least:
                 raise ServeError(f"{option} {value}: must be at least {least}")
+        if self.cache_prefetch_s and self.cache_policy != "predictive":
+            raise ServeError(f"--cache-prefetch-s {self.cache_prefetch_s:g}: prefetching needs --cache-policy "
+                             f"predictive (lru predicts no returns); drop it or switch the policy")
         if self.port > 65535:
             raise ServeError(f"--port {self.port}: must be at most 65535")
 

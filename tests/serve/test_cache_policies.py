@@ -56,12 +56,13 @@ def test_survival_is_kaplan_meier_with_censoring():
 
 
 def test_predictive_evicts_the_user_least_likely_back():
-    # 20 one-visit users who never return teach the policy that a first visit is usually the last; 20
-    # regulars come every 100 s. At equal ages and sizes the newcomer goes, and LRU would take the regular.
+    # 30 one-visit users who never return teach the policy that a first visit is usually the last (21 of 51
+    # first visits came back, all after 100 s); 20 regulars come every 100 s. At equal ages and sizes the
+    # newcomer goes, and LRU would take the regular.
     clock = Clock()
     pred, lru = PredictivePolicy(clock=clock), LRUPolicy()
     arrivals = [(float(t), f"reg{i}") for i in range(20) for t in range(0, 1001, 100)]
-    arrivals += [(float(10 * i), f"once{i}") for i in range(20)]
+    arrivals += [(float(10 * i), f"once{i}") for i in range(30)]
     arrivals += [(950.0, "regular"), (1050.0, "regular"), (1050.0, "newcomer")]
     arrivals.sort(key=lambda x: x[0])
     feed(pred, clock, arrivals)
@@ -71,6 +72,9 @@ def test_predictive_evicts_the_user_least_likely_back():
     assert p_reg > p_new
     assert pred.victim_among({"regular", "newcomer"}) == "newcomer"
     assert lru.victim_among({"regular", "newcomer"}) == "regular"  # LRU: the order of the last requests
+    assert pred.prefetch({"regular", "newcomer"}) == []  # prefetch off (prefetch_s 0)
+    pred.prefetch_s = 200.0
+    assert pred.prefetch({"regular", "newcomer"}) == ["regular"]  # more likely than not back within 200 s
 
 
 def test_predictive_weighs_by_bytes_and_breaks_ties_by_age():

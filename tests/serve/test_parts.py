@@ -225,3 +225,19 @@ def test_event_loop_and_http_parser_settings(bundle_path, monkeypatch):
     assert ServeSettings(bundle_path).http_used == "h11"
     with pytest.raises(ServeError, match=r"--http httptools: httptools is not installed: pip install 'hstu-opt\[serve\]'"):
         ServeSettings(bundle_path, http="httptools")
+
+
+def test_cache_prefetch_setting(bundle_path):
+    """--cache-prefetch-s reaches the predictive policy; with lru (which predicts nothing) or below 0 it is a
+    clear error naming the option."""
+    from hstu_opt.serve.kv_cache import PredictivePolicy, make_policy
+    from hstu_opt.serve.settings import ServeSettings
+
+    assert ServeSettings(bundle_path, cache_prefetch_s=60.0).cache_prefetch_s == 60.0
+    policy = make_policy("predictive", 60.0)
+    assert isinstance(policy, PredictivePolicy) and policy.prefetch_s == 60.0 and policy.prefetches
+    assert not make_policy("predictive").prefetches and not make_policy("lru").prefetches
+    with pytest.raises(ServeError, match="--cache-prefetch-s 60: prefetching needs --cache-policy predictive"):
+        ServeSettings(bundle_path, cache_policy="lru", cache_prefetch_s=60.0)
+    with pytest.raises(ServeError, match="--cache-prefetch-s -1.0: must be at least 0"):
+        ServeSettings(bundle_path, cache_prefetch_s=-1.0)

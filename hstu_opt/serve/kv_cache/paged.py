@@ -179,7 +179,7 @@ class PagedKVStore:
     def prefetch(self) -> int:
         """Promote the host-tier entries the policy wants back into *free* device pages (never evicting);
         -> how many moved. The runner calls it between batches."""
-        if self.host is None:
+        if self.host is None or not self.policy.prefetches:  # (no O(entries) listing per batch for nothing)
             return 0
         moved = 0
         for key in self.policy.prefetch({k for k, e in self._entries.items() if e.tier == HOST}):

@@ -46,6 +46,11 @@ class EvictionPolicy(ABC):
         wanted first; the store promotes them only into free pages (no eviction). Default: none."""
         return []
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether prefetch() can name anything (the store skips listing its host tier when not)."""
+        return False
+
 
 class LRUPolicy(EvictionPolicy):
     """Least recently used (inserted or accessed) goes first."""
@@ -100,9 +105,9 @@ class PredictivePolicy(EvictionPolicy):
     One visit: events of a user less than `same_visit_s` after their last one count as the same visit,
     not a new arrival (a batch holding several keys of one user; an entry replaced right after its hit).
 
-    Prefetch (the paged store's host tier): a host-tier entry whose user is due back (last request + time
-    scale) within `prefetch_s` seconds (default 0: off, until a trace says what pays) is promoted into
-    free device pages. Time comes from `clock` (default time.monotonic), so a trace replayer can drive it
+    Prefetch (the paged store's host tier): a host-tier entry whose user is more likely than not to return
+    within `prefetch_s` seconds (default 0: off; on the ML-100k trace it does not pay, docs/serving.md) is
+    promoted into free device pages. Time comes from `clock` (default time.monotonic), so a trace replayer can drive it
     with trace timestamps. `victim_among()` scores every candidate (vectorized, O(entries)): scores change
     with `now`, so a heap ordered once would go stale; above `max_candidates` candidates it scores a random
     sample of that many, so an eviction's cost is bounded (0.4 ms at 1,000 candidates on a 2-core CPU, 1-2.4
@@ -166,17 +171,18 @@ class PredictivePolicy(EvictionPolicy):
             self.horizon = math.exp(0.9 * math.log(self.horizon) + 0.1 * math.log(max(now - lasts[i], 1.0)))
         return keys[i]
 
+    @property
+    def prefetches(self) -> bool:
+        return self.prefetch_s > 0
+
     def prefetch(self, keys: Collection[Hashable]) -> list[Hashable]:
-        """Host-tier entries whose user's next request is due (last request + time scale) within
-        `prefetch_s` seconds (0: never), soonest first. Users with one request so far have no scale: skipped."""
-        if not self.prefetch_s:
+        """Host-tier entries whose user is more likely than not to return within `prefetch_s` seconds (0:
+        never), by the same model as eviction; most likely first."""
+        if not self.prefetch_s or not keys:
             return []
-        now, due = self.clock(), []
-        for k in keys:
-            seen = self._users.get(user_of(k))
-            if seen is not None and seen.scale is not None and seen.last + seen.scale - now <= self.prefetch_s:
-                due.append((seen.last + seen.scale, k))
-        return [k for _, k in sorted(due, key=lambda t: t[0])]
+        keys = list(keys)
+        p = self.return_probability([user_of(k) for k in keys], self.clock(), self.prefetch_s)
+        return [keys[i] for i in np.argsort(-p, kind="stable") if p[i] >= 0.5]
 
     # -- the model ---------------------------------------------------------------------------------
     def return_probability(self, users: list[Hashable], now: float, horizon_s: float) -> np.ndarray:
@@ -284,6 +290,7 @@ def user_of(key: Hashable) -> Hashable:
 POLICIES = ("lru", "predictive")
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    """The policy behind `--cache-policy NAME` (names in POLICIES; the settings validate them first)."""
-    return {"lru": LRUPolicy, "predictive": PredictivePolicy}[name]()
+def make_policy(name: str, prefetch_s: float = 0.0) -> EvictionPolicy:
+    """The policy behind `--cache-policy NAME` (names in POLICIES; the settings validate them first, and
+    allow `--cache-prefetch-s` only with the predictive policy: LRU predicts nothing)."""
+    return PredictivePolicy(prefetch_s=prefetch_s) if name == "predictive" else LRUPolicy()

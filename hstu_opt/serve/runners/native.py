@@ -58,7 +58,7 @@ class NativeRunner(Runner):
     def __init__(self, bundle: ServedBundle, choice: EngineChoice, cache_bytes: int, batching: BatchPolicy,
                  on_batch: Callable[[str, int], None] | None = None, on_depth: Callable[[int], None] | None = None,
                  cache_policy: str = "predictive", host_cache_bytes: int | None = None,
-                 page_rows: int = DEFAULT_PAGE_ROWS, alone: Callable[[], bool] | None = None):
+                 page_rows: int = DEFAULT_PAGE_ROWS, alone: Callable[[], bool] | None = None, prefetch_s: float = 0.0):
         """alone: whether the request asking is the only one the server is handling (the HTTP layer's
         count); with batching.inline_lone (and no max_wait), such a request runs on the event loop's
         thread when the engine is idle (Scheduler.run_now)."""
@@ -67,7 +67,7 @@ class NativeRunner(Runner):
         self.cache_bytes = cache_bytes
         cache_on = cache_bytes > 0 and adapter_class(choice).supports_cache
         self.store = (paged_store(bundle, cache_bytes, cache_bytes if host_cache_bytes is None else host_cache_bytes,
-                                  make_policy(cache_policy), page_rows) if cache_on else None)
+                                  make_policy(cache_policy, prefetch_s), page_rows) if cache_on else None)
         self.adapter: EngineAdapter | None = None
         self.max_targets = bundle.cfg.max_targets
         self._alone = alone if batching.inline_lone and batching.max_wait_s == 0 else None
@@ -152,6 +152,7 @@ class NativeRunner(Runner):
         if self.store is not None:
             st = self.store
             return {"enabled": True, "budget_bytes": self.cache_bytes, "policy": type(st.policy).__name__,
+                    "prefetch_s": getattr(st.policy, "prefetch_s", 0.0),
                     "pool": f"{st.pool.num_pages} pages on {st.pool.device.type}", "page_rows": st.shape.page_rows,
                     "host_pages": st.host.num_pages if st.host else 0,
                     "key": "(user_id, sha256 of history rows and contextual ids, floored query time)"}
