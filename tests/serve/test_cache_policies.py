@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -200,3 +201,17 @@ def test_predictive_bounds_its_work_by_sampling():
     (victims, curve), again = run(), run()
     assert (victims, curve) == again
     assert len(set(victims)) == 10 and all(0.0 <= s <= 1.0 for s in curve)
+
+
+def test_predictive_forgets_users_past_max_users():
+    """Past max_users the user unseen longest is forgotten, even with an entry still resident: that entry
+    scores 0 (it goes first) and the horizon stays finite."""
+    clock = Clock()
+    pred = PredictivePolicy(clock=clock, max_users=3)
+    feed(pred, clock, [(0.0, "a"), (10.0, "b"), (20.0, "c"), (30.0, "b"), (40.0, "c"), (50.0, "d")])
+    clock.now = 60.0
+    assert pred.return_probability(["a"], 60.0, 100.0).tolist() == [0.0]  # forgotten
+    assert pred.victim() == "a"
+    assert math.isfinite(pred.horizon)
+    pred.removed("a")
+    assert pred.victim() in {"b", "c", "d"} and math.isfinite(pred.horizon)

@@ -92,7 +92,7 @@ class PredictivePolicy(EvictionPolicy):
       * Each class's residual survival S(t) is a Kaplan-Meier estimate on a log-spaced grid (4 bins a decade):
         completed gaps are events; every known user's open gap (time since their last request) is a
         censored observation, so users who never came back pull S's floor up: "never returns" is learned,
-        not assumed away. The two scaled classes shrink toward their pooled hazard (`prior_n` pseudo-users).
+        not assumed away. The scaled classes shrink toward their pooled hazard (`prior_n` pseudo-users).
         Refit every max(REFIT_MIN, users / 4) arrivals: O(1) per arrival amortized; past FIT_SAMPLE users
         the open gaps come from a random sample (the completed ones are always all counted).
       * Score of an entry: P(its user returns within the horizon H | no request for `age` seconds) =
@@ -107,12 +107,14 @@ class PredictivePolicy(EvictionPolicy):
 
     Prefetch (the paged store's host tier): a host-tier entry whose user is more likely than not to return
     within `prefetch_s` seconds (default 0: off; on the ML-100k trace it does not pay, docs/serving.md) is
-    promoted into free device pages. Time comes from `clock` (default time.monotonic), so a trace replayer can drive it
-    with trace timestamps. `victim_among()` scores every candidate (vectorized, O(entries)): scores change
-    with `now`, so a heap ordered once would go stale; above `max_candidates` candidates it scores a random
-    sample of that many, so an eviction's cost is bounded (0.4 ms at 1,000 candidates on a 2-core CPU, 1-2.4
-    ms at 10k-100k: benchmarks/cache_trace.py's `policy_cost`; smaller samples cost hit rate on the trace,
-    its `ablations`).
+    promoted into free device pages.
+
+    Time comes from `clock` (default time.monotonic), so a trace replayer can drive it with trace
+    timestamps. `victim_among()` scores every candidate (vectorized, O(entries)): scores change with `now`,
+    so a heap ordered once would go stale; above `max_candidates` candidates it scores a random sample of
+    that many, so an eviction's cost is bounded (0.4 ms at 1,000 candidates on a 2-core CPU, 1-2.4 ms at
+    10k-100k: benchmarks/cache_trace.py's `policy_cost`; smaller samples cost hit rate on the trace, its
+    `ablations`). A resident entry whose user was forgotten (`max_users`) scores 0: it goes first.
     """
 
     RAW_EDGES = np.concatenate([[0.0], np.geomspace(60.0, 3.2e8, 29)])  # seconds: 0, 1 min .. 10 years
@@ -138,7 +140,7 @@ class PredictivePolicy(EvictionPolicy):
         self._sizes: dict[Hashable, int] = {}  # resident key -> bytes
         n_cls, n_bins = len(visit_classes) + 1, len(self.RAW_EDGES)
         self._events = np.zeros((n_cls, n_bins))  # completed gaps per (class, bin)
-        self._survival: np.ndarray | None = None  # [class, bin]: S at each edge, refit by _fit
+        self._survival: np.ndarray | None = None  # [class, bin]: S at each edge, refit by fit()
         self._since_fit = 0
         self._rng = random.Random(0)  # the candidate sample: seeded, so a replay is deterministic
 
@@ -167,7 +169,7 @@ class PredictivePolicy(EvictionPolicy):
                                                                            np.float64, len(keys))
         lasts = np.fromiter((-math.inf if s is None else s.last for s in seen), np.float64, len(keys))
         i = int(np.lexsort((lasts, scores))[0])
-        if self.adaptive_horizon:
+        if self.adaptive_horizon and seen[i] is not None:  # (a forgotten user's age is unknown)
             self.horizon = math.exp(0.9 * math.log(self.horizon) + 0.1 * math.log(max(now - lasts[i], 1.0)))
         return keys[i]
 
