@@ -112,7 +112,7 @@ class PredictivePolicy(EvictionPolicy):
     Time comes from `clock` (default time.monotonic), so a trace replayer can drive it with trace
     timestamps. `victim_among()` scores every candidate (vectorized, O(entries)): scores change with `now`,
     so a heap ordered once would go stale; above `max_candidates` candidates it scores a random sample of
-    that many, so an eviction's cost is bounded (0.4 ms at 1,000 candidates on a 2-core CPU, 1-2.4 ms at
+    that many, so an eviction's cost is bounded (0.4 ms at 1,000 candidates on a 2-core CPU, 0.9-2.5 ms at
     10k-100k: benchmarks/cache_trace.py's `policy_cost`; smaller samples cost hit rate on the trace, its
     `ablations`). A resident entry whose user was forgotten (`max_users`) scores 0: it goes first.
     """
