@@ -5,11 +5,11 @@
         r = client.rank(candidates, user_id="alice", item_ids=ids, timestamps=ts, ratings=ratings)
         r.item_ids, r.scores["watched"]          # numpy arrays, best first; r.cache: "hit" | "miss" | "off"
 
-Every request packs its integer arrays (base64 int64) and asks for packed results (base64 columns). A user's second
-request with the same history, contextual ids and query-time step goes by `history_ref` (the server does
-not receive or parse the history again); a 409 (the cache dropped it) is answered by sending the history,
-transparently. The client keys a reference by a digest of exactly what it sent, so a changed history, or
-a query time in another `serving.time_granularity_s` step, never reuses an old one.
+Every request packs its integer arrays (base64 int64) and asks for packed results (base64 columns). A
+user's second request with the same history, contextual ids and query-time step goes by `history_ref`
+(the server does not receive or parse the history again); a 409 (the cache dropped it) is answered by
+sending the history, transparently. The client keys a reference by a digest of exactly what it sent, so a
+changed history, or a query time in another `serving.time_granularity_s` step, never reuses an old one.
 
 Needs httpx (the serve extra). One client per thread, or share it: httpx.Client is thread-safe and the
 reference table takes a lock.
@@ -29,9 +29,10 @@ from hstu_opt.serve.requests import pack_int64
 
 
 def unpack_results(packed: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A rank response's `packed` results -> (item ids int64 [M], {task: float32 [M]}), best first."""
+    """A rank response's `packed` results -> (item ids int64 [M], {task: float32 [M]}), best first (writable
+    arrays, as np.asarray of the other layouts' lists would be)."""
     def arr(text: str, dtype: str) -> np.ndarray:
-        return np.frombuffer(pybase64.b64decode(text), dtype=dtype)
+        return np.frombuffer(bytearray(pybase64.b64decode(text)), dtype=dtype)
 
     return arr(packed["item_id"], "<i8"), {t: arr(v, "<f4") for t, v in packed["scores"].items()}
 
