@@ -55,6 +55,26 @@ def padded(users: list[User], cands: list[np.ndarray], contextual_len: int, hist
     return batch
 
 
+def fill_padded(views: dict[str, np.ndarray], users: list[User], cands: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """padded()'s batch written in place into `views`, an engine's own input arrays of the padded widths
+    (CompiledRunner.feed_buffers: its staging buffer, so run() copies nothing); padding is 0, as pad_rows'.
+    Only the inputs `views` holds are written. -> views."""
+    rows = {"hist_ids": [u.item_ids for u in users], "hist_ratings": [u.ratings for u in users],
+            "hist_timestamps": [u.timestamps for u in users], "cand_ids": cands}
+    for name, parts in rows.items():
+        if (out := views.get(name)) is not None:  # [B, width]
+            for b, r in enumerate(parts):
+                out[b, :len(r)] = r
+                out[b, len(r):] = 0
+    for name, values in (("hist_lengths", [len(u.item_ids) for u in users]), ("num_candidates", [len(c) for c in cands]),
+                         ("query_time", [u.query_time for u in users])):
+        if name in views:
+            views[name][:] = values
+    if "contextual_ids" in views:
+        views["contextual_ids"][:] = np.stack([u.contextual_ids for u in users])  # [B, C]
+    return views
+
+
 def split_padded(probs: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     """[B, Nc, T] with row b's first counts[b] slots real -> one [counts[b], T] array per row."""
     return [np.ascontiguousarray(probs[b, :n], dtype=np.float32) for b, n in enumerate(counts)]
@@ -244,8 +264,11 @@ class CompiledAdapter(TorchAdapter):
         # padded to the engine's full widths: only the batch size and the real row counts vary, which
         # the warmed graphs already take as dynamic; a new padded width would compile again (seconds
         # on a CPU) in the middle of a request. (The jagged rows it computes are the real ones.)
-        batch = padded([r.user for r in rows], [r.candidates for r in rows], self.contextual_len, *self.widths)
-        probs = self.runner.run(batch.ranking_feed())["probs"]
+        # written straight into the runner's staging buffer (zero-copy input: run() stages nothing; the H200
+        # timed 0.87 against 0.90 ms at batch 1, gpu_hstu_2026-11-30_run67_engine.log)
+        feed = fill_padded(self.runner.feed_buffers(len(rows), *self.widths), [r.user for r in rows],
+                           [r.candidates for r in rows])
+        probs = self.runner.run(feed)["probs"]
         return split_padded(probs, [len(r.candidates) for r in rows])
 
 

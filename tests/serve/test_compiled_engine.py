@@ -38,3 +38,50 @@ def test_compiled_engine_serves_like_eager(tiny_build, tiny_compiled, tmp_path):
                     np.testing.assert_allclose(as_array(again, body["candidates"], tasks), got, atol=FP32_EXACT, rtol=0)
         finally:
             s.stop()
+
+
+def test_fill_padded_writes_what_padded_builds(bundle_path):
+    """fill_padded (the compiled adapter's zero-copy input) writes into given arrays exactly the batch padded()
+    builds, over arrays holding junk from an earlier request, for users of different lengths."""
+    from hstu_opt.serve.engines import fill_padded, padded
+    from hstu_opt.serve.requests import rank_input
+    from hstu_opt.serve.schemas import RankRequest
+
+    bundle = ServedBundle.open(bundle_path)
+    rng = np.random.default_rng(31)
+    users = [rank_input(RankRequest.model_validate(user_body(rng, bundle.cfg.num_items, n, m)), bundle.limits)
+             for n, m in ((5, 3), (40, 16), (1, 1))]
+    cands = [u.candidates for u in users]
+    want = padded(users, cands, bundle.cfg.contextual_len, 64, 16).ranking_feed()
+    views = {name: rng.integers(1, 99, a.shape) for name, a in want.items()}  # junk where padding goes
+    got = fill_padded(views, users, cands)
+    assert got is views and set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_adapter_feeds_the_runner_in_place(tiny_build, tiny_compiled, tmp_path):
+    """The compiled adapter writes each batch into the runner's staging buffer (run() stages nothing), with
+    the very probabilities of a separately built feed."""
+    from hstu_opt.serve.engines import CompiledAdapter, Row, padded, split_padded
+    from hstu_opt.serve.requests import rank_input
+    from hstu_opt.serve.schemas import RankRequest
+
+    served = tmp_path / "bundle"
+    shutil.copytree(tiny_build[0], served)
+    (served / COMPILED_DIR).symlink_to(tiny_compiled[1], target_is_directory=True)
+    bundle = ServedBundle.open(served)
+    adapter = CompiledAdapter(bundle)
+    rng = np.random.default_rng(32)
+    T = bundle.cfg.max_targets
+    users = [rank_input(RankRequest.model_validate(user_body(rng, bundle.cfg.num_items, n, T)), bundle.limits)
+             for n in (9, 77)]
+    rows = [Row(u, u.candidates) for u in users]
+    before = adapter.runner.stats["in_place"]
+    got = adapter.rank_full(rows)
+    assert adapter.runner.stats["in_place"] == before + 1
+    feed = padded(users, [u.candidates for u in users], bundle.cfg.contextual_len, *adapter.widths).ranking_feed()
+    want = split_padded(adapter.runner.run(feed)["probs"], [T, T])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
