@@ -257,8 +257,8 @@ def prefetch_rows(trace: Sequence[Request], fractions: Sequence[float], bytes_pe
     for f in fractions:
         cap = int(total * f)
         for ps in PREFETCH_S:
-            factory = (lambda s: lambda trace, clock: PredictivePolicy(clock=clock, prefetch_s=s))(ps)
-            res = replay_paged(trace, cap, "predictive", page_rows, bytes_per_row, factory, HOST_FACTOR * cap)
+            res = replay_paged(trace, cap, "predictive", page_rows, bytes_per_row, predictive(prefetch_s=ps),
+                               HOST_FACTOR * cap)
             out.append({"fraction": f, "prefetch_s": ps, "page_rows": page_rows, "host_bytes": HOST_FACTOR * cap,
                         "device_hits": res.hits - res.host_hits, **asdict(res)})
     return out
@@ -269,8 +269,9 @@ def gap_closed(lru: float, pred: float, opt: float) -> float | None:
     return None if opt <= lru else (pred - lru) / (opt - lru)
 
 
-def predictive(decay: float) -> PolicyFactory:
-    return lambda trace, clock: PredictivePolicy(clock=clock, decay=decay)
+def predictive(**kwargs) -> PolicyFactory:
+    """PredictivePolicy on the replay's clock, with these settings (the defaults for the rest)."""
+    return lambda trace, clock: PredictivePolicy(clock=clock, **kwargs)
 
 
 def run_all(trace: Sequence[Request], fractions: Sequence[float], decay: float = 0.5,
@@ -281,7 +282,7 @@ def run_all(trace: Sequence[Request], fractions: Sequence[float], decay: float =
     rows = []
     for f in fractions:
         cap = int(total * f)
-        factory = {"predictive": predictive(decay)}
+        factory = {"predictive": predictive(decay=decay)}
         res = {name: replay(trace, cap, name, factory.get(name)) for name in POLICY_FACTORIES}
         row = {"fraction": f, "capacity_bytes": cap, **{n: asdict(r) for n, r in res.items()},
                "gap_closed": gap_closed(res["lru"].hit_rate, res["predictive"].hit_rate, res["belady"].hit_rate)}
@@ -292,14 +293,14 @@ def run_all(trace: Sequence[Request], fractions: Sequence[float], decay: float =
     return rows
 
 
-def ablations(trace: Sequence[Request], fractions: Sequence[float]) -> dict[str, list[dict]]:
-    """Each ABLATIONS variant's hit rate and gap closed at each capacity, beside LRU and Belady."""
-    total, out = distinct_bytes(trace), {}
-    base = {f: {n: replay(trace, int(total * f), n).hit_rate for n in ("lru", "belady")} for f in fractions}
+def ablations(trace: Sequence[Request], rows: list[dict]) -> dict[str, list[dict]]:
+    """Each ABLATIONS variant's hit rate and gap closed at each of run_all's capacities (`rows`, the same
+    trace: their LRU and Belady replays are the baselines)."""
+    out = {}
     for label, kwargs in ABLATIONS.items():
-        factory = (lambda kw: lambda trace, clock: PredictivePolicy(clock=clock, **kw))(kwargs)
-        out[label] = [{"fraction": f, "hit_rate": (hit := replay(trace, int(total * f), "predictive", factory).hit_rate),
-                       "gap_closed": gap_closed(base[f]["lru"], hit, base[f]["belady"])} for f in fractions]
+        out[label] = [{"fraction": r["fraction"],
+                       "hit_rate": (hit := replay(trace, r["capacity_bytes"], "predictive", predictive(**kwargs)).hit_rate),
+                       "gap_closed": gap_closed(r["lru"]["hit_rate"], hit, r["belady"]["hit_rate"])} for r in rows]
     return out
 
 
@@ -434,7 +435,7 @@ def main() -> None:
     print("policy cost (2-core CPU here): " + "; ".join(
         f"{c['candidates']} candidates: victim {c['predictive_victim_ms']:.2f} ms (LRU {c['lru_victim_ms']:.3f}), "
         f"fit {c['predictive_fit_ms']:.1f} ms every {c['refit_every_arrivals']} arrivals" for c in cost))
-    ablated = ablations(trace, FRACTIONS)
+    ablated = ablations(trace, rows)
     tiers = prefetch_rows(trace, (0.03, 0.1, 0.25), cfg.bytes_per_row)
     print(f"two tiers (host tier {HOST_FACTOR}x the pool, 128-row pages, predictive): prefetch horizon -> "
           "device hits / host hits / prefetches / demotions")
