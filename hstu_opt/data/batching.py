@@ -95,19 +95,36 @@ class PaddedBatch:
         return feed
 
 
-def pad_rows(rows: list[np.ndarray], width: int | None = None) -> np.ndarray:
-    width = max(max((len(r) for r in rows), default=0), 1) if width is None else width
-    out = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
+def pad_width(rows: list[np.ndarray], width: int | None = None) -> int:
+    """The padded width of `rows`: `width` when given, else the longest row's (at least 1)."""
+    return max(max((len(r) for r in rows), default=0), 1) if width is None else width
 
 
 def padded_batch(hist: list[tuple[np.ndarray, np.ndarray, np.ndarray]], cands: list[np.ndarray],
-                 query_time: np.ndarray, contextual: np.ndarray, hist_width: int | None = None) -> PaddedBatch:
-    return PaddedBatch(
-        hist_ids=pad_rows([h[0] for h in hist], hist_width), hist_ratings=pad_rows([h[1] for h in hist], hist_width),
-        hist_timestamps=pad_rows([h[2] for h in hist], hist_width), hist_lengths=np.array([len(h[0]) for h in hist], np.int64),
-        cand_ids=pad_rows(cands), num_candidates=np.array([len(c) for c in cands], np.int64),
-        query_time=np.asarray(query_time, np.int64), contextual_ids=np.asarray(contextual, np.int64),
-    )
+                 query_time: np.ndarray, contextual: np.ndarray, hist_width: int | None = None,
+                 cand_width: int | None = None) -> PaddedBatch:
+    """hist: (ids, ratings, timestamps) per user; rows right-padded with 0 to the widths given, else the longest."""
+    B, contextual = len(hist), np.asarray(contextual, np.int64)
+    Nh, Nc = pad_width([h[0] for h in hist], hist_width), pad_width(cands, cand_width)
+    out = {name: np.zeros(shape, np.int64) for name, shape in (
+        ("hist_ids", (B, Nh)), ("hist_ratings", (B, Nh)), ("hist_timestamps", (B, Nh)), ("hist_lengths", B),
+        ("cand_ids", (B, Nc)), ("num_candidates", B), ("query_time", B), ("contextual_ids", contextual.shape))}
+    return PaddedBatch(**fill_padded_batch(out, hist, cands, query_time, contextual))
+
+
+def fill_padded_batch(out: dict[str, np.ndarray], hist: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      cands: list[np.ndarray], query_time, contextual) -> dict[str, np.ndarray]:
+    """padded_batch's fields written in place into `out`'s arrays (name -> array of the padded widths; only
+    the names `out` holds: an engine's own input buffers, CompiledRunner.feed_buffers). -> out."""
+    rows = {"hist_ids": [h[0] for h in hist], "hist_ratings": [h[1] for h in hist],
+            "hist_timestamps": [h[2] for h in hist], "cand_ids": cands}
+    for name, parts in rows.items():
+        if (a := out.get(name)) is not None:  # [B, width]
+            for b, r in enumerate(parts):
+                a[b, :len(r)] = r
+                a[b, len(r):] = 0
+    for name, values in (("hist_lengths", [len(h[0]) for h in hist]), ("num_candidates", [len(c) for c in cands]),
+                         ("query_time", query_time), ("contextual_ids", contextual)):
+        if name in out:
+            out[name][...] = values
+    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hstu_opt.data.batching import PaddedBatch, pad_rows, padded_batch
+from hstu_opt.data.batching import PaddedBatch, fill_padded_batch, padded_batch
 from hstu_opt.errors import ServeError
 from hstu_opt.model.heads import l2_normalize
 from hstu_opt.model.hstu import HstuModel, KVCache, PagedKVCache
@@ -45,34 +45,24 @@ def padded(users: list[User], cands: list[np.ndarray], contextual_len: int, hist
            cand_width: int | None = None) -> PaddedBatch:
     """The engine contract for these users: history and candidates right-padded to the batch's longest
     (or to the widths given)."""
-    hist = [(u.item_ids, u.ratings, u.timestamps) for u in users]
-    qt = np.array([u.query_time for u in users], np.int64)
     ctx = (np.stack([u.contextual_ids for u in users]) if contextual_len
            else np.zeros((len(users), 0), np.int64))  # [B, C]
-    batch = padded_batch(hist, cands, qt, ctx, hist_width)
-    if cand_width is not None:
-        batch.cand_ids = pad_rows(cands, cand_width)
-    return batch
+    return padded_batch(_hist(users), cands, _query_times(users), ctx, hist_width, cand_width)
 
 
 def fill_padded(views: dict[str, np.ndarray], users: list[User], cands: list[np.ndarray]) -> dict[str, np.ndarray]:
     """padded()'s batch written in place into `views`, an engine's own input arrays of the padded widths
-    (CompiledRunner.feed_buffers: its staging buffer, so run() copies nothing); padding is 0, as pad_rows'.
-    Only the inputs `views` holds are written. -> views."""
-    rows = {"hist_ids": [u.item_ids for u in users], "hist_ratings": [u.ratings for u in users],
-            "hist_timestamps": [u.timestamps for u in users], "cand_ids": cands}
-    for name, parts in rows.items():
-        if (out := views.get(name)) is not None:  # [B, width]
-            for b, r in enumerate(parts):
-                out[b, :len(r)] = r
-                out[b, len(r):] = 0
-    for name, values in (("hist_lengths", [len(u.item_ids) for u in users]), ("num_candidates", [len(c) for c in cands]),
-                         ("query_time", [u.query_time for u in users])):
-        if name in views:
-            views[name][:] = values
-    if "contextual_ids" in views:
-        views["contextual_ids"][:] = np.stack([u.contextual_ids for u in users])  # [B, C]
-    return views
+    (CompiledRunner.feed_buffers: its staging buffer, so run() copies nothing). -> views."""
+    ctx = np.stack([u.contextual_ids for u in users]) if "contextual_ids" in views else None  # [B, C]
+    return fill_padded_batch(views, _hist(users), cands, _query_times(users), ctx)
+
+
+def _hist(users: list[User]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return [(u.item_ids, u.ratings, u.timestamps) for u in users]
+
+
+def _query_times(users: list[User]) -> np.ndarray:
+    return np.array([u.query_time for u in users], np.int64)
 
 
 def split_padded(probs: np.ndarray, counts: list[int]) -> list[np.ndarray]:
