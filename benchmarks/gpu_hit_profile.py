@@ -1,0 +1,175 @@
+"""Where a served request's engine time goes on the GPU machine (issues 17 and 18), in about a minute.
+
+Served at concurrency 1, the route's `batch` phase ran 0.90 ms against the engine's 0.79 ms timed back to
+back, and a cache hit's `score` phase 0.37 ms against 0.26 ms of graph replay (run 82). This script splits
+those into GPU time and host time, and spaced calls (as served: the GPU idles between requests) from
+back-to-back ones, at recipes/dlrm-v3-ranking.yaml sizes (5 layers, D=512, H=4, d=128, bf16):
+
+1. ceilings in the same run (bf16 8192^3 matmul, device copy: benchmarks/gpu_paged.ceilings);
+2. a cache hit: serve/graphs.PagedScoreGraphs (the served hit path) over a page pool holding one user's
+   4100 cached rows (128-row pages), 256 candidates: run() wall time back to back and spaced by idle gaps
+   of 0.5 / 2 / 10 ms, with the GPU's own span of each call (CUDA events) and run()'s host pieces (stage,
+   replay call, wait, split); the replay's kernels (profiler) and timeline (idle gaps between kernels);
+3. a lone full request: the ranking graph (rank_jagged, Triton ops, one CUDA graph as the compiled engine
+   replays it), batch 1, 4096 + 256 rows, the same spaced / back-to-back split and its kernels.
+
+    python benchmarks/gpu_hit_profile.py --out DIR      (writes DIR/gpu_hit_profile.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_check import paged_pool  # noqa: E402
+from gpu_hstu import device_rows, dlrm_config, dlrm_feed, dlrm_model, graphed, timeline  # noqa: E402
+from gpu_paged import ceilings, env  # noqa: E402
+from hstu_opt.ops import Impl  # noqa: E402
+from hstu_opt.serve.graphs import PagedScoreGraphs  # noqa: E402
+
+GAPS_MS = (0.0, 0.5, 2.0, 10.0)
+REPS = 200
+PAGE_ROWS = 128
+
+
+def spin(ms: float) -> None:
+    """Idle the GPU for ms (a spin, not a sleep: sleep overshoots by tens of microseconds)."""
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def spaced(fn, gap_ms: float, reps: int = REPS) -> dict:
+    """fn() then a wait for the GPU, reps times with gap_ms of idle before each: p50/p90 of the wall time and
+    of the GPU's span of the call (events recorded before and after it on the current stream)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    wall, gpu = [], []
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        spin(gap_ms)
+        t0 = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        gpu.append(start.elapsed_time(end))
+    return {"gap_ms": gap_ms, "wall_p50_ms": float(np.percentile(wall, 50)), "wall_p90_ms": float(np.percentile(wall, 90)),
+            "gpu_span_p50_ms": float(np.percentile(gpu, 50)), "gpu_span_p90_ms": float(np.percentile(gpu, 90))}
+
+
+def kernels(fn, iters: int = 20) -> dict:
+    """Every kernel and copy of one call (profiler): name, ms and launches per call; and their sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                    key=lambda e: -e.self_device_time_total)
+    rows = [{"kernel": e.key[:100], "ms": round(e.self_device_time_total / iters / 1e3, 5), "calls": e.count / iters}
+            for e in events]
+    return {"busy_ms": sum(r["ms"] for r in rows), "launches": sum(r["calls"] for r in rows), "kernels": rows}
+
+
+def pieces(graphs: PagedScoreGraphs, pages, rows, cands, gap_ms: float, reps: int = REPS) -> dict:
+    """PagedScoreGraphs.run's host pieces, spaced as served: stage, the replay call, the wait, the split (p50 ms)."""
+    cap = graphs._graphs[len(cands)]
+    t = {"stage": [], "replay_call": [], "wait": [], "split": []}
+    for _ in range(reps):
+        spin(gap_ms)
+        t0 = time.perf_counter()
+        cap.stage(pages, rows, cands)
+        t1 = time.perf_counter()
+        cap.graph.replay()
+        t2 = time.perf_counter()
+        torch.cuda.current_stream().synchronize()
+        t3 = time.perf_counter()
+        cap.split(cap.host_out, cands)
+        t4 = time.perf_counter()
+        for k, a, b in (("stage", t0, t1), ("replay_call", t1, t2), ("wait", t2, t3), ("split", t3, t4)):
+            t[k].append((b - a) * 1e3)
+    return {"gap_ms": gap_ms, **{k: round(float(np.percentile(v, 50)), 4) for k, v in t.items()}}
+
+
+@torch.no_grad()
+def hit(model, cfg, t: dict) -> dict:
+    C = cfg.contextual_len
+    c_len = C + 4096
+    hist_rows, tgt_rows = t["history_rows"], t["target_rows"]
+    cache = model.prefill(t["ids"][hist_rows], t["ratings"][hist_rows], t["timestamps"][hist_rows],
+                          torch.tensor([0, c_len], device="cuda"), t["query_time"])
+    pools = [paged_pool(k, v, [c_len], PAGE_ROWS, seed=0, junk=False, spare=8) for k, v in zip(cache.keys, cache.values)]
+    k_pages, v_pages = torch.stack([p[0] for p in pools]), torch.stack([p[1] for p in pools])
+    table = pools[0][2][0].tolist()
+    cand_ids = t["ids"][tgt_rows]
+    cands = [cand_ids.cpu().numpy()]
+    graphs = PagedScoreGraphs(model, k_pages, v_pages, max_pages=len(table))
+    got = graphs.run([table], [c_len], cands)[0]
+    want = model.score_cached(cache, cand_ids, torch.tensor([0, len(cand_ids)], device="cuda")).float().cpu().numpy()
+    cap = graphs._graphs[1]
+
+    def served():
+        graphs.run([table], [c_len], cands)
+
+    out = {"rows_cached": c_len, "candidates": len(cands[0]), "page_rows": PAGE_ROWS,
+           "max_abs_vs_contiguous_eager": float(np.abs(got - want).max()),
+           "run": [spaced(served, g) for g in GAPS_MS],
+           "replay_only": [spaced(cap.graph.replay, g) for g in GAPS_MS],
+           "pieces": [pieces(graphs, [table], [c_len], cands, g) for g in (0.0, 2.0)],
+           "profile": kernels(cap.graph.replay), "timeline": timeline(cap.graph.replay)}
+    return out
+
+
+@torch.no_grad()
+def lone_full(model, t: dict) -> dict:
+    replay, _ = graphed(lambda: model.rank_jagged(**t))
+    return {"B": 1, "rows": "4096 history + 256 candidates (+ contextual)",
+            "replay": [spaced(replay, g) for g in GAPS_MS], "profile": kernels(replay), "timeline": timeline(replay)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    result = {"env": env(), "ceilings": ceilings()}
+    print("ceilings", result["ceilings"], flush=True)
+    cfg = dlrm_config()
+    model = dlrm_model(cfg, Impl.TRITON)
+    t = device_rows(cfg, dlrm_feed(model, 1))
+    for name, fn in (("hit", lambda: hit(model, cfg, t)), ("lone_full", lambda: lone_full(model, t))):
+        try:
+            result[name] = fn()
+        except Exception as exc:  # noqa: BLE001 (record it; the other part still runs)
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+        r = result[name]
+        print(name, json.dumps({k: v for k, v in r.items() if k not in ("profile", "timeline")}), flush=True)
+        if "profile" in r:
+            p = r["profile"]
+            print(f"  busy {p['busy_ms']:.4f} ms, {p['launches']:.0f} launches; timeline", json.dumps(r["timeline"])[:600])
+            for k in p["kernels"][:14]:
+                print(f"    {k['ms']:.5f} ms x{k['calls']:.0f}  {k['kernel']}")
+    result["seconds"] = time.time() - t0
+    (args.out / "gpu_hit_profile.json").write_text(json.dumps(result, indent=1))
+    sys.exit(0 if all("error" not in result[k] for k in ("hit", "lone_full")) else 1)
+
+
+if __name__ == "__main__":
+    main()
