@@ -51,7 +51,8 @@ class BatchPolicy:
     max_batch: int = 32
     max_wait_s: float = 0.002
     max_queue: int = 1024
-    inline_lone: bool = False  # a lone request runs on the caller's thread (Scheduler.run_now; runners decide)
+    inline_lone: bool | None = False  # a lone request runs on the caller's thread (Scheduler.run_now; runners
+    # decide; None: the runner's rule, e.g. runners.native.inline_rule)
 
 
 class Scheduler:

@@ -52,6 +52,8 @@ def build(settings: ServeSettings, announce: Announce):
                  f"GB host tier, pages of {settings.cache_page_rows} rows, {cache.get('policy')}{prefetch}")
     else:
         announce(f"  cache:  off ({cache.get('why', 'runner has none')})")
+    if "inline_lone_reason" in describe.get("batching", {}):
+        announce(f"  lone requests inline: {describe['batching']['inline_lone_reason']}")
     return create_app(runner, bundle, ItemIndex(bundle.item_table()), metrics, settings.max_body_bytes), runner
 
 

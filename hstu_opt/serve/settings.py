@@ -38,7 +38,8 @@ class ServeSettings:
     cache_prefetch_s: float = 0.0  # the predictive policy's prefetch horizon (0: no prefetch)
     loop: str = "auto"  # one of LOOPS
     http: str = "auto"  # one of HTTP_PARSERS
-    inline_lone: bool = False  # a lone request runs on the event loop's thread (scheduler.Scheduler.run_now)
+    inline_lone: bool | None = None  # a lone request runs on the event loop's thread (Scheduler.run_now);
+    # None: runners.native.inline_rule (on for the compiled engine's graph replays)
 
     def __post_init__(self) -> None:
         for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -82,8 +81,8 @@ def test_the_engine_never_runs_on_two_threads_at_once():
 
 @pytest.fixture(scope="module")
 def servers(bundle_path):
-    worker = start_server(ServeSettings(bundle_path, cache_gb=0))
-    inline = start_server(replace(ServeSettings(bundle_path, cache_gb=0), inline_lone=True))
+    worker = start_server(ServeSettings(bundle_path, cache_gb=0))  # the default for the CPU engines: off
+    inline = start_server(ServeSettings(bundle_path, cache_gb=0, inline_lone=True))
     yield worker, inline
     worker.stop()
     inline.stop()
@@ -94,6 +93,7 @@ def test_inline_answers_what_the_worker_answers(servers, bundle_path):
 
     worker, inline = servers
     assert inline.runner.batching.inline_lone and inline.runner._alone is not None
+    assert not worker.runner.inline and worker.runner._alone is None  # (auto, the tiny bundle's eager engine)
     num_items = ServedBundle.open(bundle_path).limits.num_items
     bodies = [user_body(np.random.default_rng(i), num_items, 5 + 7 * i, 9, user_id=f"u{i}") for i in range(6)]
     with worker.client() as cw, inline.client() as ci:
@@ -106,3 +106,18 @@ def test_inline_answers_what_the_worker_answers(servers, bundle_path):
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(lambda body: ci.post("/v1/rank", json=body).json()["results"], bodies * 4))
         assert got == [cw.post("/v1/rank", json=b).json()["results"] for b in bodies] * 4
+
+
+def test_inline_rule():
+    """auto: on for the compiled engine's graph replays only; the flags win; never with a batching wait."""
+    from hstu_opt.serve.engines import EngineChoice
+    from hstu_opt.serve.runners.native import inline_rule
+
+    compiled, eager, ort = (EngineChoice("compiled", None, ""), EngineChoice("eager", None, ""),
+                            EngineChoice("onnxruntime", "fp32", ""))
+    auto = BatchPolicy(max_wait_s=0, inline_lone=None)
+    assert inline_rule(auto, compiled)[0] and not inline_rule(auto, eager)[0] and not inline_rule(auto, ort)[0]
+    assert inline_rule(BatchPolicy(max_wait_s=0, inline_lone=True), eager) == (True, "on: --inline-lone")
+    assert inline_rule(BatchPolicy(max_wait_s=0, inline_lone=False), compiled) == (False, "off: --no-inline-lone")
+    on, why = inline_rule(BatchPolicy(max_wait_s=0.002, inline_lone=True), compiled)
+    assert not on and "--max-wait-ms" in why

@@ -52,6 +52,21 @@ def ms(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1e3, 3)
 
 
+INLINE_RULE = ("auto: on for the compiled engine (CUDA-graph replays: a lone request's engine call is under "
+               "a millisecond, H200 run 82); off for the others, whose calls can take long enough that holding the "
+               "event loop for them would stall health checks and 503s")
+
+
+def inline_rule(batching: BatchPolicy, choice: EngineChoice) -> tuple[bool, str]:
+    """Whether a lone request runs on the event loop's thread, and why (--inline-lone / --no-inline-lone / auto)."""
+    if batching.max_wait_s > 0:
+        return False, "off: --max-wait-ms > 0 (every request waits for its batch to fill)"
+    if batching.inline_lone is not None:
+        return batching.inline_lone, "on: --inline-lone" if batching.inline_lone else "off: --no-inline-lone"
+    on = choice.engine == "compiled"
+    return on, f"{'on' if on else 'off'} ({INLINE_RULE})"
+
+
 class NativeRunner(Runner):
     name = "native"
 
@@ -70,7 +85,8 @@ class NativeRunner(Runner):
                                   make_policy(cache_policy, prefetch_s), page_rows) if cache_on else None)
         self.adapter: EngineAdapter | None = None
         self.max_targets = bundle.cfg.max_targets
-        self._alone = alone if batching.inline_lone and batching.max_wait_s == 0 else None
+        self.inline, self.inline_reason = inline_rule(batching, choice)
+        self._alone = alone if self.inline else None
         self._ready = False
         report = on_batch or (lambda kind, size: None)
         self.scheduler = Scheduler(self._execute, batching, on_batch=lambda bucket, size: report(bucket[0], size),
@@ -145,6 +161,7 @@ class NativeRunner(Runner):
                 "engine_rule": ENGINE_RULE, "cache": self._describe_cache(),
                 "batching": {"max_batch": self.batching.max_batch, "max_wait_ms": self.batching.max_wait_s * 1e3,
                              "max_queue": self.batching.max_queue, "inline_lone": self._alone is not None,
+                             "inline_lone_reason": self.inline_reason,
                              "engine_max_rows": self.bundle.engine_max_batch,
                              "candidate_group": self.max_targets}}
 
