@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_session.sh check plugin cutlass paged     # correctness sweeps + kernel timings
 #   bash benchmarks/device_session.sh bundle serve                   # dlrm-v3 bundle, then the served latency
+#   bash benchmarks/device_session.sh hitprof                        # a hit / a lone request: GPU vs host time
 #   bash benchmarks/device_session.sh sweep                          # CUTLASS tile/cluster/schedule variants
 #
 # Wheels the image lacks (fastapi, uvicorn, pydantic, ...) travel in .whl (carry it) and are installed to
@@ -47,6 +48,7 @@ for s in "$@"; do
         fp8) step fp8 python3 benchmarks/gpu_fp8.py --out "$OUT/fp8" ${FP8_ARGS:-} ;;  # e.g. FP8_ARGS="--no-compile"
         overhead) step overhead python3 benchmarks/serve_overhead.py --out "$OUT/overhead" ;;
         paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
+        hitprof) step hitprof python3 benchmarks/gpu_hit_profile.py --out "$OUT/hitprof" ;;  # hit / lone request: GPU vs host
         bundle) step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" \
                     --max-batch 16 ;;
         check+bundle)  # both compile-bound and untimed: the bundle builds in the background during the sweep
@@ -56,27 +58,18 @@ for s in "$@"; do
             bundle_pid=$!
             step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12
             wait $bundle_pid; echo "   bundle rc=$?"; tail -n 3 "$OUT/bundle.log" | cut -c1-300 ;;
-        serve)  # cache off (the compiled graph), JSON lists then packed arrays; then cached users (paged cache)
-            serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 300
-            serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --engine-repeats 0
-            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed ;;
-        serve1)  # concurrency 1 only: lists, packed, cached users
-            serve_load lists --cache-gb 0 --concurrency 1 --requests 200
-            serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0
-            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0 ;;
-        serve2)  # concurrency 1, packed bodies: cache off, then cached users (paged cache)
-            serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed
-            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0 ;;
-        serve3)  # packed bodies: as served by default, then --inline-lone + columnar results (c 1, 16, 64), then
-                 # packed results (c 1); cached users by history, then by history_ref with inline + packed results
-            serve_load packed --cache-gb 0 --concurrency 1 --requests 200 --arrays packed
-            serve_load fast --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --engine-repeats 0 \
-                --inline-lone --results-layout columns
-            serve_load fastest --cache-gb 0 --concurrency 1 --requests 300 --arrays packed --engine-repeats 0 \
-                --inline-lone --results-layout packed
-            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed --engine-repeats 0
-            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed \
-                --engine-repeats 0 --inline-lone --results-layout packed --history-ref ;;
+        serve)  # the served defaults (for the compiled engine a lone request inline) with packed bodies and results,
+                # concurrency 1, 16, 64 (client processes: one per 8), next to --no-inline-lone; then cache hits by
+                # history_ref and by the history
+            serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --results-layout packed
+            serve_load worker --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --results-layout packed \
+                --engine-repeats 0 --inline-lone off
+            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays packed \
+                --results-layout packed --engine-repeats 0 --history-ref
+            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed \
+                --results-layout packed --engine-repeats 0 ;;
+        serve_lists)  # JSON lists and per-candidate results (the API's defaults for a client that asks for nothing)
+            serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 300 ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;
     esac
 done

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import importlib.metadata as md
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -39,6 +40,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,8 +86,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=600, help="hard bound on the whole run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--inline-lone", action="store_true", help="serve --inline-lone: a lone request runs on the "
-                                                                   "event loop's thread")
+    ap.add_argument("--inline-lone", choices=("auto", "on", "off"), default="auto", help="serve --inline-lone / "
+                    "--no-inline-lone (auto: the server's rule, on for the compiled engine)")
+    ap.add_argument("--client-procs", type=int, default=0, help="client processes per concurrency level (0: one per "
+                    "8 concurrent requests, at most half the cores): one Python client caps what it can measure")
     ap.add_argument("--history-ref", action="store_true", help="after a user's first answer, send that user's "
                     "history_ref instead of the history (a 409, the entry gone, resends the history)")
     ap.add_argument("--loop", default="auto", help="the server's event loop (serve --loop)")
@@ -198,7 +202,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, dict]
            "--engine", args.engine,
            "--cache-gb", str(args.cache_gb), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--max-body-mb", "64", "--torch-threads", str(args.torch_threads), "--loop", args.loop, "--http", args.http]
-    cmd += ["--inline-lone"] if args.inline_lone else []
+    cmd += {"auto": [], "on": ["--inline-lone"], "off": ["--no-inline-lone"]}[args.inline_lone]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
@@ -241,7 +245,14 @@ class Load:
     whole_ms: list[float]  # the whole request in the server (Server-Timing): + body read and response encoding
     phases: dict[str, list[float]]  # timing_ms per phase
     statuses: dict[str, int]
-    seconds: float
+    started: float  # time.time() (comparable across client processes)
+    ended: float
+    by_reference_users: int = 0  # (--history-ref) users whose requests went by reference, per client process
+    references_gone: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
 
 
 def server_timing(header: str | None) -> float | None:
@@ -290,9 +301,44 @@ async def load(url: str, pool: Bodies, candidates: int, n: int, concurrency: int
                         whole.append(w)
                 statuses[status] = statuses.get(status, 0) + 1
 
-        t0 = time.perf_counter()
+        t0 = time.time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Load(latencies, server, whole, phases, statuses, time.perf_counter() - t0)
+    return Load(latencies, server, whole, phases, statuses, t0, time.time(), len(pool.by_ref), pool.gone)
+
+
+def client_procs(args: argparse.Namespace, concurrency: int) -> int:
+    """Client processes for a level: --client-procs, or one per 8 concurrent requests (at most half the cores).
+    One Python process's client tops out at a few hundred 134 KB requests/s; past that a level would time
+    the client (H200 run 82: concurrency 64 from one process, client p50 427 ms, the server's whole request 11 ms)."""
+    auto = min(-(-concurrency // 8), max(1, (os.cpu_count() or 2) // 2))
+    return max(1, min(args.client_procs or auto, concurrency))
+
+
+_CLIENT: dict = {}  # a client process's (url, bodies, candidates), set once by _client_init
+
+
+def _client_init(url: str, pool: Bodies, candidates: int) -> None:
+    _CLIENT.update(url=url, pool=pool, candidates=candidates)
+
+
+def _client_load(n: int, concurrency: int, seed: int, deadline: float) -> Load:
+    c = _CLIENT
+    return asyncio.run(load(c["url"], c["pool"], c["candidates"], n, concurrency, np.random.default_rng(seed), deadline))
+
+
+def merged(loads: list[Load]) -> Load:
+    """One level's processes as one load: every sample, and the span from the first start to the last end."""
+    phases: dict[str, list[float]] = {}
+    statuses: dict[str, int] = {}
+    for ld in loads:
+        for k, v in ld.phases.items():
+            phases.setdefault(k, []).extend(v)
+        for k, v in ld.statuses.items():
+            statuses[k] = statuses.get(k, 0) + v
+    return Load([x for ld in loads for x in ld.latencies_ms], [x for ld in loads for x in ld.server_ms],
+                [x for ld in loads for x in ld.whole_ms], phases, statuses, min(ld.started for ld in loads),
+                max(ld.ended for ld in loads), sum(ld.by_reference_users for ld in loads),
+                sum(ld.references_gone for ld in loads))
 
 
 def percentiles(ms: np.ndarray) -> dict[str, float]:
@@ -301,15 +347,28 @@ def percentiles(ms: np.ndarray) -> dict[str, float]:
 
 
 def run_level(url: str, pool: Bodies, candidates: int, args: argparse.Namespace, c: int, deadline: float) -> dict:
-    rng = np.random.default_rng(args.seed + c)
-    asyncio.run(load(url, pool, candidates, 2 * c, c, rng, deadline))  # warm-up: connections, first batches
-    before = server_counters(url)
-    result = asyncio.run(load(url, pool, candidates, args.requests, c, rng, deadline))
+    procs = client_procs(args, c)
+    if procs == 1:
+        rng = np.random.default_rng(args.seed + c)
+        asyncio.run(load(url, pool, candidates, 2 * c, c, rng, deadline))  # warm-up: connections, first batches
+        before = server_counters(url)
+        result = asyncio.run(load(url, pool, candidates, args.requests, c, rng, deadline))
+    else:  # the level's concurrency and requests split over processes (spawned: this one may hold a GPU context)
+        share = lambda total, i: total // procs + (i < total % procs)  # noqa: E731
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"), initializer=_client_init,
+                                 initargs=(url, pool, candidates)) as ex:
+            seeds = [args.seed + 1000 * c + i for i in range(procs)]
+            list(ex.map(_client_load, [2 * share(c, i) for i in range(procs)], [share(c, i) for i in range(procs)],
+                        seeds, [deadline] * procs))  # warm-up: every process started and connected
+            before = server_counters(url)
+            result = merged(list(ex.map(_client_load, [share(args.requests, i) for i in range(procs)],
+                                        [share(c, i) for i in range(procs)], [s + 1 for s in seeds], [deadline] * procs)))
     after = server_counters(url)
     delta = {k: after[k] - before[k] for k in after}
     errors = sum(v for k, v in result.statuses.items() if k != "200")
-    by_ref = {"by_reference_users": len(pool.by_ref), "references_gone": pool.gone} if args.history_ref else {}
-    return {"concurrency": c, "requests": len(result.latencies_ms), "errors": errors, "statuses": result.statuses,
+    by_ref = ({"by_reference_users": result.by_reference_users, "references_gone": result.references_gone}
+              if args.history_ref else {})
+    return {"concurrency": c, "client_procs": procs, "requests": len(result.latencies_ms), "errors": errors, "statuses": result.statuses,
             "requests_per_s": len(result.latencies_ms) / result.seconds, "seconds": result.seconds,
             **percentiles(np.array(result.latencies_ms)),
             **{f"server_{k}": v for k, v in percentiles(np.array(result.server_ms or [0.0])).items() if k != "n"},
@@ -381,7 +440,7 @@ def main() -> int:
     host = "gpu" if gpu_name() else "cpu"
     runner = ("" if args.runner == "native" else f"_{args.runner}") + ("_packed" if args.arrays == "packed" else "")
     runner += (f"_{args.results_layout}" if args.results_layout != "items" else "") + ("_ref" if args.history_ref else "")
-    runner += "_inline" if args.inline_lone else ""
+    runner += {"auto": "", "on": "_inline", "off": "_noinline"}[args.inline_lone]
     path = args.out / f"serve_load_{bundle.name}{runner}_{host}_{report['date_utc'][:10]}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
