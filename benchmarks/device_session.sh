@@ -61,15 +61,15 @@ for s in "$@"; do
         serve)  # the served defaults (for the compiled engine a lone request inline) with packed bodies and results,
                 # concurrency 1, 16, 64 (client processes: one per 8), next to --no-inline-lone; then cache hits by
                 # history_ref and by the history
-            serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --results-layout packed
-            serve_load worker --cache-gb 0 --concurrency 1,16,64 --requests 300 --arrays packed --results-layout packed \
+            serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays packed --results-layout packed
+            serve_load worker --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays packed --results-layout packed \
                 --engine-repeats 0 --inline-lone off
             serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays packed \
                 --results-layout packed --engine-repeats 0 --history-ref
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed \
                 --results-layout packed --engine-repeats 0 ;;
         serve_lists)  # JSON lists and per-candidate results (the API's defaults for a client that asks for nothing)
-            serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 300 ;;
+            serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 1000 ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;
     esac
 done

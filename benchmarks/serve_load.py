@@ -40,7 +40,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -314,15 +313,19 @@ def client_procs(args: argparse.Namespace, concurrency: int) -> int:
     return max(1, min(args.client_procs or auto, concurrency))
 
 
-_CLIENT: dict = {}  # a client process's (url, bodies, candidates), set once by _client_init
+_CLIENT: dict = {}  # a client process's (url, bodies, candidates, start barrier), set once by _client_init
 
 
-def _client_init(url: str, pool: Bodies, candidates: int) -> None:
-    _CLIENT.update(url=url, pool=pool, candidates=candidates)
+def _client_init(url: str, pool: Bodies, candidates: int, barrier) -> None:
+    _CLIENT.update(url=url, pool=pool, candidates=candidates, barrier=barrier)
 
 
 def _client_load(n: int, concurrency: int, seed: int, deadline: float) -> Load:
+    """One process's share of a level, started with every other process's (the barrier: a process still
+    importing would otherwise start late and stretch the level's span; H200 run 84's concurrency-64 row
+    reported 60 requests/s that way)."""
     c = _CLIENT
+    c["barrier"].wait(timeout=300)
     return asyncio.run(load(c["url"], c["pool"], c["candidates"], n, concurrency, np.random.default_rng(seed), deadline))
 
 
@@ -354,15 +357,16 @@ def run_level(url: str, pool: Bodies, candidates: int, args: argparse.Namespace,
         before = server_counters(url)
         result = asyncio.run(load(url, pool, candidates, args.requests, c, rng, deadline))
     else:  # the level's concurrency and requests split over processes (spawned: this one may hold a GPU context)
-        share = lambda total, i: total // procs + (i < total % procs)  # noqa: E731
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"), initializer=_client_init,
-                                 initargs=(url, pool, candidates)) as ex:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(procs, initializer=_client_init, initargs=(url, pool, candidates, ctx.Barrier(procs))) as workers:
+            # (each task waits at the barrier, so the procs tasks of a round run on procs distinct processes)
             seeds = [args.seed + 1000 * c + i for i in range(procs)]
-            list(ex.map(_client_load, [2 * share(c, i) for i in range(procs)], [share(c, i) for i in range(procs)],
-                        seeds, [deadline] * procs))  # warm-up: every process started and connected
+            shares = [c // procs + (i < c % procs) for i in range(procs)]
+            workers.starmap(_client_load, [(2 * k, k, s, deadline) for k, s in zip(shares, seeds)], chunksize=1)  # warm-up
             before = server_counters(url)
-            result = merged(list(ex.map(_client_load, [share(args.requests, i) for i in range(procs)],
-                                        [share(c, i) for i in range(procs)], [s + 1 for s in seeds], [deadline] * procs)))
+            n = [args.requests // procs + (i < args.requests % procs) for i in range(procs)]
+            result = merged(workers.starmap(_client_load, [(m, k, s + 1, deadline) for m, k, s in zip(n, shares, seeds)],
+                                            chunksize=1))
     after = server_counters(url)
     delta = {k: after[k] - before[k] for k in after}
     errors = sum(v for k, v in result.statuses.items() if k != "200")

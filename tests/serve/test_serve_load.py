@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serve_load_script_small_run(bundle_path, tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--bundle", str(bundle_path), "--requests", "60",
-           "--concurrency", "1,4", "--users", "8", "--engine-repeats", "3", "--torch-threads", "1", "--out", str(tmp_path)]
+           "--concurrency", "1,4", "--users", "8", "--engine-repeats", "3", "--torch-threads", "1", "--client-procs", "2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = tmp_path.glob("serve_load_*.json")
     report = json.loads(result.read_text())
     assert [r["concurrency"] for r in report["rows"]] == [1, 4]
+    assert [r["client_procs"] for r in report["rows"]] == [1, 2]  # (4 concurrent requests from 2 processes, merged)
     assert all(r["requests"] == 60 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in report["rows"])
     assert report["server_exit_code"] == 0 and report["versions"]["fastapi"] and report["machine"]["cores"]
     assert sum(r["cache_hits"] for r in report["rows"]) > 0  # 8 users, 120 requests: repeats hit the cache
