@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_check import paged_pool  # noqa: E402
-from gpu_hstu import device_rows, dlrm_config, dlrm_feed, dlrm_model, graphed, timeline  # noqa: E402
+from gpu_hstu import device_rows, dlrm_config, dlrm_feed, dlrm_model, gpu_busy, graphed, timeline  # noqa: E402
 from gpu_paged import ceilings, env  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.serve.graphs import PagedScoreGraphs  # noqa: E402
@@ -72,19 +72,8 @@ def spaced(fn, gap_ms: float, reps: int = REPS) -> dict:
 
 def kernels(fn, iters: int = 20) -> dict:
     """Every kernel and copy of one call (profiler): name, ms and launches per call; and their sum."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
-                    key=lambda e: -e.self_device_time_total)
-    rows = [{"kernel": e.key[:100], "ms": round(e.self_device_time_total / iters / 1e3, 5), "calls": e.count / iters}
-            for e in events]
-    return {"busy_ms": sum(r["ms"] for r in rows), "launches": sum(r["calls"] for r in rows), "kernels": rows}
+    busy, rows = gpu_busy(fn, iters, top=None)
+    return {"busy_ms": busy, "launches": sum(r["calls"] for r in rows), "kernels": rows}
 
 
 def pieces(graphs: PagedScoreGraphs, pages, rows, cands, gap_ms: float, reps: int = REPS) -> dict:

@@ -301,8 +301,9 @@ def graphed(fn):
     return graph.replay, out
 
 
-def gpu_busy(fn, iters: int = 10) -> tuple[float, list]:
-    """GPU-busy ms per call from the profiler (sum of kernel and copy times) and the top kernels."""
+def gpu_busy(fn, iters: int = 10, top: int | None = 8) -> tuple[float, list]:
+    """GPU-busy ms per call from the profiler (sum of kernel and copy times) and the `top` kernels by time
+    (None: every one), each with its ms and launches per call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -313,9 +314,9 @@ def gpu_busy(fn, iters: int = 10) -> tuple[float, list]:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events) / iters / 1e3
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    ranked = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
     return total, [{"kernel": e.key[:80], "ms": e.self_device_time_total / iters / 1e3, "calls": e.count // iters}
-                   for e in top]
+                   for e in ranked]
 
 
 def timeline(fn, iters: int = 3) -> dict:
