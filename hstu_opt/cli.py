@@ -316,10 +316,11 @@ def serve(
     loop: str = typer.Option("auto", "--loop", help="Event loop: auto (uvloop when installed), asyncio or uvloop."),
     http: str = typer.Option("auto", "--http", help="HTTP/1.1 parser: auto (httptools when installed), h11 or "
                              "httptools."),
-    inline_lone: Optional[bool] = typer.Option(None, "--inline-lone/--no-inline-lone", show_default="auto: on for the "
-                                               "compiled engine", help="Native runner: run a request that is alone in "
+    inline_lone: Optional[bool] = typer.Option(None, "--inline-lone/--no-inline-lone", show_default="auto: graph "
+                                               "replays only", help="Native runner: run a request that is alone in "
                                                "the server on the event loop's thread when the engine is idle (skips "
-                                               "two thread hand-offs; only with --max-wait-ms 0; docs/serving.md)."),
+                                               "two thread hand-offs; only with --max-wait-ms 0). Auto: only when its "
+                                               "engine call replays a captured CUDA graph (docs/serving.md)."),
 ) -> None:
     """Serve BUNDLE over HTTP (POST /v1/rank, /v1/retrieve; docs at /docs) until SIGINT/SIGTERM. Needs the serve extra."""
     with _errors():

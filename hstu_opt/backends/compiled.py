@@ -308,6 +308,16 @@ class CompiledRunner:
         return views is not None and all(feed.get(name) is a for name, a in views.items())
 
     @torch.no_grad()
+    def graph_key(self, B: int, Nh: int, Nc: int, history_rows: int, candidate_rows: int) -> tuple[int, ...]:
+        """A request's size as its CUDA graph is keyed: padded (B, Nh, Nc), jagged rows L and candidates T."""
+        T = candidate_rows
+        return B, Nh, Nc, B * self.meta["limits"]["contextual_len"] + history_rows + T, T
+
+    def replays(self, key: tuple[int, ...]) -> bool:
+        """Whether a request of this graph_key runs as a replay of a captured CUDA graph (no compile, no
+        capture, no Python per op: well under a millisecond at dlrm-v3 sizes)."""
+        return key in self._graphs
+
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         check_feed(feed, self.meta["limits"], self.meta["inputs"])
@@ -319,8 +329,7 @@ class CompiledRunner:
             if min(lengths) < 0 or max(lengths) > most:
                 raise ShapeOutOfRange(f"{name} must lie in [0, {most}] (the padded width of this request), got "
                                       f"{min(lengths)}..{max(lengths)}: fix the request's lengths")
-        T = sum(nc)
-        L = B * C + sum(hl) + T
+        key = self.graph_key(B, Nh, Nc, sum(hl), sum(nc))
         if self._in_place(feed):
             self.stats["in_place"] += 1
             n = sum(staged_sizes(B, Nh, Nc, C))
@@ -328,7 +337,6 @@ class CompiledRunner:
             self._views = None  # (the staging copy overwrites them)
             n = stage_feed(feed, C, self._staged)
         host = torch.from_numpy(self._staged[:n])
-        key = (B, Nh, Nc, L, T)
         graph = self._graphs.get(key)
         t1 = time.perf_counter()
         if graph is None and self._pool is not None and key in self._seen and len(self._graphs) < MAX_GRAPHS:

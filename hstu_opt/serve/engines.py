@@ -96,6 +96,15 @@ class EngineAdapter(ABC):
         """Row i: candidates cands[i] (at most max_targets) against kvs[i] -> [n_i, T]."""
         raise NotImplementedError(f"engine {self.name} has no cached path (supports_cache is False)")
 
+    def replays(self, rows: list[Row]) -> bool:
+        """Whether rank_full(rows) would only replay a captured CUDA graph (inline_lone's auto rule)."""
+        return False
+
+    def hit_replays(self, groups: int) -> bool:
+        """Whether score_cached of `groups` candidate groups, every entry in the device page pool, would only
+        replay a captured CUDA graph."""
+        return False
+
     def warm_up(self) -> None:
         """One smallest request through every path, so the first real request finds everything loaded."""
         one = np.ones(1, np.int64)
@@ -166,6 +175,9 @@ class TorchAdapter(EngineAdapter):
         cand = torch.from_numpy(np.concatenate(cands)).to(self.device)  # [Ld]
         probs = self.model.score_cached(cache, cand, self._offsets(counts)).float().cpu().numpy()  # [Ld, T]
         return np.split(probs, np.cumsum(counts)[:-1])
+
+    def hit_replays(self, groups: int) -> bool:
+        return self.score_graphs is not None and self.score_graphs.captured(groups)
 
     def _graphed(self, kvs: list[PagedKV], cands: list[np.ndarray]) -> list[np.ndarray] | None:
         if not self.score_graphs_enabled:
@@ -249,6 +261,12 @@ class CompiledAdapter(TorchAdapter):
         user = RankInput(None, one, one, np.arange(h, dtype=np.int64), np.ones(c, np.int64), h, ctx, False)
         for b in range(1, self.max_rows + 1):
             self.rank_full([Row(user, user.candidates)] * b)
+
+    def replays(self, rows: list[Row]) -> bool:
+        h, c = self.widths
+        key = self.runner.graph_key(len(rows), h, c, sum(len(r.user.item_ids) for r in rows),
+                                    sum(len(r.candidates) for r in rows))
+        return self.runner.replays(key)
 
     def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
         # padded to the engine's full widths: only the batch size and the real row counts vary, which

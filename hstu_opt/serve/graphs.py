@@ -41,6 +41,10 @@ class PagedScoreGraphs:
         self._mempool = torch.cuda.graph_pool_handle()
         self.replays = 0
 
+    def captured(self, B: int) -> bool:
+        """Whether B user groups have a captured graph (the next such batch is a replay, not a capture)."""
+        return self._graphs.get(B) is not None
+
     def covers(self, pages: Sequence[Sequence[int]], counts: Sequence[int]) -> bool:
         return (self._graphs.get(len(counts), True) is not None and max(counts) <= self.T
                 and max(len(p) for p in pages) <= self.P)

@@ -39,7 +39,7 @@ class ServeSettings:
     loop: str = "auto"  # one of LOOPS
     http: str = "auto"  # one of HTTP_PARSERS
     inline_lone: bool | None = None  # a lone request runs on the event loop's thread (Scheduler.run_now);
-    # None: runners.native.inline_rule (on for the compiled engine's graph replays)
+    # None: runners.native.inline_rule (auto: only requests whose engine call replays a captured CUDA graph)
 
     def __post_init__(self) -> None:
         for option, value, allowed in (("--engine", self.engine, ENGINES), ("--runner", self.runner, RUNNERS),

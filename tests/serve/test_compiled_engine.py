@@ -81,6 +81,10 @@ def test_compiled_adapter_feeds_the_runner_in_place(tiny_build, tiny_compiled, t
     before = adapter.runner.stats["in_place"]
     got = adapter.rank_full(rows)
     assert adapter.runner.stats["in_place"] == before + 1
+    key = adapter.runner.graph_key(len(rows), *adapter.widths, sum(len(u.item_ids) for u in users),
+                                   sum(len(u.candidates) for u in users))
+    assert key in adapter.runner._seen  # the key run() used: what the inline rule asks the runner about
+    assert not adapter.replays(rows)  # (no CUDA graphs on a CPU: a lone request goes through the worker)
     feed = padded(users, [u.candidates for u in users], bundle.cfg.contextual_len, *adapter.widths).ranking_feed()
     want = split_padded(adapter.runner.run(feed)["probs"], [T, T])
     for g, w in zip(got, want):

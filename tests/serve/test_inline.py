@@ -81,7 +81,7 @@ def test_the_engine_never_runs_on_two_threads_at_once():
 
 @pytest.fixture(scope="module")
 def servers(bundle_path):
-    worker = start_server(ServeSettings(bundle_path, cache_gb=0))  # the default for the CPU engines: off
+    worker = start_server(ServeSettings(bundle_path, cache_gb=0, inline_lone=False))
     inline = start_server(ServeSettings(bundle_path, cache_gb=0, inline_lone=True))
     yield worker, inline
     worker.stop()
@@ -93,7 +93,7 @@ def test_inline_answers_what_the_worker_answers(servers, bundle_path):
 
     worker, inline = servers
     assert inline.runner.batching.inline_lone and inline.runner._alone is not None
-    assert not worker.runner.inline and worker.runner._alone is None  # (auto, the tiny bundle's eager engine)
+    assert worker.runner._alone is None
     num_items = ServedBundle.open(bundle_path).limits.num_items
     bodies = [user_body(np.random.default_rng(i), num_items, 5 + 7 * i, 9, user_id=f"u{i}") for i in range(6)]
     with worker.client() as cw, inline.client() as ci:
@@ -109,15 +109,64 @@ def test_inline_answers_what_the_worker_answers(servers, bundle_path):
 
 
 def test_inline_rule():
-    """auto: on for the compiled engine's graph replays only; the flags win; never with a batching wait."""
-    from hstu_opt.serve.engines import EngineChoice
-    from hstu_opt.serve.runners.native import inline_rule
+    """auto: only graph replays inline; the flags win; never with a batching wait."""
+    from hstu_opt.serve.runners.native import ALWAYS, NEVER, REPLAYS, inline_rule
 
-    compiled, eager, ort = (EngineChoice("compiled", None, ""), EngineChoice("eager", None, ""),
-                            EngineChoice("onnxruntime", "fp32", ""))
-    auto = BatchPolicy(max_wait_s=0, inline_lone=None)
-    assert inline_rule(auto, compiled)[0] and not inline_rule(auto, eager)[0] and not inline_rule(auto, ort)[0]
-    assert inline_rule(BatchPolicy(max_wait_s=0, inline_lone=True), eager) == (True, "on: --inline-lone")
-    assert inline_rule(BatchPolicy(max_wait_s=0, inline_lone=False), compiled) == (False, "off: --no-inline-lone")
-    on, why = inline_rule(BatchPolicy(max_wait_s=0.002, inline_lone=True), compiled)
-    assert not on and "--max-wait-ms" in why
+    assert inline_rule(BatchPolicy(max_wait_s=0, inline_lone=None))[0] == REPLAYS
+    assert inline_rule(BatchPolicy(max_wait_s=0, inline_lone=True)) == (ALWAYS, "on: --inline-lone")
+    assert inline_rule(BatchPolicy(max_wait_s=0, inline_lone=False)) == (NEVER, "off: --no-inline-lone")
+    mode, why = inline_rule(BatchPolicy(max_wait_s=0.002, inline_lone=True))
+    assert mode == NEVER and "--max-wait-ms" in why
+
+
+class _Adapter:
+    """What NativeRunner._replays asks of an engine adapter, answering as told."""
+
+    def __init__(self, supports_cache: bool, full: bool = False, hits: bool = False, max_rows: int = 2):
+        self.supports_cache, self.groups_via_prefill, self.max_rows = supports_cache, False, max_rows
+        self.full, self.hits, self.asked = full, hits, []
+
+    def replays(self, rows):
+        self.asked.append(len(rows))
+        return self.full
+
+    def hit_replays(self, groups: int) -> bool:
+        self.asked.append(groups)
+        return self.hits
+
+
+class _Store:
+    def __init__(self, tiers: dict):
+        self.tiers = tiers
+
+    def tier_of(self, key):
+        return self.tiers.get(key)
+
+
+def test_auto_inlines_only_graph_replays():
+    """The auto rule's test: a full forward only when every chunk of the request's rows has a captured graph;
+    on the cached path only a history_ref hit whose entry is in the device pool, with its graph captured;
+    never retrieval, a full-history request on the cached path, or an entry in the host tier."""
+    from hstu_opt.serve.runners.base import RankInput
+    from hstu_opt.serve.runners.native import RANK, RETRIEVE, NativeRunner
+
+    one = np.ones(3, np.int64)
+    full_history = RankInput("u", one, one, one, np.arange(1, 6), 100, None, False)  # 5 candidates
+    by_ref = RankInput("u", one[:0], one[:0], one[:0], np.arange(1, 6), 100, None, False, ref=("u", "d", 100))
+    r = NativeRunner.__new__(NativeRunner)
+    r.max_targets = 2  # 5 candidates: 3 groups (rows), in chunks of max_rows 2: asked about 2, then 1
+    r.store, r.adapter = None, _Adapter(supports_cache=False, full=True)
+    assert r._replays((RANK, 0), full_history) and r.adapter.asked == [2, 1]
+    r.adapter.full = False
+    assert not r._replays((RANK, 0), full_history)
+    assert not r._replays((RETRIEVE, 0), full_history)
+    r.store, r.adapter = _Store({("u", "d", 100): "device"}), _Adapter(supports_cache=True, hits=True)
+    assert r._replays((RANK, 0), by_ref) and r.adapter.asked == [3]
+    assert not r._replays((RANK, 0), full_history)  # (its key is a hash of the history, made on the worker)
+    r.store.tiers[("u", "d", 100)] = "host"
+    assert not r._replays((RANK, 0), by_ref)  # (promotion first: a copy of the whole history)
+    r.store.tiers.clear()
+    assert not r._replays((RANK, 0), by_ref)  # (gone: the worker answers 409)
+    r.store.tiers[("u", "d", 100)] = "device"
+    r.adapter.hits = False
+    assert not r._replays((RANK, 0), by_ref)  # (the first batch of its size captures the graph)

@@ -25,6 +25,7 @@ from hstu_opt.serve.engines import (ENGINE_RULE, EngineAdapter, EngineChoice, Ro
                                     uses_cached_path)
 from hstu_opt.serve.kv_cache import (DEFAULT_PAGE_ROWS, CacheStats, EvictionPolicy, PagedKV, PagedKVStore, PageShape,
                                      UserKV, cache_key, history_ref, make_policy)
+from hstu_opt.serve.kv_cache.paged import DEVICE
 from hstu_opt.serve.runners.base import HistoryRefGone, RankInput, RankOutput, RetrieveInput, Runner
 from hstu_opt.serve.scheduler import BatchPolicy, Job, Scheduler
 from hstu_opt.serve.served_bundle import ServedBundle
@@ -52,19 +53,20 @@ def ms(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1e3, 3)
 
 
-INLINE_RULE = ("auto: on for the compiled engine (CUDA-graph replays: a lone request's engine call is under "
-               "a millisecond, H200 run 82); off for the others, whose calls can take long enough that holding the "
-               "event loop for them would stall health checks and 503s")
+INLINE_RULE = ("auto: a lone request whose engine call is only a CUDA-graph replay (a full forward of a size the "
+               "compiled engine has captured; a history_ref hit in the device pool with its graph captured): under "
+               "a millisecond (H200 runs 82, 84); anything else (a first-seen size, a miss's prefill, retrieval, "
+               "a CPU engine) goes through the worker, so the event loop never waits on a long call")
+ALWAYS, NEVER, REPLAYS = "always", "never", "replays"  # inline_rule's modes
 
 
-def inline_rule(batching: BatchPolicy, choice: EngineChoice) -> tuple[bool, str]:
-    """Whether a lone request runs on the event loop's thread, and why (--inline-lone / --no-inline-lone / auto)."""
+def inline_rule(batching: BatchPolicy) -> tuple[str, str]:
+    """Which lone requests run on the event loop's thread (ALWAYS / NEVER / REPLAYS), and why."""
     if batching.max_wait_s > 0:
-        return False, "off: --max-wait-ms > 0 (every request waits for its batch to fill)"
+        return NEVER, "off: --max-wait-ms > 0 (every request waits for its batch to fill)"
     if batching.inline_lone is not None:
-        return batching.inline_lone, "on: --inline-lone" if batching.inline_lone else "off: --no-inline-lone"
-    on = choice.engine == "compiled"
-    return on, f"{'on' if on else 'off'} ({INLINE_RULE})"
+        return (ALWAYS, "on: --inline-lone") if batching.inline_lone else (NEVER, "off: --no-inline-lone")
+    return REPLAYS, INLINE_RULE
 
 
 class NativeRunner(Runner):
@@ -85,8 +87,8 @@ class NativeRunner(Runner):
                                   make_policy(cache_policy, prefetch_s), page_rows) if cache_on else None)
         self.adapter: EngineAdapter | None = None
         self.max_targets = bundle.cfg.max_targets
-        self.inline, self.inline_reason = inline_rule(batching, choice)
-        self._alone = alone if self.inline else None
+        self.inline, self.inline_reason = inline_rule(batching)
+        self._alone = alone if self.inline != NEVER else None
         self._ready = False
         report = on_batch or (lambda kind, size: None)
         self.scheduler = Scheduler(self._execute, batching, on_batch=lambda bucket, size: report(bucket[0], size),
@@ -139,13 +141,24 @@ class NativeRunner(Runner):
         return result
 
     async def _run(self, bucket: Hashable, payload) -> object:
-        if self._alone is not None and self._alone():
+        if self._alone is not None and self._alone() and (self.inline == ALWAYS or self._replays(bucket, payload)):
             await asyncio.sleep(0)  # requests that arrived with this one start first, and count
             done = self.scheduler.run_now(bucket, payload) if self._alone() else None
             if done is not None:
                 return done.result()
         future: Future = self.scheduler.submit(bucket, payload)  # QueueFull / SchedulerClosed
         return await asyncio.wrap_future(future)
+
+    def _replays(self, bucket: Hashable, u: RankInput) -> bool:
+        """Whether this request's engine work is only CUDA-graph replays (the auto rule's test)."""
+        if bucket[0] != RANK or self.adapter is None:
+            return False
+        groups_ = groups(u.candidates, self.max_targets)
+        if uses_cached_path(self.adapter, self.store is not None):  # a hit by reference, already on the device
+            return (self.store is not None and u.ref is not None and self.store.tier_of(u.ref) == DEVICE
+                    and self.adapter.hit_replays(len(groups_)))
+        rows = [Row(u, g) for g in groups_]
+        return all(self.adapter.replays(chunk) for chunk in chunks(rows, self.adapter.max_rows))
 
     def ready(self) -> bool:
         return self._ready
@@ -160,7 +173,7 @@ class NativeRunner(Runner):
         return {"runner": self.name, "engine": self.engine, "engine_reason": self.choice.reason,
                 "engine_rule": ENGINE_RULE, "cache": self._describe_cache(),
                 "batching": {"max_batch": self.batching.max_batch, "max_wait_ms": self.batching.max_wait_s * 1e3,
-                             "max_queue": self.batching.max_queue, "inline_lone": self._alone is not None,
+                             "max_queue": self.batching.max_queue, "inline_lone": self.inline,
                              "inline_lone_reason": self.inline_reason,
                              "engine_max_rows": self.bundle.engine_max_batch,
                              "candidate_group": self.max_targets}}
