@@ -58,7 +58,7 @@ for s in "$@"; do
             bundle_pid=$!
             step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12
             wait $bundle_pid; echo "   bundle rc=$?"; tail -n 3 "$OUT/bundle.log" | cut -c1-300 ;;
-        serve)  # the served defaults (for the compiled engine a lone request inline) with packed bodies and results,
+        serve)  # the served defaults (a lone request inline when its call is a graph replay), packed bodies and results,
                 # concurrency 1, 16, 64 (client processes: one per 8), next to --no-inline-lone; then cache hits by
                 # history_ref and by the history
             serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays packed --results-layout packed

@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--inline-lone", choices=("auto", "on", "off"), default="auto", help="serve --inline-lone / "
-                    "--no-inline-lone (auto: the server's rule, on for the compiled engine)")
+                    "--no-inline-lone (auto: the server's rule, graph replays only)")
     ap.add_argument("--client-procs", type=int, default=0, help="client processes per concurrency level (0: one per "
                     "8 concurrent requests, at most half the cores): one Python client caps what it can measure")
     ap.add_argument("--history-ref", action="store_true", help="after a user's first answer, send that user's "
