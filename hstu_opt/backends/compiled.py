@@ -307,7 +307,6 @@ class CompiledRunner:
         views = self._views
         return views is not None and all(feed.get(name) is a for name, a in views.items())
 
-    @torch.no_grad()
     def graph_key(self, B: int, Nh: int, Nc: int, history_rows: int, candidate_rows: int) -> tuple[int, ...]:
         """A request's size as its CUDA graph is keyed: padded (B, Nh, Nc), jagged rows L and candidates T."""
         T = candidate_rows
@@ -318,6 +317,7 @@ class CompiledRunner:
         capture, no Python per op: well under a millisecond at dlrm-v3 sizes)."""
         return key in self._graphs
 
+    @torch.no_grad()
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         check_feed(feed, self.meta["limits"], self.meta["inputs"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 from hstu_opt.serve.served_bundle import COMPILED_DIR, ServedBundle
@@ -79,7 +80,10 @@ def test_compiled_adapter_feeds_the_runner_in_place(tiny_build, tiny_compiled, t
              for n in (9, 77)]
     rows = [Row(u, u.candidates) for u in users]
     before = adapter.runner.stats["in_place"]
+    fn, grad_modes = adapter.runner.fn, []
+    adapter.runner.fn = lambda *a: (grad_modes.append(torch.is_grad_enabled()), fn(*a))[1]
     got = adapter.rank_full(rows)
+    assert grad_modes == [False]  # run() serves under no_grad (no autograd graph kept per request)
     assert adapter.runner.stats["in_place"] == before + 1
     key = adapter.runner.graph_key(len(rows), *adapter.widths, sum(len(u.item_ids) for u in users),
                                    sum(len(u.candidates) for u in users))
