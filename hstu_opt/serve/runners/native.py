@@ -153,11 +153,10 @@ class NativeRunner(Runner):
         """Whether this request's engine work is only CUDA-graph replays (the auto rule's test)."""
         if bucket[0] != RANK or self.adapter is None:
             return False
-        groups_ = groups(u.candidates, self.max_targets)
         if uses_cached_path(self.adapter, self.store is not None):  # a hit by reference, already on the device
             return (self.store is not None and u.ref is not None and self.store.tier_of(u.ref) == DEVICE
-                    and self.adapter.hit_replays(len(groups_)))
-        rows = [Row(u, g) for g in groups_]
+                    and self.adapter.hit_replays(len(groups(u.candidates, self.max_targets))))
+        rows = [r for _, r in self._full_rows([u])]
         return all(self.adapter.replays(chunk) for chunk in chunks(rows, self.adapter.max_rows))
 
     def ready(self) -> bool:
@@ -207,8 +206,12 @@ class NativeRunner(Runner):
                            history_ref=r) if s != GONE else HistoryRefGone(HISTORY_REF_GONE)
                 for j, p, s, r in zip(jobs, probs, status, refs)]
 
+    def _full_rows(self, users: list[RankInput]) -> list[tuple[int, Row]]:
+        """(user index, engine row) per candidate group: what full forwards run, max_rows at a time."""
+        return [(i, Row(u, g)) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
+
     def _rank_full(self, users: list[RankInput]) -> list[np.ndarray]:
-        rows = [(i, Row(u, g)) for i, u in enumerate(users) for g in groups(u.candidates, self.max_targets)]
+        rows = self._full_rows(users)
         out = []
         for chunk in chunks(rows, self.adapter.max_rows):
             out += self.adapter.rank_full([r for _, r in chunk])
