@@ -329,6 +329,11 @@ def _client_load(n: int, concurrency: int, seed: int, deadline: float) -> Load:
     return asyncio.run(load(c["url"], c["pool"], c["candidates"], n, concurrency, np.random.default_rng(seed), deadline))
 
 
+def split(total: int, parts: int) -> list[int]:
+    """total as `parts` near-equal shares (the first total % parts one larger)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 def merged(loads: list[Load]) -> Load:
     """One level's processes as one load: every sample, and the span from the first start to the last end."""
     phases: dict[str, list[float]] = {}
@@ -361,10 +366,10 @@ def run_level(url: str, pool: Bodies, candidates: int, args: argparse.Namespace,
         with ctx.Pool(procs, initializer=_client_init, initargs=(url, pool, candidates, ctx.Barrier(procs))) as workers:
             # (each task waits at the barrier, so the procs tasks of a round run on procs distinct processes)
             seeds = [args.seed + 1000 * c + i for i in range(procs)]
-            shares = [c // procs + (i < c % procs) for i in range(procs)]
+            shares = split(c, procs)
             workers.starmap(_client_load, [(2 * k, k, s, deadline) for k, s in zip(shares, seeds)], chunksize=1)  # warm-up
             before = server_counters(url)
-            n = [args.requests // procs + (i < args.requests % procs) for i in range(procs)]
+            n = split(args.requests, procs)
             result = merged(workers.starmap(_client_load, [(m, k, s + 1, deadline) for m, k, s in zip(n, shares, seeds)],
                                             chunksize=1))
     after = server_counters(url)
