@@ -58,15 +58,17 @@ for s in "$@"; do
             bundle_pid=$!
             step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12
             wait $bundle_pid; echo "   bundle rc=$?"; tail -n 3 "$OUT/bundle.log" | cut -c1-300 ;;
-        serve)  # the served defaults (a lone request inline when its call is a graph replay), packed bodies and results,
-                # concurrency 1, 16, 64 (client processes: one per 8), next to --no-inline-lone; then cache hits by
-                # history_ref and by the history
-            serve_load packed --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays packed --results-layout packed
-            serve_load worker --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays packed --results-layout packed \
+        serve)  # the served defaults (a lone request inline when its call is a graph replay), binary bodies (what
+                # RankClient sends) and packed results, concurrency 1, 16, 64 (client processes: one per 8); packed
+                # bodies at concurrency 1 beside them; --no-inline-lone; then cache hits by history_ref and by the history
+            serve_load binary --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays binary --results-layout packed
+            serve_load packed --cache-gb 0 --concurrency 1 --requests 1000 --arrays packed --results-layout packed \
+                --engine-repeats 0
+            serve_load worker --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays binary --results-layout packed \
                 --engine-repeats 0 --inline-lone off
-            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays packed \
+            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
                 --results-layout packed --engine-repeats 0 --history-ref
-            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays packed \
+            serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays binary \
                 --results-layout packed --engine-repeats 0 ;;
         serve_lists)  # JSON lists and per-candidate results (the API's defaults for a client that asks for nothing)
             serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 1000 ;;

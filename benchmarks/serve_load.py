@@ -8,7 +8,8 @@ next to the engine's own latency for the same request shape measured in this pro
 
 Request bodies are encoded once per pool user before the clock starts (a load generator's own JSON
 encoding is not the server's latency); --arrays packed sends the integer lists in the packed form
-(base64 of little-endian int64, see docs/serving.md); --results-layout columns | packed asks for the
+(base64 of little-endian int64), --arrays binary as a binary body (the JSON, then the arrays raw; both in
+docs/serving.md); --results-layout columns | packed asks for the
 columnar or the packed response (results_layout, docs/serving.md). The client decodes every response and counts its scored
 candidates (a wrong count is an error). Each row reports three latencies: as the client saw them; the
 server's whole request (its Server-Timing header: body received to response encoded); and the route's
@@ -51,9 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hstu_opt import toolchain  # noqa: E402
-from hstu_opt.serve.client import unpack_results  # noqa: E402
+from hstu_opt.serve.client import encode_request, unpack_results  # noqa: E402
 from hstu_opt.serve.engines import Row, choose_engine, gpu_name, load_adapter, uses_cached_path  # noqa: E402
-from hstu_opt.serve.requests import pack_int64, rank_input  # noqa: E402
+from hstu_opt.serve.requests import rank_input  # noqa: E402
 from hstu_opt.serve.schemas import RankRequest  # noqa: E402
 from hstu_opt.serve.served_bundle import ServedBundle  # noqa: E402
 from hstu_opt.serve.server import set_torch_threads  # noqa: E402
@@ -76,8 +77,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--users", type=int, default=256, help="size of the synthetic user pool")
     ap.add_argument("--history", type=int, default=0, help="history rows per user (0: random 1..max_history_len)")
     ap.add_argument("--candidates", type=int, default=0, help="candidates per request (0: max_targets)")
-    ap.add_argument("--arrays", choices=("list", "packed"), default="list",
-                    help="integer lists as JSON lists, or packed (base64 of little-endian int64)")
+    ap.add_argument("--arrays", choices=("list", "packed", "binary"), default="list",
+                    help="integer lists as JSON lists, packed (base64 of little-endian int64), or raw int64 after "
+                         "the JSON (a binary body, Inference-Header-Content-Length)")
     ap.add_argument("--results-layout", choices=("items", "columns", "packed"), default="items",
                     help="the results_layout every request asks for: one object per candidate, one list per field, "
                          "or the lists as base64 arrays")
@@ -114,12 +116,9 @@ def user_pool(bundle: ServedBundle, args: argparse.Namespace) -> list[dict]:
     return pool
 
 
-def encoded(body: dict, arrays: str, results_layout: str) -> bytes:
-    """The request as sent: JSON, with the long integer lists packed when asked."""
-    if arrays == "packed":
-        body = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()},
-                "candidates": pack_int64(body["candidates"])}
-    return json.dumps({**body, "results_layout": results_layout}).encode()
+def encoded(body: dict, arrays: str, results_layout: str) -> tuple[bytes, dict[str, str]]:
+    """The request as sent (body, headers): JSON lists, packed (base64) arrays, or a binary body."""
+    return encode_request({**body, "results_layout": results_layout}, arrays)
 
 
 class Bodies:
@@ -130,7 +129,7 @@ class Bodies:
         self.full = [encoded(b, args.arrays, args.results_layout) for b in pool]
         self.pool, self.args, self.by_ref, self.gone = pool, args, {}, 0
 
-    def body(self, i: int) -> bytes:
+    def body(self, i: int) -> tuple[bytes, dict[str, str]]:
         return self.by_ref.get(i) or self.full[i]
 
     def answered(self, i: int, status: int, reply: dict | None) -> None:
@@ -141,9 +140,8 @@ class Bodies:
             self.gone += 1
         elif reply is not None and reply.get("history_ref") and i not in self.by_ref:
             b = self.pool[i]
-            cands = pack_int64(b["candidates"]) if self.args.arrays == "packed" else b["candidates"]
-            self.by_ref[i] = json.dumps({"user_id": b["user_id"], "history_ref": reply["history_ref"],
-                                         "candidates": cands, "results_layout": self.args.results_layout}).encode()
+            self.by_ref[i] = encoded({"user_id": b["user_id"], "history_ref": reply["history_ref"],
+                                      "candidates": b["candidates"]}, self.args.arrays, self.args.results_layout)
 
 
 def scored(reply: dict) -> int:
@@ -273,11 +271,10 @@ async def load(url: str, pool: Bodies, candidates: int, n: int, concurrency: int
         async def worker() -> None:
             while order and time.monotonic() < deadline:
                 user = order.pop()
-                body = pool.body(user)
+                body, headers = pool.body(user)
                 t0 = time.perf_counter()
                 try:
-                    response = await client.post("/v1/rank", content=body,
-                                                 headers={"content-type": "application/json"})
+                    response = await client.post("/v1/rank", content=body, headers=headers)
                     status = str(response.status_code)
                 except httpx.HTTPError as exc:
                     response, status = None, type(exc).__name__
@@ -447,7 +444,7 @@ def main() -> int:
     print(table(rows, engine_rows))
     args.out.mkdir(parents=True, exist_ok=True)
     host = "gpu" if gpu_name() else "cpu"
-    runner = ("" if args.runner == "native" else f"_{args.runner}") + ("_packed" if args.arrays == "packed" else "")
+    runner = ("" if args.runner == "native" else f"_{args.runner}") + (f"_{args.arrays}" if args.arrays != "list" else "")
     runner += (f"_{args.results_layout}" if args.results_layout != "items" else "") + ("_ref" if args.history_ref else "")
     runner += {"auto": "", "on": "_inline", "off": "_noinline"}[args.inline_lone]
     path = args.out / f"serve_load_{bundle.name}{runner}_{host}_{report['date_utc'][:10]}.json"

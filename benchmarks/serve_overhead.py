@@ -25,12 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hstu_opt.serve import requests  # noqa: E402
-from hstu_opt.serve.requests import pack_int64  # noqa: E402
-from hstu_opt.serve.app import rank_response  # noqa: E402
-from hstu_opt.serve.client import unpack_results  # noqa: E402
+from hstu_opt.serve.app import parse_body, rank_response  # noqa: E402
+from hstu_opt.serve.client import encode_request, unpack_results  # noqa: E402
 from hstu_opt.serve.kv_cache import cache_key, history_ref  # noqa: E402
 from hstu_opt.serve.runners.base import RankOutput  # noqa: E402
-from hstu_opt.serve.schemas import ModelRef, RankRequest, RequestLimits  # noqa: E402
+from hstu_opt.serve.schemas import BINARY_HEADER, ModelRef, RankRequest, RequestLimits  # noqa: E402
 
 # results_layout -> the suffix of its row keys (the default, items, keeps the names of earlier result files)
 LAYOUT_SUFFIX = {"items": "", "columns": "_columns", "packed": "_packed"}
@@ -38,19 +37,23 @@ LIMITS = RequestLimits(num_items=1_000_000, num_ratings=10, max_history_len=4096
                        contextual_cardinality=100, time_granularity_s=60)
 
 
-def bodies(history: int, candidates: int) -> dict[str, bytes]:
+def bodies(history: int, candidates: int) -> dict[str, tuple[bytes, str | None]]:
+    """Each request form -> (its body, its Inference-Header-Content-Length or None)."""
     rng = np.random.default_rng(0)
     body = {"user_id": "u1", "history": {"item_ids": rng.integers(1, 10**6, history).tolist(),
                                          "ratings": rng.integers(0, 5, history).tolist(),
                                          "timestamps": np.sort(rng.integers(1_600_000_000, 1_700_000_000, history)).tolist()},
             "candidates": rng.integers(1, 10**6, candidates).tolist(), "contextual_ids": [1, 2, 3, 4]}
-    packed = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()},
-              "candidates": pack_int64(body["candidates"])}
     # a request by reference: the user's history_ref (from an earlier answer) instead of history, query time, contexts
     key = cache_key(requests.rank_input(RankRequest.model_validate(body), LIMITS))
-    by_ref = {"user_id": "u1", "history_ref": history_ref(key, False), "candidates": packed["candidates"]}
-    return {"lists": json.dumps(body).encode(), "packed": json.dumps(packed).encode(),
-            "packed_by_reference": json.dumps(by_ref).encode()}
+    by_ref = {"user_id": "u1", "history_ref": history_ref(key, False), "candidates": body["candidates"]}
+    forms = {"lists": (body, "list"), "packed": (body, "packed"), "packed_by_reference": (by_ref, "packed"),
+             "binary": (body, "binary"), "binary_by_reference": (by_ref, "binary")}
+    out = {}
+    for form, (b, arrays) in forms.items():
+        content, headers = encode_request(b, arrays)
+        out[form] = content, headers.get(BINARY_HEADER)
+    return out
 
 
 def p50_ms(fn, n: int = 300) -> float:
@@ -84,13 +87,13 @@ def main() -> None:
     rows = []
     probs = np.random.default_rng(1).random((args.candidates, 2)).astype(np.float32)
     ref = ModelRef(name="dlrm-v3-ranking", version="1", engine="compiled")
-    for form, raw in bodies(args.history, args.candidates).items():
-        req = RankRequest.model_validate_json(raw)
-        inp = requests.rank_input(req, LIMITS, history_refs=True)
+    for form, (raw, header) in bodies(args.history, args.candidates).items():
+        req, binary = parse_body(RankRequest, raw, header)
+        inp = requests.rank_input(req, LIMITS, True, binary)
         out = RankOutput(probs, "off", {"queue": 0.1, "batch": 1.0})
         row = {"form": form, "body_bytes": len(raw),
-               "parse_ms": p50_ms(lambda: RankRequest.model_validate_json(raw)),
-               "checks_ms": p50_ms(lambda: requests.rank_input(req, LIMITS, history_refs=True)),
+               "parse_ms": p50_ms(lambda: parse_body(RankRequest, raw, header)),
+               "checks_ms": p50_ms(lambda: requests.rank_input(req, LIMITS, True, binary)),
                "cache_key_ms": p50_ms(lambda: cache_key(inp)),
                **{k: v for layout in LAYOUT_SUFFIX for k, v in response_keys(inp, out, ref, layout).items()}}
         row["sum_ms"] = row["parse_ms"] + row["checks_ms"] + row["response_ms"]

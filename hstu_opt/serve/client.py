@@ -5,7 +5,8 @@
         r = client.rank(candidates, user_id="alice", item_ids=ids, timestamps=ts, ratings=ratings)
         r.item_ids, r.scores["watched"]          # numpy arrays, best first; r.cache: "hit" | "miss" | "off"
 
-Every request packs its integer arrays (base64 int64) and asks for packed results (base64 columns). A
+Every request sends its integer arrays raw after the JSON (a binary body, docs/serving.md "Binary bodies";
+`arrays="packed"`: base64 in the JSON) and asks for packed results (base64 columns). A
 user's second request with the same history, contextual ids and query-time step goes by `history_ref`
 (the server does not receive or parse the history again); a 409 (the cache dropped it) is answered by
 sending the history, transparently. The client keys a reference by a digest of exactly what it sent, so a
@@ -17,15 +18,53 @@ reference table takes a lock.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pybase64
 
 from hstu_opt.serve.cache_keys import history_digest
 from hstu_opt.serve.requests import pack_int64
+from hstu_opt.serve.schemas import BINARY_FIELDS, BINARY_HEADER
+
+ArrayForm = Literal["binary", "packed", "list"]
+
+
+def encode_request(body: dict, arrays: ArrayForm = "binary") -> tuple[bytes, dict[str, str]]:
+    """A rank or retrieve request (its integer arrays as lists or numpy arrays) -> (the body to send, its
+    headers). "binary": the fields in BINARY_FIELDS after the JSON as raw little-endian int64, each given
+    in the JSON by its binary_data_size, the JSON's length in the Inference-Header-Content-Length header;
+    "packed": those arrays as base64 strings in the JSON; "list": plain JSON lists."""
+    doc = {**body, **({"history": dict(body["history"])} if body.get("history") is not None else {})}
+    raw: list[bytes] = []
+    for path in BINARY_FIELDS if arrays != "list" else ():
+        parent, _, name = path.rpartition(".")
+        node = doc.get(parent) if parent else doc
+        values = node.get(name) if node is not None else None
+        if values is None or isinstance(values, str):  # (absent, or already packed)
+            continue
+        if arrays == "packed":
+            node[name] = pack_int64(values)
+        else:
+            raw.append(np.ascontiguousarray(values, "<i8").tobytes())
+            node[name] = {"binary_data_size": len(raw[-1])}
+    head = json.dumps(doc, separators=(",", ":"), default=_plain).encode()
+    if not raw:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(raw), {"content-type": "application/octet-stream", BINARY_HEADER: str(len(head))}
+
+
+def _plain(value):
+    """json.dumps' fallback: numpy arrays and integers as JSON lists and numbers."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def unpack_results(packed: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -64,11 +103,12 @@ class ClientStats:
 
 class RankClient:
     def __init__(self, base_url: str, *, timeout: float = 30.0, use_references: bool = True, max_references: int = 100_000,
-                 http=None):
+                 arrays: ArrayForm = "binary", http=None):
         import httpx
 
         self._http = http or httpx.Client(base_url=base_url, timeout=timeout)
         self._own_http = http is None
+        self.arrays = arrays  # how requests carry their integer arrays (encode_request)
         self.use_references, self.max_references = use_references, max_references
         self._refs: OrderedDict[tuple, str] = OrderedDict()  # (user, digest of what was sent, time step) -> ref
         self._lock = threading.Lock()
@@ -100,7 +140,7 @@ class RankClient:
         ids, ts = np.asarray(item_ids, np.int64), np.asarray(timestamps, np.int64)
         rt = None if ratings is None else np.asarray(ratings, np.int64)
         ctx = None if contextual_ids is None else [int(c) for c in contextual_ids]
-        cands = pack_int64(candidates)
+        cands = np.asarray(candidates, np.int64)
         key = self._key(user_id, ids, rt, ts, query_time, ctx) if self.use_references and ids.size and ts.size else None
         ref = self._ref(key)
         self.stats.requests += 1
@@ -111,15 +151,15 @@ class RankClient:
                 return self._answer(r, key, by_reference=True)
             self.stats.references_gone += 1
             self._forget(key)
-        history = {"item_ids": pack_int64(ids), "timestamps": pack_int64(ts),
-                   "ratings": None if rt is None else pack_int64(rt)}
+        history = {"item_ids": ids, "ratings": rt, "timestamps": ts}
         body = {"user_id": user_id, "history": history, "candidates": cands, "query_time": query_time,
                 "contextual_ids": ctx}
         return self._answer(self._post(body), key, by_reference=False)
 
     # ---- internals ------------------------------------------------------------------------------------
     def _post(self, body: dict):
-        return self._http.post("/v1/rank", json={**body, "results_layout": "packed"})
+        content, headers = encode_request({**body, "results_layout": "packed"}, self.arrays)
+        return self._http.post("/v1/rank", content=content, headers=headers)
 
     def _answer(self, r, key: tuple | None, by_reference: bool) -> Ranking:
         body = _json(r)

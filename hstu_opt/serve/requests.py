@@ -16,7 +16,10 @@ import pybase64
 from hstu_opt.errors import HstuOptError
 from hstu_opt.serve.cache_keys import parse_history_ref
 from hstu_opt.serve.runners.base import RankInput, RetrieveInput
-from hstu_opt.serve.schemas import INT64_MAX, RankRequest, RequestLimits, RetrieveRequest, UserRequest
+from hstu_opt.serve.schemas import (BINARY_FIELDS, BINARY_HEADER, INT64_MAX, BinaryArray, RankRequest, RequestLimits,
+                                    RetrieveRequest, UserRequest)
+
+Arrays = dict[str, np.ndarray]  # a request's binary arrays by field path (binary_arrays)
 
 
 class InvalidRequest(HstuOptError):
@@ -29,10 +32,13 @@ class InvalidRequest(HstuOptError):
 
 
 
-def int_array(values: list[int] | str, field: str) -> np.ndarray:
-    """A JSON integer list, or the packed form (base64 of little-endian int64) -> int64 [n]."""
+def int_array(values: list[int] | str | BinaryArray, field: str, binary: Arrays | None = None) -> np.ndarray:
+    """A JSON integer list, the packed form (base64 of little-endian int64) or the binary form (its array
+    in `binary`, from binary_arrays) -> int64 [n]."""
     if isinstance(values, str):
         return packed_array(values, field)
+    if isinstance(values, BinaryArray):
+        return binary[field]
     try:
         return np.asarray(values, dtype=np.int64).reshape(-1)  # [n]
     except OverflowError:
@@ -64,6 +70,54 @@ def packed_array(text: str, field: str) -> np.ndarray:
     return np.frombuffer(bytearray(raw), dtype="<i8").astype(np.int64, copy=False)  # [n], writable
 
 
+def split_binary(raw: bytes, header: str | None) -> tuple[bytes, bytes | None]:
+    """A request body -> (its JSON request, its binary section; None without one). `header`: the request's
+    Inference-Header-Content-Length (None: the whole body is JSON)."""
+    if header is None:
+        return raw, None
+    n = int(header) if header.isascii() and header.isdigit() else -1
+    if not 0 < n <= len(raw):
+        raise InvalidRequest(BINARY_HEADER, f"is {header[:40]!r}: give the length in bytes of the JSON request at the "
+                                            f"start of the body (1..{len(raw)}), the binary arrays after it")
+    return raw[:n], raw[n:]
+
+
+def binary_arrays(req: UserRequest, section: bytes | None) -> Arrays:
+    """The arrays a request sends in its body's binary section ({"binary_data_size": bytes} in the JSON), by
+    field path: little-endian int64, back to back in BINARY_FIELDS order, filling the section exactly."""
+    given = [(f, v) for f in BINARY_FIELDS if isinstance(v := _field(req, f), BinaryArray)]
+    if not given:
+        if section:
+            raise InvalidRequest("body", f"has {len(section)} bytes after its JSON request but no field is binary "
+                                         f"({{\"binary_data_size\": n}}): send them with one, or drop {BINARY_HEADER}")
+        return {}
+    if section is None:
+        raise InvalidRequest(given[0][0], f"is binary_data_size, but the body has no binary section: send the JSON "
+                                          f"request's length in the {BINARY_HEADER} header, the arrays' bytes after it")
+    for f, v in given:
+        if v.binary_data_size % 8:
+            raise InvalidRequest(f, f"binary_data_size {v.binary_data_size} is not a multiple of 8: send int64 "
+                                    "values (numpy: a.astype('<i8').tobytes())")
+    declared = sum(v.binary_data_size for _, v in given)
+    if declared != len(section):
+        raise InvalidRequest("body", f"its binary section has {len(section)} bytes, its binary fields declare "
+                                     f"{declared} ({', '.join(f for f, _ in given)}, in that order): make them agree")
+    buf, out, at = bytearray(section), {}, 0  # (one copy: writable arrays, as the other forms give)
+    for f, v in given:
+        n = v.binary_data_size // 8
+        out[f] = np.frombuffer(buf, "<i8", n, at) if n else np.zeros(0, np.int64)  # [n]
+        at += 8 * n
+    return out
+
+
+def _field(req: UserRequest, path: str):
+    """A request's value at a dotted field path (None where a parent is absent)."""
+    node = req
+    for name in path.split("."):
+        node = getattr(node, name, None)
+    return node
+
+
 def check_range(values: np.ndarray, lo: int, hi: int, field: str, what: str) -> None:
     if not values.size or (values.min() >= lo and values.max() <= hi):  # (two reductions: a third of the
         return                                                          # time of a mask, on every request)
@@ -88,17 +142,17 @@ class _History:
     truncated: bool
 
 
-def _history(req: UserRequest, lim: RequestLimits) -> _History:
+def _history(req: UserRequest, lim: RequestLimits, binary: Arrays) -> _History:
     h = req.history
-    ids = int_array(h.item_ids, "history.item_ids")
+    ids = int_array(h.item_ids, "history.item_ids", binary)
     if ids.size == 0:
         raise InvalidRequest("history.item_ids", "is empty: send at least one past item")
     check_range(ids, 1, lim.num_items, "history.item_ids", "item id")
-    ts = _same_length(int_array(h.timestamps, "history.timestamps"), ids, "history.timestamps", "timestamp")
+    ts = _same_length(int_array(h.timestamps, "history.timestamps", binary), ids, "history.timestamps", "timestamp")
     check_range(ts, 0, INT64_MAX, "history.timestamps", "timestamp")
     ratings = np.zeros_like(ids)
     if h.ratings is not None:
-        ratings = _same_length(int_array(h.ratings, "history.ratings"), ids, "history.ratings", "rating")
+        ratings = _same_length(int_array(h.ratings, "history.ratings", binary), ids, "history.ratings", "rating")
         check_range(ratings, 0, lim.num_ratings, "history.ratings", "rating")
     qt = int(ts[-1]) if req.query_time is None else req.query_time
     if not 0 <= qt <= INT64_MAX:
@@ -128,19 +182,22 @@ def _contextual(values: list[int] | None, lim: RequestLimits) -> np.ndarray | No
     return ctx
 
 
-def rank_input(req: RankRequest, lim: RequestLimits, history_refs: bool = False) -> RankInput:
-    """history_refs: whether the runner takes a history by reference (Runner.history_refs)."""
+def rank_input(req: RankRequest, lim: RequestLimits, history_refs: bool = False,
+               binary: bytes | None = None) -> RankInput:
+    """history_refs: whether the runner takes a history by reference (Runner.history_refs); binary: the
+    body's binary section (split_binary), where the request sends arrays that way."""
+    arrays = binary_arrays(req, binary)
     if req.history_ref is not None:
-        return _by_reference(req, _candidates(req, lim), history_refs)
+        return _by_reference(req, _candidates(req, lim, arrays), history_refs)
     if req.history is None:
         raise InvalidRequest("history", "is missing: send the user's history (or a history_ref from an earlier response)")
-    h = _history(req, lim)
-    return RankInput(req.user_id, h.item_ids, h.ratings, h.timestamps, _candidates(req, lim), h.query_time,
+    h = _history(req, lim, arrays)
+    return RankInput(req.user_id, h.item_ids, h.ratings, h.timestamps, _candidates(req, lim, arrays), h.query_time,
                      h.contextual_ids, h.truncated)
 
 
-def _candidates(req: RankRequest, lim: RequestLimits) -> np.ndarray:
-    cands = int_array(req.candidates, "candidates")
+def _candidates(req: RankRequest, lim: RequestLimits, binary: Arrays) -> np.ndarray:
+    cands = int_array(req.candidates, "candidates", binary)
     if cands.size == 0:
         raise InvalidRequest("candidates", "is empty: send at least one item to score")
     check_range(cands, 1, lim.num_items, "candidates", "item id")
@@ -165,6 +222,6 @@ def _by_reference(req: RankRequest, cands: np.ndarray, history_refs: bool) -> Ra
     return RankInput(req.user_id, none, none, none, cands, key[2], None, truncated, ref=key)
 
 
-def retrieve_input(req: RetrieveRequest, lim: RequestLimits) -> RetrieveInput:
-    h = _history(req, lim)
+def retrieve_input(req: RetrieveRequest, lim: RequestLimits, binary: bytes | None = None) -> RetrieveInput:
+    h = _history(req, lim, binary_arrays(req, binary))
     return RetrieveInput(req.user_id, h.item_ids, h.ratings, h.timestamps, h.query_time, h.contextual_ids, h.truncated)

@@ -31,11 +31,33 @@ BASE64 = r"^(?:[A-Za-z0-9+/]{32})*(?:[A-Za-z0-9+/]{11}=|[A-Za-z0-9+/]{22}==)?$"
 # decoder (requests.packed_array) enforces the same rule anyway (strict base64, whole int64 values: 422).
 Packed = Annotated[str, Field(json_schema_extra={
     "pattern": BASE64, "contentEncoding": "base64", "description": "Packed: base64 of little-endian int64 values."})]
-# A string picks the packed form, anything else the list, so a bad value gets one error (from its form);
-# the form's tag in the error location is dropped again by middleware.field_path.
-UNION_TAGS = ("list", "packed")
-Int64s = Annotated[Union[Annotated[list[int], Tag("list")], Annotated[Packed, Tag("packed")]],  # noqa: UP007
-                   Discriminator(lambda v: "packed" if isinstance(v, str) else "list")]
+
+
+class BinaryArray(_Model):
+    """An integer array sent raw in the request body's binary section (Triton / KServe v2's binary data
+    extension): the body is the JSON request, Inference-Header-Content-Length bytes of it, followed by the
+    arrays given this way, back to back as little-endian int64, in BINARY_FIELDS order. No text to scan or
+    decode: a 4096-row history costs a JSON header and three array views (docs/serving.md, "Binary bodies")."""
+
+    binary_data_size: int = Field(ge=0, le=2**40, description="The array's size in bytes in the binary section "
+                                                              "(8 per value: little-endian int64).")
+
+
+# The fields that may be binary, in the order their bytes follow the JSON header (hstu_opt.serve.requests.binary_arrays)
+BINARY_FIELDS = ("history.item_ids", "history.ratings", "history.timestamps", "candidates")
+BINARY_HEADER = "Inference-Header-Content-Length"  # the JSON header's length in bytes (Triton's name for it)
+
+
+def _int64s_form(v) -> str:
+    return "packed" if isinstance(v, str) else "binary" if isinstance(v, (dict, BinaryArray)) else "list"
+
+
+# A string picks the packed form, an object the binary form, anything else the list, so a bad value gets
+# one error (from its form); the form's tag in the error location is dropped again by middleware.field_path.
+UNION_TAGS = ("list", "packed", "binary")
+Int64s = Annotated[Union[Annotated[list[int], Tag("list")], Annotated[Packed, Tag("packed")],  # noqa: UP007
+                         Annotated[BinaryArray, Tag("binary")]],
+                   Discriminator(_int64s_form)]
 
 
 class History(_Model):

@@ -10,10 +10,10 @@ import torch
 
 from hstu_opt.model.checkpoint import load_checkpoint
 from hstu_opt.model.scoring import to_tensors
-from hstu_opt.serve.client import unpack_results
+from hstu_opt.serve.client import encode_request, unpack_results
 from hstu_opt.serve.engines import padded
 from hstu_opt.serve.requests import floor_time, pack_int64, rank_input
-from hstu_opt.serve.schemas import RankRequest
+from hstu_opt.serve.schemas import BINARY_HEADER, RankRequest
 from hstu_opt.serve.served_bundle import CHECKPOINT, ServedBundle
 from hstu_opt.serve.settings import ServeSettings
 from tests.serve.conftest import user_body
@@ -94,6 +94,28 @@ def test_packed_arrays_give_the_same_scores_and_server_timing(live, bundle):
     whole = float(sent.headers["server-timing"].split("dur=")[1])
     assert whole >= sent.json()["timing_ms"]["total"] > 0
     assert bad.status_code == 422 and bad.json()["field"] == "candidates"
+
+
+def test_binary_bodies_give_the_same_answers(live, bundle):
+    """A binary body (JSON, then the arrays raw: hstu_opt.serve.client.encode_request) ranks and retrieves
+    exactly as the JSON request does; a bad Inference-Header-Content-Length is a 422 naming it."""
+    rng = np.random.default_rng(13)
+    tasks = list(bundle.cfg.ranking_tasks)
+    body = user_body(rng, bundle.cfg.num_items, 40, bundle.cfg.max_targets + 2, user_id=None)
+    retrieve = {k: v for k, v in body.items() if k != "candidates"} | {"k": 5}
+    with live.client() as c:
+        listed = c.post("/v1/rank", json=body)
+        sent = c.post("/v1/rank", content=(enc := encode_request(body, "binary"))[0], headers=enc[1])
+        r_listed = c.post("/v1/retrieve", json=retrieve)
+        r_sent = c.post("/v1/retrieve", content=(r_enc := encode_request(retrieve, "binary"))[0], headers=r_enc[1])
+        bad = c.post("/v1/rank", content=enc[0], headers={**enc[1], BINARY_HEADER: "12x"})
+        short = c.post("/v1/rank", content=enc[0][:-8], headers=enc[1])
+    assert listed.status_code == sent.status_code == r_sent.status_code == 200, sent.text
+    np.testing.assert_array_equal(as_array(sent.json(), body["candidates"], tasks),
+                                  as_array(listed.json(), body["candidates"], tasks))
+    assert r_sent.json()["results"] == r_listed.json()["results"]
+    assert bad.status_code == 422 and bad.json()["field"] == BINARY_HEADER
+    assert short.status_code == 422 and short.json()["field"] == "body"
 
 
 def test_columns_and_packed_layouts_equal_items(live, bundle):
@@ -179,9 +201,13 @@ def test_model_health_ready_and_metrics(live, bundle):
         metrics = c.get("/metrics").text
         docs, openapi = c.get("/docs"), c.get("/openapi.json").json()
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    listed, packed = openapi["components"]["schemas"]["History"]["properties"]["item_ids"]["oneOf"]
+    listed, packed, binary = openapi["components"]["schemas"]["History"]["properties"]["item_ids"]["oneOf"]
     assert listed["items"] == {"type": "integer", "minimum": 1, "maximum": bundle.cfg.num_items}
     assert packed["type"] == "string" and packed["contentEncoding"] == "base64"
+    assert binary == {"$ref": "#/components/schemas/BinaryArray"}
+    rank = openapi["paths"]["/v1/rank"]["post"]  # the binary body: its header and its media type
+    assert [p["name"] for p in rank["parameters"]] == ["Inference-Header-Content-Length"]
+    assert set(rank["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
     assert info["name"] == bundle.name and info["limits"]["max_targets"] == bundle.cfg.max_targets
     assert info["runner"]["engine"] == "eager" and "cache on" in info["runner"]["engine_reason"]
     assert info["runner"]["cache"]["enabled"] is True and info["runner"]["engine_rule"].startswith("auto:")

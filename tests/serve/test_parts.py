@@ -17,10 +17,13 @@ from hstu_opt.errors import ServeError
 from hstu_opt.model.config import HstuConfig
 from hstu_opt.serve.engines import ENGINE_RULE, choose_engine
 from hstu_opt.serve.kv_cache import KVStore, LRUPolicy, UserKV, history_digest
-from hstu_opt.serve.requests import InvalidRequest, RequestLimits, int_array, pack_int64, rank_input
+from hstu_opt.serve.app import parse_body
+from hstu_opt.serve.client import encode_request
+from hstu_opt.serve.requests import (InvalidRequest, RequestLimits, int_array, pack_int64, rank_input, retrieve_input,
+                                     split_binary)
 from hstu_opt.serve.runners.base import QueueFull
 from hstu_opt.serve.scheduler import BatchPolicy, Scheduler, SchedulerClosed
-from hstu_opt.serve.schemas import BASE64, RankRequest
+from hstu_opt.serve.schemas import BASE64, BINARY_HEADER, RankRequest, RetrieveRequest
 from hstu_opt.serve.served_bundle import COMPILED_DIR, INT8_ACCURACY, ORT_DIR, ServedBundle
 
 
@@ -90,6 +93,78 @@ def test_packed_arrays_equal_lists_and_bad_packing_names_the_field():
     assert re.fullmatch(BASE64, pack_int64([1, 2, 3, 4])) and int_array(pack_int64([1, 2, 3, 4]), "x").tolist() == [1, 2, 3, 4]
     with pytest.raises(InvalidRequest) as err:  # packed ids are range-checked like listed ones
         rank_input(RankRequest.model_validate({**body, "candidates": pack_int64([7, 0])}), LIMITS)
+    assert err.value.field == "candidates[1]"
+
+
+def sent(body: dict, arrays: str, model=RankRequest, limits=LIMITS):
+    """A request encoded as a client sends it (encode_request), then parsed and normalized as the server does."""
+    content, headers = encode_request(body, arrays)
+    req, binary = parse_body(model, content, headers.get(BINARY_HEADER))
+    return (rank_input if model is RankRequest else retrieve_input)(req, limits, binary=binary)
+
+
+def test_binary_bodies_equal_lists_and_packed():
+    """A binary body (the JSON, then the arrays as raw little-endian int64 in BINARY_FIELDS order) is the same
+    request as lists and as packed arrays, for any subset of fields sent that way; arrays come out writable."""
+    body = {"history": {"item_ids": [1, 2, 3], "ratings": [1, 0, 2], "timestamps": [5, 6, 70]}, "candidates": [7, 8, 9, 7],
+            "query_time": 100}
+    want = sent(body, "list")
+    for arrays in ("binary", "packed"):
+        got = sent(body, arrays)
+        for name in ("item_ids", "ratings", "timestamps", "candidates"):
+            a = getattr(got, name)
+            assert a.dtype == np.int64 and a.flags.writeable and a.tolist() == getattr(want, name).tolist(), (arrays, name)
+        assert got.query_time == want.query_time
+    content, headers = encode_request(body, "binary")
+    n = int(headers[BINARY_HEADER])
+    assert headers["content-type"] == "application/octet-stream" and len(content) == n + 8 * (3 * 3 + 4)
+    assert json.loads(content[:n])["history"]["item_ids"] == {"binary_data_size": 24}
+    assert content[n:n + 24] == np.array([1, 2, 3], "<i8").tobytes()  # item_ids first, then ratings, timestamps, candidates
+    mixed = {**body, "history": {**body["history"], "ratings": None}}  # no ratings: the rest keep their order
+    assert sent(mixed, "binary").ratings.tolist() == [0, 0, 0]
+    only = {**body, "history": {k: pack_int64(v) for k, v in body["history"].items()}}  # packed history, binary candidates
+    assert sent(only, "binary").candidates.tolist() == [7, 8, 9, 7]
+    retrieve = {k: v for k, v in body.items() if k != "candidates"}
+    assert sent(retrieve, "binary", RetrieveRequest).item_ids.tolist() == [1, 2, 3]
+    ref = {"user_id": "u", "history_ref": "0" * 64 + ".60.0", "candidates": [7, 8]}  # candidates binary by reference
+    content, headers = encode_request(ref, "binary")
+    req, binary = parse_body(RankRequest, content, headers[BINARY_HEADER])
+    assert rank_input(req, LIMITS, True, binary).candidates.tolist() == [7, 8]
+
+
+def test_bad_binary_bodies_name_the_field():
+    body = {"history": {"item_ids": [1, 2], "timestamps": [5, 6]}, "candidates": [7]}
+    content, headers = encode_request(body, "binary")
+    n = int(headers[BINARY_HEADER])
+
+    def error(raw: bytes, header: str | None) -> InvalidRequest:
+        with pytest.raises(InvalidRequest) as err:
+            req, binary = parse_body(RankRequest, raw, header)
+            rank_input(req, LIMITS, binary=binary)
+        return err.value
+
+    for header in ("0", "-3", "abc", "1e3", str(len(content) + 1), "\u0663"):  # not a length within the body
+        e = error(content, header)
+        assert e.field == BINARY_HEADER and "length in bytes" in str(e), header
+    e = error(content[:n], None)  # binary fields, no binary section
+    assert e.field == "history.item_ids" and BINARY_HEADER in str(e)
+    e = error(content[:-8], str(n))  # one value short
+    assert e.field == "body" and "declare 40" in str(e) and "32 bytes" in str(e)
+    e = error(content + b"\0" * 8, str(n))  # one value over
+    assert e.field == "body" and "48 bytes" in str(e)
+    listed = json.dumps(body).encode()
+    e = error(listed + b"\0" * 8, str(len(listed)))  # bytes after an all-JSON request
+    assert e.field == "body" and "no field is binary" in str(e)
+    odd = json.loads(content[:n])
+    odd["candidates"] = {"binary_data_size": 7}
+    head = json.dumps(odd).encode()
+    e = error(head + content[n:-1], str(len(head)))
+    assert e.field == "candidates" and "multiple of 8" in str(e)
+    assert split_binary(listed, str(len(listed))) == (listed, b"")  # a header naming the whole body: all JSON
+    content, headers = encode_request({**body, "candidates": [7, 0]}, "binary")  # range-checked like listed ids
+    req, binary = parse_body(RankRequest, content, headers[BINARY_HEADER])
+    with pytest.raises(InvalidRequest) as err:
+        rank_input(req, LIMITS, binary=binary)
     assert err.value.field == "candidates[1]"
 
 

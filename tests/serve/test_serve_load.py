@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serve_load_script_small_run(bundle_path, tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--bundle", str(bundle_path), "--requests", "60",
-           "--concurrency", "1,4", "--users", "8", "--engine-repeats", "3", "--torch-threads", "1", "--client-procs", "2", "--out", str(tmp_path)]
+           "--concurrency", "1,4", "--users", "8", "--engine-repeats", "3", "--torch-threads", "1", "--client-procs", "2", "--arrays", "binary",
+           "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = tmp_path.glob("serve_load_*.json")
