@@ -120,7 +120,7 @@ def row(kernel, dqk, dv, dtype, mask, got, want, routed=True) -> dict:
 
 def full_variants(q, k, v, offsets, nt, N, alpha, C, window, full) -> list[tuple[str, torch.Tensor, bool]]:
     """(name, output, routed) of every full-attention launch the router can pick, plus diagnostics."""
-    from hstu_opt.ops.hstu_attention.triton import _use_tma, launch_fwd, takes_ws
+    from hstu_opt.ops.hstu_attention.triton import _use_tma, launch_fwd, sum_splits, takes_ws
 
     L, H, dv = v.shape
     outs = []
@@ -129,7 +129,7 @@ def full_variants(q, k, v, offsets, nt, N, alpha, C, window, full) -> list[tuple
         shape = (splits, L, H, dv) if splits > 1 else (L, H, dv)
         out = torch.full(shape, float("nan"), device=q.device, dtype=torch.float32 if splits > 1 else q.dtype)
         launch_fwd(q, k, v, offsets, nt, out, N, alpha, C, window, config=config, min_full_attn_seq_len=full)
-        return out.sum(0).to(q.dtype) if splits > 1 else out
+        return sum_splits(out, q.dtype) if splits > 1 else out
 
     probe = torch.empty(L, H, dv, device=q.device, dtype=q.dtype)
     ws = takes_ws(q, k, v, probe, N, window)
@@ -149,7 +149,8 @@ def full_variants(q, k, v, offsets, nt, N, alpha, C, window, full) -> list[tuple
 
 def cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, output, target-row index) of every cached launch: the op (routed), and each load kind."""
-    from hstu_opt.ops.hstu_attention.triton import _use_tma, cached_partials_shape, launch_cached, takes_cached_ws
+    from hstu_opt.ops.hstu_attention.triton import (_use_tma, cached_partials_shape, launch_cached, sum_splits,
+                                                    takes_cached_ws)
 
     lengths = (offsets[1:] - offsets[:-1]).cpu()
     c_len = (lengths - nt.cpu()).tolist()
@@ -175,7 +176,7 @@ def cached_variants(q, k, v, offsets, nt, N, alpha, C, window, full) -> list[tup
             continue  # (the same launch as tma=True)
         launch_cached(*contiguous, out_c, N, alpha, C, window, max_delta, tma=tma, min_full_attn_seq_len=full)
         name = {None: "cached/gluon", True: "cached/tma", False: "cached/pointers"}[tma]
-        outs.append((name, parts if one else parts.sum(0).to(q.dtype), rows_d))
+        outs.append((name, parts if one else sum_splits(parts, q.dtype), rows_d))
     return outs + paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delta, tma_possible, rows_d,
                                  {name: got for name, got, _ in outs})
 
@@ -214,7 +215,7 @@ def paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delt
     contiguous launch takes the Gluon kernel, its paged form too (diagnostic rows until triton.PAGED_WS routes
     to it). Each must equal the contiguous launch of the same kernel and load kind bit for bit
     (paged_identical) besides float64."""
-    from hstu_opt.ops.hstu_attention.triton import CHECKED_PAGE_ROWS, PAGED_WS, launch_cached
+    from hstu_opt.ops.hstu_attention.triton import CHECKED_PAGE_ROWS, PAGED_WS, launch_cached, sum_splits
 
     q, k, v, do, kc, vc, _ = contiguous
     outs = []
@@ -237,7 +238,7 @@ def paged_variants(contiguous, c_len, shape, N, alpha, C, window, full, max_delt
                                dtype=q.dtype if one else torch.float32)
             launch_cached(q, k, v, do, kp, vp, lens, parts[None] if one else parts, N, alpha, C, window, max_delta,
                           tma=False, min_full_attn_seq_len=full, page_table=table)
-            outs.append((f"paged{page_rows}/pointers", parts if one else parts.sum(0).to(q.dtype), rows_d,
+            outs.append((f"paged{page_rows}/pointers", parts if one else sum_splits(parts, q.dtype), rows_d,
                          contiguous_outs.get("cached/pointers"), True))
     return outs
 

@@ -51,7 +51,7 @@ from hstu_opt.model import HstuConfig, HstuModel  # noqa: E402
 from hstu_opt.model.hstu import KVCache, PagedKVCache  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.ops.hstu_attention.triton import (  # noqa: E402
-    CHECKED_PAGE_ROWS, PAGED_WS, cached_partials_shape, launch_cached, takes_cached_ws)
+    CHECKED_PAGE_ROWS, PAGED_WS, cached_partials_shape, launch_cached, sum_splits, takes_cached_ws)
 from hstu_opt.serve.kv_cache import LRUPolicy, PagedKVStore, PageShape, UserKV  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
@@ -122,7 +122,7 @@ def bench_attention(s: dict) -> list[dict]:
         def contiguous_kernel():  # the Triton kernel the paged mode extends (tma=True: never the Gluon kernel)
             out = torch.empty(shape, device=DEV, dtype=q.dtype if shape[0] == 1 else torch.float32)
             launch_cached(q, k, v, do, kc, vc, co, out, N, kw["alpha"], C, 0, s["cand"], tma=True)
-            return out[0] if shape[0] == 1 else out.sum(0).to(q.dtype)
+            return out[0] if shape[0] == 1 else sum_splits(out, q.dtype)
 
         routed = lambda: ops.cached_hstu_attention(q, k, v, do, kc, vc, co, impl=Impl.TRITON, **kw)  # noqa: E731
         gathered = lambda: ops.cached_hstu_attention(q, k, v, do, torch.cat(users_k), torch.cat(users_v), co,  # noqa: E731

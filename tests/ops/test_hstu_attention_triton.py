@@ -121,6 +121,26 @@ def test_key_splits_match_reference(lengths, num_targets, C, window, splits, dty
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("splits,shape", [(2, (5, 3, 7)), (3, (600, 2, 1)), (16, (256, 4, 8))])  # sizes off SUM_BLOCK
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sum_splits_adds_partials_in_split_order_then_casts(splits, shape, dtype):
+    """sum_splits (one kernel in place of torch's sum(0) and cast): float32 partials summed in split order,
+    bit for bit, then rounded to the output dtype as torch rounds. Not bf16 here: the interpreter truncates
+    float32 to bf16 whatever the rounding asked (the GPU rounds to nearest even; gpu_check's key-split and
+    cached rows check bf16 sums there against float64)."""
+    from hstu_opt.ops.hstu_attention.triton import sum_splits
+
+    g = torch.Generator().manual_seed(splits)
+    parts = torch.randn(splits, *shape, generator=g) * torch.logspace(-3, 3, splits)[:, None, None, None]
+    want = parts[0].clone()
+    for s in range(1, splits):  # (in order: float32 addition is not associative)
+        want += parts[s]
+    got = sum_splits(parts, dtype)
+    assert got.shape == shape and got.dtype == dtype
+    assert torch.equal(got, want.to(dtype))
+    assert torch.equal(sum_splits(parts[:, :1], dtype), want[:1].to(dtype))  # a strided view of the split dim
+
+
 def test_tma_only_where_a_tile_is_exactly_one_head():
     from hstu_opt.ops.hstu_attention.triton import tma_ok
 

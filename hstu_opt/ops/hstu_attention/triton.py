@@ -477,6 +477,33 @@ def launch_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Te
     return out
 
 
+@triton.jit
+def _sum_splits(P, OUT, N, S, stride_s, BLOCK: tl.constexpr):
+    """OUT[n] = P[0, n] + P[1, n] + ... + P[S-1, n] in float32, in split order, then cast to OUT's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    p = P + offs
+    acc = tl.zeros([BLOCK], tl.float32)
+    for _ in range(S):
+        acc += tl.load(p, mask=mask, other=0.0)
+        p += stride_s
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)  # (as torch rounds)
+
+
+SUM_BLOCK = 512  # elements per program: a dlrm-v3 hit's [256, 4, 128] result is 256 programs, two per SM
+
+
+def sum_splits(partials: Tensor, dtype: torch.dtype, launcher=lambda kernel: kernel) -> Tensor:
+    """The key splits' float32 partials [S, ...] (contiguous) -> their sum [...] in `dtype`, one kernel (torch's
+    sum(0) then .to(dtype) was two per layer: a reduction and a cast, 5.5 us of a cache hit's 49 us per layer on
+    the H200, gpu_hit_profile_h200_2026-12-05_run83.json). The partials sum in split order."""
+    out = partials.new_empty(partials.shape[1:], dtype=dtype)
+    n = out.numel()
+    launcher(_sum_splits)[(triton.cdiv(n, SUM_BLOCK),)](partials, out, n, partials.shape[0], partials.stride(0),
+                                                          BLOCK=SUM_BLOCK, num_warps=4)
+    return out
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: Tensor, max_seq_len: int, alpha: float,
                   contextual_len: int, max_attn_len: int, launcher=lambda kernel: kernel,
                   splits: int | None = None, min_full_attn_seq_len: int = 0) -> Tensor:
@@ -492,7 +519,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets:
     partials = q.new_empty(splits, q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32)
     launch_fwd(q, k, v, offsets, num_targets, partials, max_seq_len, alpha, contextual_len, max_attn_len, launcher,
                min_full_attn_seq_len=min_full_attn_seq_len)
-    return partials.sum(0).to(q.dtype)
+    return sum_splits(partials, q.dtype, launcher)
 
 
 @triton_op("hstu_opt::hstu_attention_triton", mutates_args=())
@@ -589,7 +616,7 @@ def cached_hstu_attention_triton(q: Tensor, k: Tensor, v: Tensor, delta_offsets:
     partials = q.new_empty(shape, dtype=torch.float32)
     launch_cached(q, k, v, delta_offsets, k_cache, v_cache, cache_offsets, partials, max_seq_len, alpha,
                   contextual_len, max_attn_len, max_delta_len, wrap_triton, min_full_attn_seq_len=min_full_attn_seq_len)
-    return partials.sum(0).to(q.dtype)
+    return sum_splits(partials, q.dtype, wrap_triton)
 
 
 @cached_hstu_attention_triton.register_fake
@@ -609,7 +636,7 @@ def cached_hstu_attention_paged_triton(q: Tensor, k: Tensor, v: Tensor, delta_of
     launch_cached(q, k, v, delta_offsets, k_pages, v_pages, cache_lens, out, max_seq_len, alpha, contextual_len,
                   max_attn_len, max_delta_len, wrap_triton, min_full_attn_seq_len=min_full_attn_seq_len,
                   page_table=page_table)
-    return out[0] if one else out.sum(0).to(q.dtype)
+    return out[0] if one else sum_splits(out, q.dtype, wrap_triton)
 
 
 @cached_hstu_attention_paged_triton.register_fake
