@@ -272,7 +272,8 @@ MODEL_MASKS = [("targets", 0, 0, 0), ("ctx+window+min_full", 2, 12, 5)]
 
 
 def model_rows(dtype_name: str) -> list[dict]:
-    """Whole models: Triton ops vs reference ops (same dtype) vs reference in float64, on the same weights."""
+    """Whole models: Triton ops vs reference ops (same dtype) vs reference in float64, on the same weights: the
+    full forward, its serving form and cached scoring (a prefill, then the candidates against it)."""
     from hstu_opt.model import HstuConfig, HstuModel
 
     dtype = DTYPES[dtype_name]
@@ -291,7 +292,7 @@ def model_rows(dtype_name: str) -> list[dict]:
             f64 = model_outputs(base, cfg, "float64", Impl.REFERENCE, inputs)
             ref = model_outputs(base, cfg, dtype_name, Impl.REFERENCE, inputs)
             tri = model_outputs(base, cfg, dtype_name, Impl.TRITON, inputs)
-            for out in ("states", "probs", "rank_jagged"):
+            for out in ("states", "probs", "rank_jagged", "score_cached"):
                 e_tri, e_ref = rel_err(tri[out], f64[out]), rel_err(ref[out], f64[out])
                 e_pair = rel_err(tri[out], ref[out].double())
                 # The fast stack may not be worse than the reference stack in the same dtype by more than the
@@ -341,7 +342,12 @@ def model_outputs(base, cfg, dtype_name: str, impl: Impl, t: dict) -> dict:
         probs = torch.sigmoid(model.ranking_logits(states[c["target"]], c["ids"][c["target"]]))
         served = model.rank_jagged(c["ids"], c["ratings"], c["ts"], c["offsets"], c["nt"], c["qt"], c["target"],
                                    c["other"])
-    return {"states": states, "probs": probs, "rank_jagged": served}
+        # a cache hit's path: [contextual][history] prefilled, then the candidates scored against that K/V
+        delta = torch.nn.functional.pad(c["nt"].cumsum(0), (1, 0))
+        o = c["other"]
+        kv = model.prefill(c["ids"][o], c["ratings"][o], c["ts"][o], c["offsets"] - delta, c["qt"])
+        cached = model.score_cached(kv, c["ids"][c["target"]], delta)
+    return {"states": states, "probs": probs, "rank_jagged": served, "score_cached": cached}
 
 
 def run_shard(shard: int, jobs: int, quick: bool, only: str | None = None, models: bool = True) -> list[dict]:

@@ -41,6 +41,14 @@ class InputEncoder(nn.Module):
         self.ctx_emb = nn.Embedding(cfg.contextual_cardinality + 1, D) if cfg.contextual_len > 0 else None
         for emb in (self.item_emb, self.rating_emb, self.pos_emb, self.time_emb):
             nn.init.normal_(emb.weight, std=0.02)
+        # A candidate row's embedding_rows indices and weights past its item id (_candidate_rows): rating 0,
+        # position C, time bucket 0 (and no contextual feature). The float32 weights are kept as their int32
+        # bits, so model.to(bfloat16) leaves them exact. Not in the state dict.
+        pos_c = min(cfg.contextual_len, cfg.num_position_buckets - 1)
+        n = 5 if self.ctx_emb is not None else 4
+        self.register_buffer("cand_index", torch.tensor([0, 0, pos_c, 0, 0][:n]), persistent=False)
+        weights = torch.tensor([self.scale, self.scale, 1.0, 1.0, 0.0][:n], dtype=torch.float32)
+        self.register_buffer("cand_weight_bits", weights.view(torch.int32), persistent=False)
 
     def forward(self, ids: Tensor, ratings: Tensor, timestamps: Tensor, query_time: Tensor, layout,
                 impl: Impl | dict = Impl.REFERENCE) -> Tensor:
@@ -80,9 +88,26 @@ class InputEncoder(nn.Module):
             scales.append((1.0 - hist) * self.scale)
         return ops.embedding_rows(torch.stack(indices, 1), torch.stack(scales, 1), tables, impl=impl)
 
-    def candidates(self, cand_ids: Tensor) -> Tensor:
-        """Rows of candidates scored later against a KV cache: rating unknown, position C, time bucket 0."""
+    def candidates(self, cand_ids: Tensor, impl: Impl | dict = Impl.REFERENCE) -> Tensor:
+        """Rows of candidates scored later against a KV cache: rating unknown, position C, time bucket 0.
+        With a fast embedding_rows (impl), the very sum forward's row path computes for a candidate row (same
+        tables, indices, weights and float32 order: a cache hit's candidate rows equal a full forward's bit
+        for bit), in 4 kernels where the torch sum below takes 10."""
         cfg = self.cfg
+        if (cand_ids.dim() == 1 and EMBEDDING_ROWS.resolve(impl) != Impl.REFERENCE
+                and not (torch.is_grad_enabled() and self.item_emb.weight.requires_grad)):
+            return self._candidate_rows(cand_ids, impl)
         zero = torch.zeros_like(cand_ids)
         x = (self.item_emb(cand_ids) + self.rating_emb(zero)) * self.scale
         return x + self.pos_emb(zero + min(cfg.contextual_len, cfg.num_position_buckets - 1)) + self.time_emb(zero)
+
+    def _candidate_rows(self, cand_ids: Tensor, impl: Impl | dict) -> Tensor:
+        """_rows' terms for candidate rows only: indices (id, 0, C, 0[, 0]), weights (sqrt(D), sqrt(D), 1, 1[, 0])."""
+        tables = [self.item_emb.weight, self.rating_emb.weight, self.pos_emb.weight, self.time_emb.weight]
+        if self.ctx_emb is not None:
+            tables.append(self.ctx_emb.weight)
+        L = cand_ids.shape[0]
+        indices = self.cand_index.repeat(L, 1)  # [L, T]
+        indices[:, 0] = cand_ids
+        weights = self.cand_weight_bits.view(torch.float32).expand(L, -1)
+        return ops.embedding_rows(indices, weights, tables, impl=impl)

@@ -159,7 +159,7 @@ class HstuModel(nn.Module):
         """Candidates jagged by delta_offsets -> probabilities [Ld, T]; equals the target rows of a full
         forward over [contextual][history][candidates] at the cache's query time. A PagedKVCache is read
         in place (no copy of the cached rows)."""
-        x = self.encoder.candidates(cand_ids).to(self.cfg.torch_dtype)
+        x = self.encoder.candidates(cand_ids, self.impl).to(self.cfg.torch_dtype)
         if isinstance(cache, PagedKVCache):
             for layer, k, v in zip(self.layers, cache.k_pages, cache.v_pages):
                 x = layer.forward_cached(x, delta_offsets, k, v, cache.lengths, self.impl, cache.page_table)

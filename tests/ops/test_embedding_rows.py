@@ -68,6 +68,35 @@ def test_encoder_rows_match_the_reference_encoder(C, dtype):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("C", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_candidate_rows_equal_a_full_forwards_candidate_rows(C, dtype):
+    """encoder.candidates with a Triton embedding_rows (what a cache hit scores) gives, bit for bit, the rows
+    the encoder's jagged path gives the same candidates in a full forward (targets at the query time), and
+    the reference candidates within tolerance; its weights survive the model's cast to 16 bits."""
+    cfg = HstuConfig(embedding_dim=48, num_layers=1, num_heads=2, attention_dim=8, linear_dim=8, max_history_len=40,
+                     max_targets=8, num_items=200, contextual_len=C, contextual_cardinality=30)
+    enc = HstuModel(cfg).encoder.to(dtype)
+    g = torch.Generator().manual_seed(7 + C)
+    hist, n_cand = 9, 6
+    L = C + hist + n_cand
+    cands = torch.randint(1, 200, (n_cand,), generator=g)
+    ids = torch.cat([torch.randint(1, 30, (C,), generator=g), torch.randint(1, 200, (hist,), generator=g), cands])
+    ratings = torch.cat([torch.zeros(C, dtype=torch.int64), torch.randint(1, 6, (hist,), generator=g),
+                         torch.zeros(n_cand, dtype=torch.int64)])
+    qt = torch.tensor([10 ** 6])
+    ts = torch.cat([torch.zeros(C, dtype=torch.int64), torch.randint(0, 10 ** 6, (hist,), generator=g), qt.repeat(n_cand)])
+    layout = Jagged(torch.tensor([0, L]), torch.tensor([n_cand]), C, num_rows=L)
+    with torch.no_grad():
+        full = enc(ids, ratings, ts, qt, layout, Impl.TRITON)[-n_cand:]
+        got = enc.candidates(cands, Impl.TRITON)
+        want = enc.candidates(cands)
+    assert got.dtype == dtype and torch.equal(got, full)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    assert enc.cand_weight_bits.view(torch.float32)[0].item() == torch.tensor(cfg.embedding_dim ** 0.5).item()
+
+
 def test_real_and_fake_signatures_agree():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
