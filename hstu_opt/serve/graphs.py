@@ -75,13 +75,15 @@ class PagedScoreGraphs:
 
 class Staged:
     """One batch size's fixed buffers, [B*T candidate ids | B*P page ids | B lengths] on the host and on the
-    device, and the scoring over them (what the graph captures; on a CPU, tests call it directly)."""
+    device, and the scoring over them (what the graph captures; on a CPU, tests call it directly). The page
+    ids are int32, as the kernels read them, two to an int64 slot: no conversion kernel in the graph."""
 
     def __init__(self, model: HstuModel, k_pages: torch.Tensor, v_pages: torch.Tensor, B: int, T: int, P: int,
                  page_locked: bool):
         self.model, self.k_pages, self.v_pages = model, k_pages, v_pages
         self.B, self.T, self.P = B, T, P
-        n = B * T + B * P + B
+        self.table_at = (B * T, B * T + (B * P + 1) // 2)  # the int64 slots holding the int32 page table
+        n = self.table_at[1] + B
         self.host = host_buffer(n, page_locked=page_locked)[:n]
         self.host_t = torch.from_numpy(self.host)
         self.stage([[0]] * B, [1] * B, [np.zeros(0, np.int64)] * B)  # one cached row each (page 0)
@@ -91,22 +93,24 @@ class Staged:
     def score(self) -> torch.Tensor:
         """Probabilities [B*T, tasks] for what the device buffer holds."""
         B, T, P = self.B, self.T, self.P
+        (lo, hi) = self.table_at
         cand = self.flat[:B * T]
-        table = self.flat[B * T:B * T + B * P].view(B, P).to(torch.int32)
-        lengths = self.flat[B * T + B * P:]
+        table = self.flat[lo:hi].view(torch.int32)[:B * P].view(B, P)  # [B, P] int32 (a view)
+        lengths = self.flat[hi:]
         cache = PagedKVCache(self.k_pages, self.v_pages, table, lengths)
         return self.model.score_cached(cache, cand, self.delta).float()
 
     def stage(self, pages: Sequence[Sequence[int]], rows: Sequence[int], cands: Sequence[np.ndarray]) -> None:
         B, T, P = self.B, self.T, self.P
+        (lo, hi) = self.table_at
         ids = self.host[:B * T].reshape(B, T)
-        table = self.host[B * T:B * T + B * P].reshape(B, P)
+        table = self.host[lo:hi].view(np.int32)[:B * P].reshape(B, P)
         ids.fill(PAD_ITEM)
         table.fill(0)
         for b, (pg, c) in enumerate(zip(pages, cands)):
             ids[b, :len(c)] = c
             table[b, :len(pg)] = pg
-        self.host[B * T + B * P:] = rows
+        self.host[hi:] = rows
 
     def split(self, out: np.ndarray, cands: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [out[b * self.T: b * self.T + len(c)].copy() for b, c in enumerate(cands)]

@@ -10,6 +10,7 @@ import torch
 from tests.ops.triton_interpreter import interpret_without_gpu  # noqa: F401 (first: before any kernel module)
 
 from hstu_opt.model.hstu import PagedKVCache
+from hstu_opt.ops import Impl
 from hstu_opt.serve.kv_cache import LRUPolicy, PagedKVStore, PageShape, PredictivePolicy, UserKV
 
 SHAPE = PageShape(layers=2, page_rows=4, heads=1, dqk=2, dv=3, dtype=torch.float32)
@@ -171,24 +172,26 @@ def test_model_scores_paged_equal_contiguous(C, window, min_full, page_rows, mon
     assert len(launches) == m.cfg.num_layers and all(t is not None for t in launches)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_graph_staging_pads_without_changing_scores(impl):
+@pytest.mark.parametrize("P", [3, 4])  # (int32 page ids two to an int64 slot: 3 users x 3 pages leaves half a slot)
+@pytest.mark.parametrize("impl", ["reference", "triton", "all_triton"])
+def test_graph_staging_pads_without_changing_scores(impl, P):
     """What serve/graphs.py captures for cache hits: every group padded to max_targets candidates and every
     page table to the longest history's pages, jagged offsets fixed at b * max_targets. Run eagerly here
-    (no CUDA graph on a CPU): the real rows equal the unpadded paged scoring (fp32, 1e-6)."""
-    if impl == "triton":
+    (no CUDA graph on a CPU): the real rows equal the unpadded paged scoring (fp32, 1e-6); "all_triton":
+    every op Triton, the candidate encoder's embedding_rows included."""
+    if impl != "reference":
         pytest.importorskip("triton")
     from hstu_opt.serve.graphs import Staged
 
     m = model(2, 5, 3)
-    m.impl = {"hstu_attention": impl}
-    inputs = prefill_inputs(2, [30, 40])
+    m.impl = Impl.TRITON if impl == "all_triton" else {"hstu_attention": impl}
+    inputs = prefill_inputs(2, [30, 40, 70])
     _, paged = paged_cache(m, *inputs, 64)
-    cands = [np.array([3, 4, 5]), np.array([6, 7, 8, 9, 10, 11, 12])]  # 3 and 7 of max_targets 8
-    want = m.score_cached(paged, torch.from_numpy(np.concatenate(cands)), torch.tensor([0, 3, 10]))
-    P = 4  # pages for the longest history the model takes (80 rows + 2 contextual at 64 rows a page: 2; more is fine)
-    staged = Staged(m, paged.k_pages, paged.v_pages, B=2, T=m.cfg.max_targets, P=P, page_locked=False)
-    pages = [paged.page_table[b, :(paged.lengths[b] + 63) // 64].tolist() for b in range(2)]
+    cands = [np.array([3, 4, 5]), np.array([6, 7, 8, 9, 10, 11, 12]), np.array([13])]  # 3, 7 and 1 of max_targets 8
+    want = m.score_cached(paged, torch.from_numpy(np.concatenate(cands)), torch.tensor([0, 3, 10, 11]))
+    # P: pages for the longest history the model takes (80 rows + 2 contextual at 64 rows a page: 2; more is fine)
+    staged = Staged(m, paged.k_pages, paged.v_pages, B=3, T=m.cfg.max_targets, P=P, page_locked=False)
+    pages = [paged.page_table[b, :(paged.lengths[b] + 63) // 64].tolist() for b in range(3)]
     staged.stage(pages, paged.lengths.tolist(), cands)
     staged.flat.copy_(staged.host_t)
     got = staged.split(staged.score().numpy(), cands)
