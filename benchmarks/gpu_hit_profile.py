@@ -11,7 +11,11 @@ back-to-back ones, at recipes/dlrm-v3-ranking.yaml sizes (5 layers, D=512, H=4, 
    of 0.5 / 2 / 10 ms, with the GPU's own span of each call (CUDA events) and run()'s host pieces (stage,
    replay call, wait, split); the replay's kernels (profiler) and timeline (idle gaps between kernels);
 3. a lone full request: the ranking graph (rank_jagged, Triton ops, one CUDA graph as the compiled engine
-   replays it), batch 1, 4096 + 256 rows, the same spaced / back-to-back split and its kernels.
+   replays it), batch 1, 4096 + 256 rows, the same spaced / back-to-back split and its kernels;
+4. the hit's projections at its 256 rows (uvqk 512 -> 2048 with the LayerNorm pass, hstu_output 3 x 512 ->
+   512 with the gated LayerNorm pass and the residual) for tile / kernel variants: gemm_config gives this
+   small M 64x128 tiles, 16 programs for hstu_output on 132 SMs. Each variant is checked against float64
+   (NaN-poisoned output) and timed as a CUDA-graph replay beside cuBLAS's bare matmul of the same shape.
 
     python benchmarks/gpu_hit_profile.py --out DIR      (writes DIR/gpu_hit_profile.json)
 """
@@ -32,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_check import paged_pool  # noqa: E402
-from gpu_hstu import device_rows, dlrm_config, dlrm_feed, dlrm_model, gpu_busy, graphed, timeline  # noqa: E402
+from gpu_hstu import (check_row, device_rows, dlrm_config, dlrm_feed, dlrm_model, gpu_busy, graphed,  # noqa: E402
+                      output_launch, timeline, uvqk_launch)
+from triton.testing import do_bench  # noqa: E402
 from gpu_paged import ceilings, env  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
 from hstu_opt.serve.graphs import PagedScoreGraphs  # noqa: E402
@@ -132,6 +138,56 @@ def lone_full(model, t: dict) -> dict:
             "replay": [spaced(replay, g) for g in GAPS_MS], "profile": kernels(replay), "timeline": timeline(replay)}
 
 
+# Variants for the hit's 256-row projections (gemm_config's keys; {} is what it picks today: 64x128x64,
+# 4 warps, 4 stages, pointer kernel). Smaller tiles put more of the 132 SMs to work on a short K loop.
+SMALL_M_CONFIGS = [{},
+                   dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                   dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                   dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+                   dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=5),
+                   dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+                   dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                   dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, TMA=True),
+                   dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, TMA=True)]
+
+
+@torch.no_grad()
+def small_m_gemms(M: int = 256, D: int = 512, width: int = 2048, eps: float = 1e-6) -> list[dict]:
+    """The hit's projection ops at M rows per tile variant: check vs float64, time (CUDA-graph replay, ms)."""
+    g = torch.Generator().manual_seed(5)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(**bf)
+
+    x, u, a = rnd(M, D), rnd(M, D), rnd(M, D)
+    w, b, wo = rnd(D, width, scale=D ** -0.5), rnd(width, scale=0.1), rnd(3 * D, D, scale=(3 * D) ** -0.5)
+    nw, nb = (1 + 0.1 * torch.randn(D, generator=g)).cuda(), (0.1 * torch.randn(D, generator=g)).cuda()
+    ln = torch.nn.functional.layer_norm
+    y = ln(x.double(), (D,), nw.double(), nb.double(), eps) @ w.double() + b.double()
+    want_uvqk = torch.cat([torch.nn.functional.silu(y[:, :D]), y[:, D:]], 1)  # SiLU on u's 512 columns
+    gated = u.double() * ln(a.double(), (D,), nw.double(), nb.double(), eps)
+    want_out = x.double() + torch.cat([u.double(), a.double(), gated], 1) @ wo.double()
+    rows = [{"gemm": "uvqk", "variant": "cuBLAS x @ W (bare)", "ms": do_bench(graphed(lambda: x @ w)[0], warmup=20, rep=200)},
+            {"gemm": "hstu_output", "variant": "cuBLAS [u|a|a] @ Wo (bare)",
+             "ms": do_bench(graphed(lambda c=torch.cat([u, a, a], 1): c @ wo)[0], warmup=20, rep=200)}]
+    for cfg in SMALL_M_CONFIGS:
+        for name, want, run in (
+                ("uvqk", want_uvqk, lambda out, c=cfg: uvqk_launch(x, nw, nb, w, b, out, D, eps, config=c)),
+                ("hstu_output", want_out, lambda out, c=cfg: output_launch(u, a, x, nw, nb, wo, out, eps, config=c))):
+            row = {"gemm": name, "variant": json.dumps(cfg)}
+            try:
+                out = torch.full(want.shape, float("nan"), **bf)
+                run(out)
+                torch.cuda.synchronize()
+                row.update(check_row(name, f"M{M}", torch.bfloat16, out, want))
+                row["ms"] = do_bench(graphed(lambda o=out, r=run: r(o))[0], warmup=20, rep=200)
+            except Exception as exc:  # noqa: BLE001 (a variant that does not compile or fit: recorded)
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -143,13 +199,17 @@ def main() -> None:
     cfg = dlrm_config()
     model = dlrm_model(cfg, Impl.TRITON)
     t = device_rows(cfg, dlrm_feed(model, 1))
-    for name, fn in (("hit", lambda: hit(model, cfg, t)), ("lone_full", lambda: lone_full(model, t))):
+    for name, fn in (("hit", lambda: hit(model, cfg, t)), ("lone_full", lambda: lone_full(model, t)),
+                     ("small_m_gemms", lambda: {"rows": small_m_gemms()})):
         try:
             result[name] = fn()
         except Exception as exc:  # noqa: BLE001 (record it; the other part still runs)
             result[name] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
         r = result[name]
-        print(name, json.dumps({k: v for k, v in r.items() if k not in ("profile", "timeline")}), flush=True)
+        print(name, json.dumps({k: v for k, v in r.items() if k not in ("profile", "timeline", "rows")}), flush=True)
+        for row in r.get("rows", []):
+            ok = "error" if "error" in row else ("ok" if row.get("ok", True) else "FAIL")
+            print(f"  {row['gemm']:<12} {row.get('ms', float('nan')):.5f} ms {ok:<5} {row['variant']}")
         if "profile" in r:
             p = r["profile"]
             print(f"  busy {p['busy_ms']:.4f} ms, {p['launches']:.0f} launches; timeline", json.dumps(r["timeline"])[:600])
@@ -157,7 +217,8 @@ def main() -> None:
                 print(f"    {k['ms']:.5f} ms x{k['calls']:.0f}  {k['kernel']}")
     result["seconds"] = time.time() - t0
     (args.out / "gpu_hit_profile.json").write_text(json.dumps(result, indent=1))
-    sys.exit(0 if all("error" not in result[k] for k in ("hit", "lone_full")) else 1)
+    failed = [r for r in result["small_m_gemms"].get("rows", []) if r.get("ok") is False]
+    sys.exit(0 if all("error" not in result[k] for k in ("hit", "lone_full", "small_m_gemms")) and not failed else 1)
 
 
 if __name__ == "__main__":
