@@ -41,7 +41,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -246,6 +246,7 @@ class Load:
     ended: float
     by_reference_users: int = 0  # (--history-ref) users whose requests went by reference, per client process
     references_gone: int = 0
+    by_cache: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # cache status -> client / route ms
 
     @property
     def seconds(self) -> float:
@@ -265,6 +266,7 @@ async def load(url: str, pool: Bodies, candidates: int, n: int, concurrency: int
     whole: list[float] = []
     phases: dict[str, list[float]] = {}
     statuses: dict[str, int] = {}
+    by_cache: dict[str, dict[str, list[float]]] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
@@ -293,13 +295,16 @@ async def load(url: str, pool: Bodies, candidates: int, n: int, concurrency: int
                     server.append(timing["total"])
                     for k, v in timing.items():
                         phases.setdefault(k, []).append(v)
+                    per = by_cache.setdefault(reply["cache"], {"client": [], "route": []})
+                    per["client"].append(took)
+                    per["route"].append(timing["total"])
                     if (w := server_timing(response.headers.get("server-timing"))) is not None:
                         whole.append(w)
                 statuses[status] = statuses.get(status, 0) + 1
 
         t0 = time.time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Load(latencies, server, whole, phases, statuses, t0, time.time(), len(pool.by_ref), pool.gone)
+    return Load(latencies, server, whole, phases, statuses, t0, time.time(), len(pool.by_ref), pool.gone, by_cache)
 
 
 def client_procs(args: argparse.Namespace, concurrency: int) -> int:
@@ -335,15 +340,19 @@ def merged(loads: list[Load]) -> Load:
     """One level's processes as one load: every sample, and the span from the first start to the last end."""
     phases: dict[str, list[float]] = {}
     statuses: dict[str, int] = {}
+    by_cache: dict[str, dict[str, list[float]]] = {}
     for ld in loads:
         for k, v in ld.phases.items():
             phases.setdefault(k, []).extend(v)
         for k, v in ld.statuses.items():
             statuses[k] = statuses.get(k, 0) + v
+        for status, per in ld.by_cache.items():
+            for k, v in per.items():
+                by_cache.setdefault(status, {}).setdefault(k, []).extend(v)
     return Load([x for ld in loads for x in ld.latencies_ms], [x for ld in loads for x in ld.server_ms],
                 [x for ld in loads for x in ld.whole_ms], phases, statuses, min(ld.started for ld in loads),
                 max(ld.ended for ld in loads), sum(ld.by_reference_users for ld in loads),
-                sum(ld.references_gone for ld in loads))
+                sum(ld.references_gone for ld in loads), by_cache)
 
 
 def percentiles(ms: np.ndarray) -> dict[str, float]:
@@ -380,6 +389,10 @@ def run_level(url: str, pool: Bodies, candidates: int, args: argparse.Namespace,
             **{f"server_{k}": v for k, v in percentiles(np.array(result.server_ms or [0.0])).items() if k != "n"},
             **{f"whole_{k}": v for k, v in percentiles(np.array(result.whole_ms or [0.0])).items() if k != "n"},
             "phase_p50_ms": {k: float(np.median(v)) for k, v in result.phases.items()},
+            # hits and misses apart (a miss prefills the history: its latency is not a hit's)
+            "by_cache": {status: {"n": len(per["client"]), **percentiles(np.array(per["client"])),
+                                  **{f"server_{k}": v for k, v in percentiles(np.array(per["route"])).items() if k != "n"}}
+                         for status, per in sorted(result.by_cache.items())},
             "mean_batch": delta["batched"] / delta["batches"] if delta["batches"] else 0.0,
             "cache_hits": int(delta["cache_hits"]), "cache_misses": int(delta["cache_misses"]), **by_ref}
 
@@ -414,6 +427,10 @@ def table(rows: list[dict], engine_rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"c={r['concurrency']} route phases p50 (ms): " +
                      ", ".join(f"{k} {v:.3f}" for k, v in r["phase_p50_ms"].items()))
+        if len(r["by_cache"]) > 1 or "off" not in r["by_cache"]:
+            lines.append(f"c={r['concurrency']} by cache status: " + "; ".join(
+                f"{st} n={b['n']} route p50 {b['server_p50_ms']:.3f} p99 {b['server_p99_ms']:.3f}, client p50 {b['p50_ms']:.2f}"
+                for st, b in r["by_cache"].items()))
     for e in engine_rows:
         lines.append(f"engine alone ({e['engine']}, {e['path']}), batch {e['batch']}: p50 {e['p50_ms']:.2f} ms, "
                      f"p99 {e['p99_ms']:.2f} ms ({e['n']} calls)")

@@ -23,4 +23,7 @@ def test_serve_load_script_small_run(bundle_path, tmp_path):
     assert all(r["requests"] == 60 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in report["rows"])
     assert report["server_exit_code"] == 0 and report["versions"]["fastapi"] and report["machine"]["cores"]
     assert sum(r["cache_hits"] for r in report["rows"]) > 0  # 8 users, 120 requests: repeats hit the cache
+    for r in report["rows"]:  # hits and misses timed apart, every request in one of them
+        assert sum(b["n"] for b in r["by_cache"].values()) == r["requests"] and set(r["by_cache"]) <= {"hit", "miss"}
+        assert r["by_cache"]["hit"]["n"] == r["cache_hits"] and r["by_cache"]["hit"]["server_p50_ms"] > 0
     assert {e["batch"] for e in report["engine_alone"]} == {1, 4}
