@@ -12,7 +12,8 @@ back-to-back ones, at recipes/dlrm-v3-ranking.yaml sizes (5 layers, D=512, H=4, 
    replay call, wait, split); the replay's kernels (profiler) and timeline (idle gaps between kernels);
 3. a lone full request: the ranking graph (rank_jagged, Triton ops, one CUDA graph as the compiled engine
    replays it), batch 1, 4096 + 256 rows, the same spaced / back-to-back split and its kernels;
-4. the hit's projections at its 256 rows (uvqk 512 -> 2048 with the LayerNorm pass, hstu_output 3 x 512 ->
+4. a lone miss's prefill (4100 rows): eager against serve/graphs.PrefillGraphs' replay, K/V compared, timed;
+5. the hit's projections at its 256 rows (uvqk 512 -> 2048 with the LayerNorm pass, hstu_output 3 x 512 ->
    512 with the gated LayerNorm pass and the residual) for tile / kernel variants: gemm_config gives this
    small M 64x128 tiles, 16 programs for hstu_output on 132 SMs. Each variant is checked against float64
    (NaN-poisoned output) and timed as a CUDA-graph replay beside cuBLAS's bare matmul of the same shape.
@@ -138,6 +139,38 @@ def lone_full(model, t: dict) -> dict:
             "replay": [spaced(replay, g) for g in GAPS_MS], "profile": kernels(replay), "timeline": timeline(replay)}
 
 
+@torch.no_grad()
+def miss_prefill(model, cfg, t: dict) -> dict:
+    """A lone miss's prefill of one user's 4100 rows: eager (the model's ops launched from Python) against
+    serve/graphs.PrefillGraphs' replay (what the server runs on a GPU), with their K/V compared (the padding
+    user must change nothing: bit for bit expected, the same kernels on the same rows) and both timed spaced."""
+    from hstu_opt.serve.graphs import PrefillGraphs
+
+    hist_rows = t["history_rows"]
+    ids, ratings, ts = (t[k][hist_rows] for k in ("ids", "ratings", "timestamps"))
+    n, qt = ids.shape[0], int(t["query_time"][0])
+    offsets = torch.tensor([0, n], device="cuda")
+
+    def eager():
+        return model.prefill(ids, ratings, ts, offsets, t["query_time"])
+
+    graphs = PrefillGraphs(model, cfg.contextual_len + cfg.max_history_len)
+    t0 = time.perf_counter()
+    ready = graphs.capture()
+    capture_s = time.perf_counter() - t0
+    host = [x.cpu().numpy() for x in (ids, ratings, ts)]
+
+    def replayed():
+        return graphs.run(*host, qt)
+
+    want, got = eager(), replayed()
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in
+               zip([*got.keys, *got.values], [*want.keys, *want.values]))
+    return {"rows": n, "bucket": graphs.bucket_for(n), "buckets": graphs.buckets, "captured": ready,
+            "capture_s": capture_s, "max_abs_kv_vs_eager": diff,
+            "eager": [spaced(eager, g, 50) for g in (0.0, 2.0)], "graph": [spaced(replayed, g, 50) for g in (0.0, 2.0)]}
+
+
 # Variants for the hit's 256-row projections (gemm_config's keys; {} is what it picks today: 64x128x64,
 # 4 warps, 4 stages, pointer kernel). Smaller tiles put more of the 132 SMs to work on a short K loop.
 SMALL_M_CONFIGS = [{},
@@ -200,6 +233,7 @@ def main() -> None:
     model = dlrm_model(cfg, Impl.TRITON)
     t = device_rows(cfg, dlrm_feed(model, 1))
     for name, fn in (("hit", lambda: hit(model, cfg, t)), ("lone_full", lambda: lone_full(model, t)),
+                     ("miss_prefill", lambda: miss_prefill(model, cfg, t)),
                      ("small_m_gemms", lambda: {"rows": small_m_gemms()})):
         try:
             result[name] = fn()
@@ -218,7 +252,8 @@ def main() -> None:
     result["seconds"] = time.time() - t0
     (args.out / "gpu_hit_profile.json").write_text(json.dumps(result, indent=1))
     failed = [r for r in result["small_m_gemms"].get("rows", []) if r.get("ok") is False]
-    sys.exit(0 if all("error" not in result[k] for k in ("hit", "lone_full", "small_m_gemms")) and not failed else 1)
+    parts = ("hit", "lone_full", "miss_prefill", "small_m_gemms")
+    sys.exit(0 if all("error" not in result[k] for k in parts) and not failed else 1)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class EngineAdapter(ABC):
         """Whether rank_full(rows) would only replay a captured CUDA graph (inline_lone's auto rule)."""
         return False
 
+    def capture_prefill_graphs(self) -> None:
+        """Capture what makes a cache miss's prefill a graph replay, where the engine has such a thing."""
+
     def hit_replays(self, groups: int) -> bool:
         """Whether score_cached of `groups` candidate groups, every entry in the device page pool, would only
         replay a captured CUDA graph."""
@@ -129,6 +132,7 @@ class TorchAdapter(EngineAdapter):
         # cache hits on a GPU: CUDA-graph replays over the page pool (serve/graphs.py), made on first use
         self.score_graphs_enabled = self.device.type == "cuda"
         self.score_graphs = None
+        self.prefill_graphs = None  # a lone miss's prefill as graph replays (capture_prefill_graphs)
 
     @torch.no_grad()
     def rank_full(self, rows: list[Row]) -> list[np.ndarray]:
@@ -136,19 +140,39 @@ class TorchAdapter(EngineAdapter):
         probs = self.model.rank(**to_tensors(batch.ranking_feed(), self.device))  # [B, Nc, T]
         return split_padded(probs.float().cpu().numpy(), [len(r.candidates) for r in rows])
 
-    def _jagged(self, users: list[User]) -> tuple[torch.Tensor, ...]:
-        """[contextual][history] rows per user (contextual rows: rating 0, the query time)."""
+    def _user_rows(self, u: User) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A user's [contextual][history] rows: ids, ratings, timestamps (contextual rows: rating 0, the query time)."""
         C = self.contextual_len
-        none = np.zeros(0, np.int64)
-        parts = [(np.r_[u.contextual_ids if C else none, u.item_ids], np.r_[np.zeros(C, np.int64), u.ratings],
-                  np.r_[np.full(C, u.query_time, np.int64), u.timestamps]) for u in users]
+        ctx = u.contextual_ids if C else np.zeros(0, np.int64)
+        return (np.r_[ctx, u.item_ids], np.r_[np.zeros(C, np.int64), u.ratings],
+                np.r_[np.full(C, u.query_time, np.int64), u.timestamps])
+
+    def _jagged(self, users: list[User]) -> tuple[torch.Tensor, ...]:
+        """[contextual][history] rows per user (_user_rows), as jagged tensors."""
+        parts = [self._user_rows(u) for u in users]
         ids, ratings, ts = (torch.from_numpy(np.concatenate(p).astype(np.int64)).to(self.device) for p in zip(*parts))
         offsets = torch.tensor(np.r_[0, np.cumsum([len(p[0]) for p in parts])], dtype=torch.int64, device=self.device)
         qt = torch.tensor([u.query_time for u in users], dtype=torch.int64, device=self.device)
         return ids, ratings, ts, offsets, qt  # [L], [L], [L], [B+1], [B]
 
+    def capture_prefill_graphs(self) -> None:
+        """On a GPU, capture a lone miss's prefill per row bucket (serve/graphs.PrefillGraphs; the runner asks
+        when requests take the cached path)."""
+        if self.device.type != "cuda":
+            return
+        from hstu_opt.serve.graphs import PrefillGraphs
+
+        cfg = self.model.cfg
+        self.prefill_graphs = PrefillGraphs(self.model, cfg.contextual_len + cfg.max_history_len)
+        self.prefill_graphs.capture()
+
     @torch.no_grad()
     def prefill(self, users: list[RankInput]) -> list[UserKV]:
+        """Each user's K/V. A lone user with prefill graphs: a replay, its K/V borrowed (UserKV.owned)."""
+        if len(users) == 1 and self.prefill_graphs is not None:
+            kv = self.prefill_graphs.run(*self._user_rows(users[0]), users[0].query_time)
+            if kv is not None:
+                return [kv]
         cache = self.model.prefill(*self._jagged(users))
         bounds = cache.offsets.tolist()
         # views of the batch's K/V: the paged store copies them into its pages at once (the one copy), and

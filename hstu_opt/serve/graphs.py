@@ -20,13 +20,15 @@ running that batch size eagerly.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from hstu_opt.backends.compiled import host_buffer
-from hstu_opt.model.hstu import HstuModel, PagedKVCache
+from hstu_opt.model.hstu import HstuModel, KVCache, PagedKVCache
+from hstu_opt.serve.kv_cache import UserKV
 
 log = logging.getLogger("hstu_opt.serve")
 PAD_ITEM = 1  # candidate id in unused slots (any valid id: those rows are computed and dropped)
@@ -134,3 +136,144 @@ class _Capture(Staged):
             self.flat.copy_(self.host_t, non_blocking=True)
             out = self.score()
             dst.copy_(out, non_blocking=True)
+
+
+# ---- a cache miss's prefill ---------------------------------------------------------------------------
+PREFILL_STEP = 512  # rows between prefill buckets: at most 511 padding rows of LayerNorm and GEMM work
+
+
+def prefill_buckets(max_rows: int, step: int = PREFILL_STEP, min_pad: int = 1) -> list[int]:
+    """The row counts a lone miss's [contextual][history] rows are padded to: multiples of `step` up to
+    max_rows, then max_rows + min_pad. A bucket always holds at least min_pad padding rows (bucket_for): the
+    padding user is a sequence like any other, so it needs its contextual rows."""
+    return [*range(step, max_rows + 1, step), max_rows + min_pad]
+
+
+class PrefillGraphs:
+    """A lone cache miss's prefill (HstuModel.prefill of one user) as a CUDA-graph replay, one graph per row
+    bucket, all captured at startup (capture), so no request pays for one.
+
+    Eagerly, a 4096-row prefill is ~50 op launches of Python each; captured, it is one launch. Shapes are
+    static per bucket: the user's n rows, then a padding user of bucket - n >= max(1, C) rows (item 0, rating
+    0, contextual id 0, at the user's query time) that only fills the rows. Every op is per row or per user (attention reads each
+    user's own rows through the jagged offsets), so the padding changes nothing of the real user's K/V
+    (tested: equal to the unpadded prefill). The K/V handed back are views of the graph's output buffers,
+    marked borrowed: the store copies them into its pages, and UserKV.owned copies them where it does not."""
+
+    def __init__(self, model: HstuModel, max_rows: int, step: int = PREFILL_STEP):
+        self.min_pad = max(1, model.cfg.contextual_len)
+        self.model, self.buckets = model, prefill_buckets(max_rows, step, self.min_pad)
+        self.device = next(model.parameters()).device
+        self._graphs: dict[int, _PrefillCapture | PrefillStaged | None] = {}  # None: capture failed
+        self._mempool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self.replays, self.capture_s = 0, 0.0
+
+    def bucket_for(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b - rows >= self.min_pad), None)
+
+    def capture(self) -> int:
+        """Capture every bucket (on a CPU: stage them, for tests); returns how many are ready."""
+        t0 = time.perf_counter()
+        for b in self.buckets:
+            if b not in self._graphs:
+                self._graphs[b] = self._make(b)
+        self.capture_s += time.perf_counter() - t0
+        return sum(g is not None for g in self._graphs.values())
+
+    def _make(self, bucket: int) -> _PrefillCapture | PrefillStaged | None:
+        if self.device.type != "cuda":
+            return PrefillStaged(self.model, bucket, page_locked=False)
+        try:
+            return _PrefillCapture(self, bucket)
+        except Exception as exc:  # noqa: BLE001 (any failure means: not capturable, run eagerly)
+            log.warning("the prefill of %d rows cannot be captured in a CUDA graph (%s: %s); misses of that size "
+                        "prefill eagerly", bucket, type(exc).__name__, exc)
+            torch.cuda.synchronize()
+            return None
+
+    def run(self, ids: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, query_time: int) -> UserKV | None:
+        """One user's [contextual][history] rows -> its K/V (borrowed views), or None where no bucket is ready."""
+        bucket = self.bucket_for(len(ids))
+        staged = self._graphs.get(bucket) if bucket is not None else None
+        if staged is None:
+            return None
+        staged.stage(ids, ratings, timestamps, query_time)
+        keys, values = staged.replay()
+        self.replays += 1
+        n = len(ids)
+        return UserKV([k[:n] for k in keys], [v[:n] for v in values], borrowed=True)
+
+    def describe(self) -> str:
+        ready = sum(g is not None for g in self._graphs.values())
+        return (f"{ready} of {len(self.buckets)} row buckets ({self.buckets[0]}..{self.buckets[-1]} rows) ready "
+                f"in {self.capture_s:.1f} s, {self.replays} replays")
+
+
+class PrefillStaged:
+    """One bucket's fixed buffers, [ids | ratings | timestamps] x bucket rows, then offsets [0, n, bucket] and
+    the query time twice (the padding user's too), on the host and on the device, and the prefill over them.
+    On a CPU, replay() runs it eagerly (what tests compare against the unpadded prefill)."""
+
+    def __init__(self, model: HstuModel, bucket: int, page_locked: bool):
+        self.model, self.L = model, bucket
+        n = 3 * bucket + 5
+        self.host = host_buffer(n, page_locked=page_locked)[:n]
+        self.host_t = torch.from_numpy(self.host)
+        one = np.ones(1, np.int64)
+        self.stage(one, one * 0, one * 0, 0)
+        self.flat = self.host_t.to(next(model.parameters()).device)
+
+    def stage(self, ids: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, query_time: int) -> None:
+        L, n = self.L, len(ids)
+        self.wait()
+        h = self.host
+        for at, real, pad in ((0, ids, 0), (L, ratings, 0), (2 * L, timestamps, query_time)):
+            h[at:at + n] = real
+            h[at + n:at + L] = pad
+        h[3 * L:] = (0, n, L, query_time, query_time)
+
+    def prefill(self) -> KVCache:
+        L = self.L
+        f = self.flat
+        return self.model.prefill(f[:L], f[L:2 * L], f[2 * L:3 * L], f[3 * L:3 * L + 3], f[3 * L + 3:])
+
+    def replay(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self.flat.copy_(self.host_t)
+        cache = self.prefill()
+        return cache.keys, cache.values
+
+    def wait(self) -> None:
+        """Until the last replay has read the host buffer (eagerly: it has)."""
+
+
+class _PrefillCapture(PrefillStaged):
+    """PrefillStaged + its CUDA graph: the copy in and the prefill, into fixed K/V buffers."""
+
+    done: torch.cuda.Event | None = None  # recorded after each replay (None until the capture)
+
+    def __init__(self, owner: PrefillGraphs, bucket: int):
+        super().__init__(owner.model, bucket, page_locked=True)
+        side = torch.cuda.Stream(owner.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # one run off the capture: compiles and lazy initialization happen here
+            self.prefill()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=owner._mempool):
+            self.flat.copy_(self.host_t, non_blocking=True)
+            cache = self.prefill()
+        self.keys, self.values = cache.keys, cache.values
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def replay(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self.graph.replay()  # (what reads the K/V next is queued behind it on the same stream)
+        self.done.record()
+        return self.keys, self.values
+
+    def wait(self) -> None:
+        """The replay copies the page-locked host buffer asynchronously: the next stage must not overwrite it
+        before that copy has run."""
+        if self.done is not None:
+            self.done.synchronize()

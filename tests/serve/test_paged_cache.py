@@ -196,3 +196,37 @@ def test_graph_staging_pads_without_changing_scores(impl, P):
     staged.flat.copy_(staged.host_t)
     got = staged.split(staged.score().numpy(), cands)
     torch.testing.assert_close(torch.from_numpy(np.concatenate(got)), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("C", [0, 2])
+@pytest.mark.parametrize("impl", ["reference", "all_triton"])
+def test_prefill_buckets_equal_the_unpadded_prefill(C, impl):
+    """serve/graphs.PrefillGraphs (what a lone miss replays on a GPU; run eagerly here through the same staged
+    buffers): one user's rows padded to a bucket with a padding user give that user's K/V of the unpadded
+    prefill (fp32, 1e-6), at lengths on and next to the bucket edges, up to the longest history the model
+    takes; its K/V are borrowed (on a GPU, views of buffers the next replay overwrites): UserKV.owned copies them."""
+    if impl != "reference":
+        pytest.importorskip("triton")
+    from hstu_opt.serve.graphs import PrefillGraphs, prefill_buckets
+
+    m = model(C, 5, 3)
+    m.impl = Impl.TRITON if impl == "all_triton" else Impl.REFERENCE
+    max_rows = C + m.cfg.max_history_len  # 80 history rows (+ C)
+    pad = max(1, C)  # the padding user's rows: at least one, and its contextual rows
+    assert prefill_buckets(max_rows, 32, pad) == [32, 64, max_rows + pad]
+    graphs = PrefillGraphs(m, max_rows, step=32)
+    assert graphs.capture() == 3 and graphs.bucket_for(32 - pad) == 32 and graphs.bucket_for(33 - pad) == 64
+    assert graphs.bucket_for(max_rows) == max_rows + pad and graphs.bucket_for(max_rows + 1) is None
+    kept = {}
+    for hist in (1, 32 - pad - C, 33 - pad - C, 64 - pad - C, m.cfg.max_history_len):
+        ids, ratings, ts, offsets, qt = prefill_inputs(C, [hist], seed=hist)
+        want = m.prefill(ids, ratings, ts, offsets, qt)
+        got = graphs.run(ids.numpy(), ratings.numpy(), ts.numpy(), int(qt[0]))
+        assert got.borrowed and got.rows == C + hist
+        for a, b in zip([*got.keys, *got.values], [*want.keys, *want.values]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        kept[hist] = (got, got.owned(), want)
+    first, copy, want = kept[32 - pad - C]  # (eagerly each run has fresh outputs; a graph's are overwritten)
+    assert not copy.borrowed and copy.keys[0].data_ptr() != first.keys[0].data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip([*copy.keys, *copy.values], [*first.keys, *first.values]))
+    assert graphs.replays == 5 and "3 of 3 row buckets" in graphs.describe()

@@ -22,6 +22,13 @@ class UserKV:
 
     keys: list[Tensor]  # each [Lc, H, dqk], Lc = contextual + history rows
     values: list[Tensor]  # each [Lc, H, dv]
+    borrowed: bool = False  # views of a buffer the next prefill overwrites (a prefill graph's output)
+
+    def owned(self) -> UserKV:
+        """This entry, safe to keep past the next prefill: a copy where it is borrowed."""
+        if not self.borrowed:
+            return self
+        return UserKV([k.clone() for k in self.keys], [v.clone() for v in self.values])
 
     @property
     def rows(self) -> int:

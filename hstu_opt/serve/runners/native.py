@@ -103,6 +103,8 @@ class NativeRunner(Runner):
     def _load(self) -> EngineAdapter:
         adapter = load_adapter(self.bundle, self.choice)
         adapter.warm_up()
+        if uses_cached_path(adapter, self.store is not None):
+            adapter.capture_prefill_graphs()  # (GPU only: a lone miss's prefill as a graph replay)
         if self.store is not None and uses_cached_path(adapter, True):
             self._warm_up_pages(adapter)
         return adapter
@@ -183,11 +185,18 @@ class NativeRunner(Runner):
             return {"enabled": True, "budget_bytes": self.cache_bytes, "policy": type(st.policy).__name__,
                     "prefetch_s": getattr(st.policy, "prefetch_s", 0.0),
                     "pool": f"{st.pool.num_pages} pages on {st.pool.device.type}", "page_rows": st.shape.page_rows,
+                    "prefill_graphs": self._prefill_graphs(),
                     "host_pages": st.host.num_pages if st.host else 0,
                     "key": "(user_id, sha256 of history rows and contextual ids, floored query time)"}
         why = ("--cache-gb 0" if self.cache_bytes <= 0
                else f"engine {self.engine} has no cached path (full-forward graphs only)")
         return {"enabled": False, "why": why}
+
+    def _prefill_graphs(self) -> str:
+        graphs = getattr(self.adapter, "prefill_graphs", None)
+        if graphs is not None:
+            return f"a lone miss's prefill replays a CUDA graph per row bucket: {graphs.describe()}"
+        return "none: misses prefill eagerly (prefill graphs are captured on a GPU)"
 
     # ---- the worker thread --------------------------------------------------------------------
     def _execute(self, bucket: Hashable, jobs: list[Job]) -> list:
@@ -257,8 +266,9 @@ class NativeRunner(Runner):
         for chunk in chunks(pending, self.adapter.max_rows):
             for (key, idx), kv in zip(chunk, self.adapter.prefill([users[ix[0]] for _, ix in chunk])):
                 stored = self.store.put(key, kv) if self.store is not None else None  # the entry in pages
+                kv = stored or kv.owned()  # (not stored: kept for this batch's scoring, past the next prefill)
                 for i in idx:
-                    kvs[i], cached[i] = stored or kv, key if stored is not None else None
+                    kvs[i], cached[i] = kv, key if stored is not None else None
         return kvs, status, cached
 
     @staticmethod
