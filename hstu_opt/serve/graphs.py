@@ -66,13 +66,29 @@ class PagedScoreGraphs:
         return cap.split(cap.host_out, cands)
 
     def _capture(self, B: int) -> _Capture | None:
-        try:
-            return _Capture(self, B)
-        except Exception as exc:  # noqa: BLE001 (any failure means: not capturable, run eagerly)
-            log.warning("cached scoring for %d user groups cannot be captured in a CUDA graph (%s: %s); "
-                        "it runs eagerly", B, type(exc).__name__, exc)
-            torch.cuda.synchronize()
-            return None
+        return try_capture(lambda: _Capture(self, B), f"cached scoring for {B} user groups")
+
+
+def try_capture(make, what: str):
+    """make() (a capture), or None, said once in the log, when the work cannot be captured (it runs eagerly)."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 (any failure means: not capturable, run eagerly)
+        log.warning("%s cannot be captured in a CUDA graph (%s: %s); it runs eagerly", what, type(exc).__name__, exc)
+        torch.cuda.synchronize()
+        return None
+
+
+def run_off_capture(fn, device: torch.device):
+    """fn() once on a side stream before its capture (compiles and lazy initialization happen here, not in
+    the graph), then everything finished; returns its output."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    return out
 
 
 class Staged:
@@ -123,12 +139,7 @@ class _Capture(Staged):
 
     def __init__(self, owner: PagedScoreGraphs, B: int):
         super().__init__(owner.model, owner.k_pages, owner.v_pages, B, owner.T, owner.P, page_locked=True)
-        side = torch.cuda.Stream(owner.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # one run off the capture: compiles and lazy initialization happen here
-            out = self.score()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        out = run_off_capture(self.score, owner.device)
         self.host_out = host_buffer(out.numel(), True, np.float32)[:out.numel()].reshape(out.shape)
         dst = torch.from_numpy(self.host_out)
         self.graph = torch.cuda.CUDAGraph()
@@ -183,13 +194,7 @@ class PrefillGraphs:
     def _make(self, bucket: int) -> _PrefillCapture | PrefillStaged | None:
         if self.device.type != "cuda":
             return PrefillStaged(self.model, bucket, page_locked=False)
-        try:
-            return _PrefillCapture(self, bucket)
-        except Exception as exc:  # noqa: BLE001 (any failure means: not capturable, run eagerly)
-            log.warning("the prefill of %d rows cannot be captured in a CUDA graph (%s: %s); misses of that size "
-                        "prefill eagerly", bucket, type(exc).__name__, exc)
-            torch.cuda.synchronize()
-            return None
+        return try_capture(lambda: _PrefillCapture(self, bucket), f"the prefill of {bucket} rows")
 
     def run(self, ids: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, query_time: int) -> UserKV | None:
         """One user's [contextual][history] rows -> its K/V (borrowed views), or None where no bucket is ready."""
@@ -253,12 +258,7 @@ class _PrefillCapture(PrefillStaged):
 
     def __init__(self, owner: PrefillGraphs, bucket: int):
         super().__init__(owner.model, bucket, page_locked=True)
-        side = torch.cuda.Stream(owner.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # one run off the capture: compiles and lazy initialization happen here
-            self.prefill()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        run_off_capture(self.prefill, owner.device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=owner._mempool):
             self.flat.copy_(self.host_t, non_blocking=True)
