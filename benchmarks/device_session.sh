@@ -71,7 +71,7 @@ for s in "$@"; do
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays binary \
                 --results-layout packed --engine-repeats 0 ;;
         serve_varied)  # histories of random lengths (1..4096 rows) over 64 users: the compiled engine keys its graphs
-                       # by exact row counts (16 at most) and a miss's prefill by 512-row bucket, which one fixed
+                       # by 512-row buckets (16 at most) and a miss's prefill by 512-row bucket, which one fixed
                        # size flatters; cache off, then on (hits and misses apart in by_cache)
             serve_load varied_off --cache-gb 0 --history 0 --users 64 --concurrency 1 --requests 500 --arrays binary \
                 --results-layout packed --engine-repeats 0

@@ -37,7 +37,8 @@ on the device, compiled into the graph, 0.21 and 0.03 ms, and the engine's wall 
 7.46 to 6.63 ms at batch 16 and from 1.09 to 0.82 ms at batch 1 (gpu_hstu_2026-11-29_run27_engine.json;
 that machine's host was slower in both runs than in run 17's 6.88 / 0.90).
 
-CUDA graphs: on the second request of a given size (padded shape and jagged row counts) the runner
+CUDA graphs: on the second request of a given size (padded shape, jagged rows rounded up by bucket_rows
+to a multiple of 512 with a padding user, candidates) the runner
 captures the compiled graph into a torch.cuda.CUDAGraph (one memory pool shared by all graphs) together
 with its two copies: from the runner's one page-locked staging buffer (sized for the limits, so its
 address never changes) to the device, and the probabilities back to a page-locked host array. From then
@@ -106,22 +107,28 @@ def _impl(spec: str | dict) -> Impl | dict:
     return {op: Impl(v) for op, v in spec.items()} if isinstance(spec, dict) else Impl(spec)
 
 
-def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int,
-                buffer: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndarray | None = None,
+                rows_to: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Padded engine feed -> jagged rows [contextual][history][candidates] per user (what rank_jagged
     takes, as int64 views of one flat array: `buffer` when it is large enough) and the [B, Nc] mask of
     real candidate slots (row-major order = target_rows order), on the host: the reference pack_jagged
-    is tested against, and what the benchmarks feed the eager model. Per-user slice copies."""
+    is tested against, and what the benchmarks feed the eager model. Per-user slice copies.
+    rows_to (bucket_rows): a padding user after the real ones fills the rows up to it, as pack_jagged does:
+    item 0 (contextual id 0), rating 0, the first user's query time, no targets."""
     hist_ids = feed["hist_ids"]
     B = hist_ids.shape[0]
     Nc = feed["cand_ids"].shape[1]
     C = contextual_len
     hl, nc = feed["hist_lengths"].astype(np.int64), feed["num_candidates"].astype(np.int64)
     qt = feed["query_time"].astype(np.int64)
-    offsets = np.zeros(B + 1, np.int64)
-    np.cumsum(C + hl + nc, out=offsets[1:])
+    U = B + (rows_to is not None)  # users, the padding one included
+    offsets = np.zeros(U + 1, np.int64)
+    np.cumsum(C + hl + nc, out=offsets[1:B + 1])
+    if rows_to is not None:
+        offsets[-1] = rows_to
+        nc, qt = np.r_[nc, 0], np.r_[qt, qt[0]]
     L, T = int(offsets[-1]), int(nc.sum())
-    sizes = (L, L, L, B + 1, B, B, T, L - T)
+    sizes = (L, L, L, U + 1, U, U, T, L - T)
     total = sum(sizes)
     flat = buffer[:total] if buffer is not None and buffer.size >= total else np.empty(total, np.int64)
     rows = dict(zip(JAGGED_INPUTS, np.split(flat, np.cumsum(sizes)[:-1])))
@@ -140,7 +147,11 @@ def jagged_feed(feed: dict[str, np.ndarray], contextual_len: int,
         rows["history_rows"][h:h + C + n_h] = np.arange(s, cs)
         rows["target_rows"][t:t + n_c] = np.arange(cs, e)
         h, t = h + C + n_h, t + n_c
-    return rows, np.arange(Nc)[None] < nc[:, None]
+    if rows_to is not None:  # the padding user: every row a history row
+        s = int(offsets[B])
+        ids[s:], ratings[s:], ts[s:] = 0, 0, qt[0]
+        rows["history_rows"][h:] = np.arange(s, rows_to)
+    return rows, np.arange(Nc)[None] < nc[:B, None]
 
 
 PADDED_INPUTS = ("hist_ids", "hist_ratings", "hist_timestamps", "cand_ids", "contextual_ids", "hist_lengths",
@@ -173,38 +184,64 @@ def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndar
     return at
 
 
+ROW_BUCKET = 512  # a full forward's jagged rows are padded up to a multiple of this (graph_key, pack_jagged)
+
+
+def bucket_rows(rows: int, contextual_len: int, max_seq_len: int, most: int | None = None,
+                step: int = ROW_BUCKET) -> int:
+    """The jagged row count a full forward of `rows` real rows runs at: room for a padding user of at least
+    max(1, C) rows (a sequence like any other: its contextual rows first), rounded up to a multiple of the
+    step, which is capped so the padding user is never longer than max_seq_len (no sequence may be); at
+    most `most` (the padded request's rows, every user full) + that least, so full-width requests pad by
+    the least alone. Requests whose lengths differ within a step share one compiled shape and CUDA graph."""
+    least = max(1, contextual_len)
+    step = max(1, min(step, max_seq_len + 1 - least))
+    bucket = -(-(rows + least) // step) * step
+    return bucket if most is None else min(bucket, most + least)
+
+
 def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,
                 T: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The staged padded feed (stage_feed's layout, on any device) -> rank_jagged's inputs, as jagged_feed
     builds them on the host (per user [C contextual][hist_lengths history][num_candidates candidate]
-    rows), and each target row's slot in the padded [B * Nc] candidates. L rows and T candidates in all:
-    the host knows both from the lengths, so every shape here is static and nothing syncs."""
+    rows, then a padding user up to L rows: jagged_feed's rows_to), and each target row's slot in the
+    padded [B * Nc] candidates. L rows (bucket_rows of the real ones) and T candidates in all: the host
+    knows both from the lengths, so every shape here is static and nothing syncs. The padding user's rows
+    (item 0, rating 0, no targets) are computed and never read: attention keeps to each user's rows."""
     parts = torch.split(flat, list(staged_sizes(B, Nh, Nc, C)))
     hist_ids, hist_ratings, hist_ts, cand_ids, ctx_ids, hl, nc, qt = (
         t.view(shape) for t, shape in zip(parts, staged_shapes(B, Nh, Nc, C)))
     n_hist = hl + C  # rows before the candidates, contextual ones included
     ends = (n_hist + nc).cumsum(0)
-    offsets = torch.nn.functional.pad(ends, (1, 0))
+    pad = (L - ends[-1:])  # [1]: the padding user's rows, all of them history rows
+    ends_all = torch.cat([ends, ends.new_full((1,), L)])  # [B+1]
+    offsets = torch.nn.functional.pad(ends_all, (1, 0))  # [B+2]
     rows = torch.arange(L, device=flat.device)
-    user = row_owner(ends, rows)
+    user = row_owner(ends_all, rows)  # [L], B on the padding user's rows
+    real = user < B
+    u = user.clamp(max=B - 1)  # (the padding rows read some user's slots, then are masked)
     pos = rows - offsets[user]
-    hl_u = hl[user]
-    in_hist = (pos >= C) & (pos < C + hl_u)
+    hl_u = hl[u]
+    in_hist = real & (pos >= C) & (pos < C + hl_u)
     h_pos = (pos - C).clamp(0, Nh - 1)
     c_pos = (pos - C - hl_u).clamp(0, Nc - 1)
-    ids = torch.where(in_hist, hist_ids[user, h_pos], cand_ids[user, c_pos])
+    ids = torch.where(in_hist, hist_ids[u, h_pos], cand_ids[u, c_pos])
     if C > 0:
-        ids = torch.where(pos < C, ctx_ids[user, pos.clamp(max=C - 1)], ids)
-    ratings = torch.where(in_hist, hist_ratings[user, h_pos], 0)
-    timestamps = torch.where(in_hist, hist_ts[user, h_pos], qt[user])
-    hist_ends, cand_ends = n_hist.cumsum(0), nc.cumsum(0)
+        ids = torch.where(pos < C, ctx_ids[u, pos.clamp(max=C - 1)], ids)
+    ids = torch.where(real, ids, 0)
+    qt_all = torch.cat([qt, qt[:1]])  # [B+1]
+    ratings = torch.where(in_hist, hist_ratings[u, h_pos], 0)
+    timestamps = torch.where(in_hist, hist_ts[u, h_pos], qt_all[user])
+    n_hist_all = torch.cat([n_hist, pad])  # [B+1]
+    hist_ends, cand_ends = n_hist_all.cumsum(0), nc.cumsum(0)
     j = torch.arange(L - T, device=flat.device)
     hu = row_owner(hist_ends, j)
     t = torch.arange(T, device=flat.device)
     tu = row_owner(cand_ends, t)
-    hist_offsets, cand_offsets = hist_ends - n_hist, cand_ends - nc  # each user's first history / candidate
-    rows = {"ids": ids, "ratings": ratings, "timestamps": timestamps, "offsets": offsets, "num_targets": nc,
-            "query_time": qt, "target_rows": offsets[tu] + n_hist[tu] + (t - cand_offsets[tu]),
+    hist_offsets, cand_offsets = hist_ends - n_hist_all, cand_ends - nc  # each user's first history / candidate
+    rows = {"ids": ids, "ratings": ratings, "timestamps": timestamps, "offsets": offsets,
+            "num_targets": torch.nn.functional.pad(nc, (0, 1)), "query_time": qt_all,
+            "target_rows": offsets[tu] + n_hist[tu] + (t - cand_offsets[tu]),
             "history_rows": offsets[hu] + (j - hist_offsets[hu])}
     return rows, tu * Nc + (t - cand_offsets[tu])
 
@@ -308,9 +345,11 @@ class CompiledRunner:
         return views is not None and all(feed.get(name) is a for name, a in views.items())
 
     def graph_key(self, B: int, Nh: int, Nc: int, history_rows: int, candidate_rows: int) -> tuple[int, ...]:
-        """A request's size as its CUDA graph is keyed: padded (B, Nh, Nc), jagged rows L and candidates T."""
-        T = candidate_rows
-        return B, Nh, Nc, B * self.meta["limits"]["contextual_len"] + history_rows + T, T
+        """A request's size as its CUDA graph is keyed: padded (B, Nh, Nc), jagged rows L (bucket_rows of the
+        real ones: lengths within a step share a graph) and candidates T."""
+        T, C = candidate_rows, self.meta["limits"]["contextual_len"]
+        L = bucket_rows(B * C + history_rows + T, C, self.model.cfg.max_seq_len, most=B * (C + Nh + Nc))
+        return B, Nh, Nc, L, T
 
     def replays(self, key: tuple[int, ...]) -> bool:
         """Whether a request of this graph_key runs as a replay of a captured CUDA graph (no compile, no

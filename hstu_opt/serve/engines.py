@@ -277,7 +277,8 @@ class CompiledAdapter(TorchAdapter):
         """Also one full-width batch of every size up to max_rows: the compiled graphs take the batch as a
         dynamic dim, but each new size records its own CUDA graph, which cost 0.5-2 s in the middle of
         requests on the H200 (c=16 p99 1.9 s, serve_load_dlrm-v3_h200_2026-12-04_run70). Real rows of other
-        lengths still record on first sight (the engine's graphs are keyed by the batch's total rows)."""
+        lengths record on their second sight (the engine's graphs are keyed by the batch's total rows, in
+        512-row buckets: compiled.bucket_rows)."""
         super().warm_up()
         h, c = self.widths
         one = np.ones(h, np.int64)

@@ -173,6 +173,7 @@ class PrefillGraphs:
 
     def __init__(self, model: HstuModel, max_rows: int, step: int = PREFILL_STEP):
         self.min_pad = max(1, model.cfg.contextual_len)
+        step = max(1, min(step, model.cfg.max_seq_len + 1 - self.min_pad))  # (no sequence may pass max_seq_len)
         self.model, self.buckets = model, prefill_buckets(max_rows, step, self.min_pad)
         self.device = next(model.parameters()).device
         self._graphs: dict[int, _PrefillCapture | PrefillStaged | None] = {}  # None: capture failed

@@ -57,22 +57,53 @@ def test_jagged_feed_rows(C):
         assert np.shares_memory(again[name], buffer)
 
 
+@pytest.mark.parametrize("C,window", [(0, 0), (2, 5)])
+def test_the_padding_user_changes_no_score(C, window):
+    """Rows bucketed as the runner keys them (serve_padded: the real rows, then a padding user up to the
+    bucket) give the same probabilities as the unpadded rows (fp32, 1e-6), at bucket steps that leave the
+    padding user its minimum and more; and through serve_padded itself, the padded contract's."""
+    model = tiny_model(C=C, window=window)
+    feed = random_requests(5, C, np.random.default_rng(7 + C)).ranking_feed()
+    rows, cand_mask = compiled.jagged_feed(feed, C)
+    want = model.rank_jagged(**to_tensors(rows))
+    real, N = len(rows["ids"]), model.cfg.max_seq_len
+    for L in (real + max(1, C), compiled.bucket_rows(real, C, N, step=16), compiled.bucket_rows(real, C, N)):
+        assert L - real <= N
+        padded_rows, _ = compiled.jagged_feed(feed, C, rows_to=L)
+        torch.testing.assert_close(model.rank_jagged(**to_tensors(padded_rows)), want, atol=1e-6, rtol=1e-6)
+    buffer = np.zeros(50_000, np.int64)
+    n = compiled.stage_feed(feed, C, buffer)
+    (B, Nh), Nc = feed["hist_ids"].shape, feed["cand_ids"].shape[1]
+    T = int(feed["num_candidates"].sum())
+    with torch.no_grad():
+        served = compiled.serve_padded(model, torch.from_numpy(buffer[:n]), B, Nh, Nc, C,
+                                       compiled.bucket_rows(real, C, N), T)
+    torch.testing.assert_close(served[torch.from_numpy(cand_mask)], want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("C", [0, 3])
 def test_pack_jagged_equals_jagged_feed(C):
     """The runner's device-side conversion (stage_feed on the host, then pack_jagged, here on the CPU)
-    gives jagged_feed's rows exactly, and each target row's padded slot; users with no candidates and
-    (C=0) users with no rows at all, staged into a dirty buffer."""
+    gives jagged_feed's rows exactly, the padding user up to the row bucket included, and each target
+    row's padded slot; users with no candidates and (C=0) users with no rows at all, staged into a dirty
+    buffer."""
     batch = random_requests(7, C, np.random.default_rng(21 + C))
     batch.num_candidates[2] = 0
     if C == 0:
         batch.hist_lengths[4], batch.num_candidates[4] = 0, 0
     feed = batch.ranking_feed()
-    rows, cand_mask = compiled.jagged_feed(feed, C)
+    real = len(compiled.jagged_feed(feed, C)[0]["ids"])
+    L = compiled.bucket_rows(real, C, 10**6, step=64)
+    assert L % 64 == 0 and L - real >= max(1, C)
+    assert compiled.bucket_rows(real, C, 40) - real <= 40  # (the step shrinks so the padding user fits max_seq_len)
+    assert compiled.bucket_rows(real, C, 10**6, most=real) == real + max(1, C)  # full width: the least padding
+    rows, cand_mask = compiled.jagged_feed(feed, C, rows_to=L)
     buffer = np.full(50_000, -7, np.int64)
     n = compiled.stage_feed(feed, C, buffer)
     (B, Nh), Nc = feed["hist_ids"].shape, feed["cand_ids"].shape[1]
     T = int(feed["num_candidates"].sum())
-    got, slots = compiled.pack_jagged(torch.from_numpy(buffer[:n]), B, Nh, Nc, C, len(rows["ids"]), T)
+    got, slots = compiled.pack_jagged(torch.from_numpy(buffer[:n]), B, Nh, Nc, C, L, T)
+    assert len(got["offsets"]) == B + 2 and int(got["offsets"][-2]) == real and int(got["offsets"][-1]) == L
     for name in compiled.JAGGED_INPUTS:
         np.testing.assert_array_equal(got[name].numpy(), rows[name], err_msg=name)
     np.testing.assert_array_equal(slots.numpy(), np.flatnonzero(cand_mask.reshape(-1)))

@@ -1,6 +1,7 @@
 """The whole model with every Triton op (Triton's CPU interpreter) against the reference ops on the same
-weights, and against float64: the full forward, the serving forward (rank_jagged) and cached scoring (a
-prefill, then candidates against it, contiguous and through page tables: what a cache hit runs). fp32:
+weights, and against float64: the full forward, the serving forward (rank_jagged; also with a padding user
+after the real ones, as the compiled engine buckets rows) and cached scoring (a prefill, then candidates
+against it, contiguous and through page tables: what a cache hit runs). fp32:
 the interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584); benchmarks/gpu_check.py's model
 rows run the same comparison in bf16/fp16 on the GPU."""
 
@@ -36,12 +37,19 @@ def outputs(m, C: int, hist: list[int], cands: torch.Tensor, counts: list[int]) 
     target = torch.cat([torch.arange(int(f_off[b + 1]) - k, int(f_off[b + 1])) for b, k in enumerate(counts)])
     other = torch.tensor(sorted(set(range(int(f_off[-1]))) - set(target.tolist())))
     delta = torch.cat([torch.zeros(1, dtype=torch.int64), nt.cumsum(0)])
+    # the same rows then a padding user of 7 rows (as the compiled engine buckets rows: item 0, no targets)
+    L, pad = int(f_off[-1]), 7
+    zeros = torch.zeros(pad, dtype=torch.int64)
+    padded = (torch.cat([f_ids, zeros]), torch.cat([f_r, zeros]), torch.cat([f_t, qt[:1].repeat(pad)]),
+              torch.cat([f_off, torch.tensor([L + pad])]), torch.cat([nt, zeros[:1]]), torch.cat([qt, qt[:1]]),
+              target, torch.cat([other, torch.arange(L, L + pad)]))
     with torch.no_grad():
         states, _ = m.forward_jagged(f_ids, f_r, f_t, f_off, nt, qt)
         kv, paged = paged_cache(m, ids, ratings, ts, offsets, qt, page_rows=64)
         return {"states": states,
                 "probs": torch.sigmoid(m.ranking_logits(states[target], f_ids[target])),
                 "rank_jagged": m.rank_jagged(f_ids, f_r, f_t, f_off, nt, qt, target, other),
+                "rank_jagged_padding_user": m.rank_jagged(*padded),
                 "score_cached": m.score_cached(kv, cands, delta),
                 "score_cached_paged": m.score_cached(paged, cands, delta)}
 
@@ -73,5 +81,5 @@ def test_whole_model_triton_ops_equal_reference_ops(C, window, min_full):
     for name, want in ref.items():
         torch.testing.assert_close(got[name], want, **FP32, msg=lambda m: f"{name} (Triton vs reference): {m}")
         torch.testing.assert_close(got[name].double(), f64[name].double(), **FP32, msg=lambda m: f"{name} (vs float64): {m}")
-    for path in ("score_cached", "score_cached_paged", "rank_jagged"):  # the hit path scores what the full one does
+    for path in ("score_cached", "score_cached_paged", "rank_jagged", "rank_jagged_padding_user"):  # all score alike
         torch.testing.assert_close(got[path], got["probs"], **FP32, msg=lambda m: f"{path} vs the full forward: {m}")
