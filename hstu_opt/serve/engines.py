@@ -76,6 +76,7 @@ class EngineAdapter(ABC):
     # with the cache off: score a user's candidate groups against one prefill (True), or run a full
     # forward per group (False: the compiled engine, whose compiled graph is the fast path)
     groups_via_prefill: bool = False
+    score_graphs_enabled: bool = False  # cache hits replay a CUDA graph per number of candidate groups
 
     def __init__(self, max_rows: int, contextual_len: int):
         self.max_rows = max_rows  # padded rows one engine call takes

@@ -230,3 +230,30 @@ def test_prefill_buckets_equal_the_unpadded_prefill(C, impl):
     assert not copy.borrowed and copy.keys[0].data_ptr() != first.keys[0].data_ptr()
     assert all(torch.equal(a, b) for a, b in zip([*copy.keys, *copy.values], [*first.keys, *first.values]))
     assert graphs.replays == 5 and "3 of 3 row buckets" in graphs.describe()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_warm_up_scores_every_group_count_where_hits_replay_graphs(graphs):
+    """NativeRunner._warm_up_pages: where hits replay CUDA graphs (score_graphs_enabled: a GPU), one hit of
+    every number of candidate groups an engine call holds, so each graph is captured at startup and not by
+    the first batch of its size; elsewhere one. The cache is empty and its counters zero afterwards."""
+    from hstu_opt.serve.runners.native import NativeRunner
+
+    class Adapter:
+        contextual_len, max_rows, score_graphs_enabled = 0, 3, graphs
+
+        def __init__(self):
+            self.scored = []
+
+        def prefill(self, users):
+            return [user_kv(1, 0)]
+
+        def score_cached(self, kvs, cands):
+            self.scored.append(len(kvs))
+
+    runner = NativeRunner.__new__(NativeRunner)
+    runner.store = PagedKVStore(SHAPE, 4 * SHAPE.page_bytes)
+    adapter = Adapter()
+    runner._warm_up_pages(adapter)
+    assert adapter.scored == ([1, 2, 3] if graphs else [1])
+    assert runner.store.stats.entries == 0 and runner.store.stats.inserts == 0

@@ -111,14 +111,17 @@ class NativeRunner(Runner):
 
     def _warm_up_pages(self, adapter: EngineAdapter) -> None:
         """One entry through the page pool and the paged kernel (its first launch compiles it), then gone:
-        the first real hit must not pay for that. The cache starts empty, its counters at zero."""
+        the first real hit must not pay for that. Where hits replay CUDA graphs (a GPU), every number of
+        candidate groups an engine call holds is scored once, so each graph is captured here and not by the
+        first batch of its size, in the middle of traffic. The cache starts empty, its counters at zero."""
         one = np.ones(1, np.int64)
         ctx = np.ones(adapter.contextual_len, np.int64) if adapter.contextual_len else None
         user = RankInput(None, one, one * 0, one * 0, one, 0, ctx, False)
         with self.store.batch():
             kv = self.store.put((None, "warm-up", 0), adapter.prefill([user])[0])
             if kv is not None:
-                adapter.score_cached([kv], [one])
+                for groups in range(1, (adapter.max_rows if adapter.score_graphs_enabled else 1) + 1):
+                    adapter.score_cached([kv] * groups, [one] * groups)
         self.store.clear()
         self.store.stats = CacheStats()
 
