@@ -234,14 +234,14 @@ def main() -> None:
     t = device_rows(cfg, dlrm_feed(model, 1))
     for name, fn in (("hit", lambda: hit(model, cfg, t)), ("lone_full", lambda: lone_full(model, t)),
                      ("miss_prefill", lambda: miss_prefill(model, cfg, t)),
-                     ("small_m_gemms", lambda: {"rows": small_m_gemms()})):
+                     ("small_m_gemms", lambda: {"variants": small_m_gemms()})):
         try:
             result[name] = fn()
         except Exception as exc:  # noqa: BLE001 (record it; the other part still runs)
             result[name] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
         r = result[name]
-        print(name, json.dumps({k: v for k, v in r.items() if k not in ("profile", "timeline", "rows")}), flush=True)
-        for row in r.get("rows", []):
+        print(name, json.dumps({k: v for k, v in r.items() if k not in ("profile", "timeline", "variants")}), flush=True)
+        for row in r.get("variants", []):
             ok = "error" if "error" in row else ("ok" if row.get("ok", True) else "FAIL")
             print(f"  {row['gemm']:<12} {row.get('ms', float('nan')):.5f} ms {ok:<5} {row['variant']}")
         if "profile" in r:
@@ -251,7 +251,7 @@ def main() -> None:
                 print(f"    {k['ms']:.5f} ms x{k['calls']:.0f}  {k['kernel']}")
     result["seconds"] = time.time() - t0
     (args.out / "gpu_hit_profile.json").write_text(json.dumps(result, indent=1))
-    failed = [r for r in result["small_m_gemms"].get("rows", []) if r.get("ok") is False]
+    failed = [r for r in result["small_m_gemms"].get("variants", []) if r.get("ok") is False]
     parts = ("hit", "lone_full", "miss_prefill", "small_m_gemms")
     sys.exit(0 if all("error" not in result[k] for k in parts) and not failed else 1)
 
