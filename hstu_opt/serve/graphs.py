@@ -168,7 +168,8 @@ class PrefillGraphs:
     static per bucket: the user's n rows, then a padding user of bucket - n >= max(1, C) rows (item 0, rating
     0, contextual id 0, at the user's query time) that only fills the rows. Every op is per row or per user (attention reads each
     user's own rows through the jagged offsets), so the padding changes nothing of the real user's K/V
-    (tested: equal to the unpadded prefill). The K/V handed back are views of the graph's output buffers,
+    beyond rounding (fp32 on the CPU: equal to the unpadded prefill to 1e-6; bf16 on a GPU: within one bf16
+    step, as the extra user changes the attention's key-split count). The K/V handed back are views of the graph's output buffers,
     marked borrowed: the store copies them into its pages, and UserKV.owned copies them where it does not."""
 
     def __init__(self, model: HstuModel, max_rows: int, step: int = PREFILL_STEP):
