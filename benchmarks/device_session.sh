@@ -32,8 +32,13 @@ step() {  # step NAME CMD...: run CMD, log to $OUT/NAME.log
     [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
-serve_load() {  # serve_load TAG ARGS...: one serve_load.py run against the dlrm-v3 bundle
-    local tag=$1; shift
+build_bundle() {
+    step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16
+}
+
+serve_load() {  # serve_load TAG ARGS...: one serve_load.py run against the dlrm-v3 bundle (built first if missing:
+    local tag=$1; shift  # a warm machine keeps /tmp/b from the previous call, a fresh one does not)
+    [ -f "$BUNDLE/manifest.json" ] || build_bundle
     step "serve_$tag" python3 benchmarks/serve_load.py --bundle "$BUNDLE" --engine compiled --max-batch 16 \
         --history 4096 --candidates 256 --engine-repeats 30 --out "$OUT/serve_$tag" "$@"
 }
@@ -41,7 +46,7 @@ serve_load() {  # serve_load TAG ARGS...: one serve_load.py run against the dlrm
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 for s in "$@"; do
     case $s in
-        check) step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 14 ;;
+        check) step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 14 ${CHECK_ARGS:-} ;;  # e.g. --quick
         plugin) step plugin python3 benchmarks/gpu_plugin.py --out "$OUT/plugin" ;;
         cutlass) step cutlass python3 benchmarks/gpu_cutlass.py --out "$OUT/cutlass" -j 8 ;;
         sweep) step sweep python3 benchmarks/cutlass_sweep.py --out "$OUT/sweep" -j 16 ;;  # ~20 variants: tiles, clusters, schedules
@@ -49,8 +54,7 @@ for s in "$@"; do
         overhead) step overhead python3 benchmarks/serve_overhead.py --out "$OUT/overhead" ;;
         paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
         hitprof) step hitprof python3 benchmarks/gpu_hit_profile.py --out "$OUT/hitprof" ;;  # hit / lone request: GPU vs host
-        bundle) step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" \
-                    --max-batch 16 ;;
+        bundle) build_bundle ;;
         check+bundle)  # both compile-bound and untimed: the bundle builds in the background during the sweep
             mkdir -p "$OUT/bundle"
             python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16 \
@@ -77,6 +81,10 @@ for s in "$@"; do
                 --results-layout packed --engine-repeats 0
             serve_load varied_cached --cache-gb 8 --history 0 --users 64 --concurrency 1 --requests 500 --arrays binary \
                 --results-layout packed --engine-repeats 0 ;;
+        serve_core)  # the two bars alone: binary bodies at concurrency 1 beside the engine, and a hit by history_ref
+            serve_load binary1 --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed
+            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
+                --results-layout packed --engine-repeats 0 --history-ref ;;
         serve_lists)  # JSON lists and per-candidate results (the API's defaults for a client that asks for nothing)
             serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 1000 ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;

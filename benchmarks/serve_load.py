@@ -15,6 +15,12 @@ candidates (a wrong count is an error). Each row reports three latencies: as the
 server's whole request (its Server-Timing header: body received to response encoded); and the route's
 own phases (timing_ms: input, queue, batch, total).
 
+Each request goes out in one write, headers and body together (--http-client raw, the default: a small
+keep-alive HTTP/1.1 client here, as RankClient's http.client does). httpx (--http-client httpx) writes the
+headers and the body apart; the server starts the route on the headers and then waits for this client's
+Python to send the body, inside its timed input phase (0.08-0.11 ms on the 2-core CPU machine; the route's
+`input` fell from about 0.17 ms on the H100 host when this client changed).
+
 Requests come from a fixed pool of --users synthetic users (ids, ratings, timestamps within the bundle's
 limits), drawn at random, so a user repeats (cache hits when the cache is on); --history and --candidates
 fix the sizes (default: random history lengths up to max_history_len, max_targets candidates).
@@ -93,6 +99,8 @@ def parse_args() -> argparse.Namespace:
                     "8 concurrent requests, at most half the cores): one Python client caps what it can measure")
     ap.add_argument("--history-ref", action="store_true", help="after a user's first answer, send that user's "
                     "history_ref instead of the history (a 409, the entry gone, resends the history)")
+    ap.add_argument("--http-client", choices=("raw", "httpx"), default="raw", help="raw: each request in one write "
+                    "(headers and body together); httpx: httpx.AsyncClient, which writes them apart")
     ap.add_argument("--loop", default="auto", help="the server's event loop (serve --loop)")
     ap.add_argument("--http", default="auto", help="the server's HTTP parser (serve --http)")
     return ap.parse_args()
@@ -253,6 +261,60 @@ class Load:
         return self.ended - self.started
 
 
+class Http1:
+    """One keep-alive HTTP/1.1 connection that writes each request whole: the request line, headers and body
+    in one write (--http-client raw). Reads responses with a Content-Length or chunked; reconnects after a
+    response that closes the connection. Enough for this server, not a general client."""
+
+    def __init__(self, url: str, timeout: float):
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port, self.timeout = host, int(port or 80), timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        return await asyncio.wait_for(self._post(path, body, headers), self.timeout)
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-length: {len(body)}\r\n"
+                          f"{head}\r\n".encode("latin-1") + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status = int(status_line.split()[1])
+        reply: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            reply[name.strip().lower()] = value.strip()
+        if "content-length" in reply:
+            content = await self.reader.readexactly(int(reply["content-length"]))
+        elif reply.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readline()
+            await self.reader.readline()
+            content = b"".join(parts)
+        else:
+            raise ConnectionError(f"a response with neither content-length nor chunked encoding ({status})")
+        if reply.get("connection", "").lower() == "close":
+            await self.close()
+        return status, reply, content
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def post_httpx(client: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, str]):
+    r = await client.post(path, content=body, headers=headers)
+    return r.status_code, r.headers, r.content
+
+
 def server_timing(header: str | None) -> float | None:
     m = re.search(r"total;dur=([0-9.]+)", header or "")
     return float(m.group(1)) if m else None
@@ -271,19 +333,25 @@ async def load(url: str, pool: Bodies, candidates: int, n: int, concurrency: int
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
         async def worker() -> None:
+            conn = Http1(url, 120) if pool.args.http_client == "raw" else None
             while order and time.monotonic() < deadline:
                 user = order.pop()
                 body, headers = pool.body(user)
                 t0 = time.perf_counter()
                 try:
-                    response = await client.post("/v1/rank", content=body, headers=headers)
-                    status = str(response.status_code)
-                except httpx.HTTPError as exc:
-                    response, status = None, type(exc).__name__
+                    if conn is not None:
+                        code, reply_headers, content = await conn.post("/v1/rank", body, headers)
+                    else:
+                        code, reply_headers, content = await post_httpx(client, "/v1/rank", body, headers)
+                    status = str(code)
+                except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+                    code, status = None, type(exc).__name__
+                    if conn is not None:
+                        await conn.close()
                 took = (time.perf_counter() - t0) * 1e3
-                reply = response.json() if status == "200" else None
-                if response is not None:
-                    pool.answered(user, response.status_code, reply)
+                reply = json.loads(content) if status == "200" else None
+                if code is not None:
+                    pool.answered(user, code, reply)
                 if status == "409" and pool.args.history_ref:  # the entry is gone: the history again (not timed)
                     order.append(user)
                     continue
@@ -298,9 +366,11 @@ async def load(url: str, pool: Bodies, candidates: int, n: int, concurrency: int
                     per = by_cache.setdefault(reply["cache"], {"client": [], "route": []})
                     per["client"].append(took)
                     per["route"].append(timing["total"])
-                    if (w := server_timing(response.headers.get("server-timing"))) is not None:
+                    if (w := server_timing(reply_headers.get("server-timing"))) is not None:
                         whole.append(w)
                 statuses[status] = statuses.get(status, 0) + 1
+            if conn is not None:
+                await conn.close()
 
         t0 = time.time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -464,6 +534,7 @@ def main() -> int:
     runner = ("" if args.runner == "native" else f"_{args.runner}") + (f"_{args.arrays}" if args.arrays != "list" else "")
     runner += (f"_{args.results_layout}" if args.results_layout != "items" else "") + ("_ref" if args.history_ref else "")
     runner += {"auto": "", "on": "_inline", "off": "_noinline"}[args.inline_lone]
+    runner += "_httpx" if args.http_client == "httpx" else ""
     path = args.out / f"serve_load_{bundle.name}{runner}_{host}_{report['date_utc'][:10]}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")

@@ -67,3 +67,57 @@ def test_client_resends_the_history_when_the_reference_is_gone(bundle_path, bund
     assert again.item_ids.tolist() == first.item_ids.tolist()
     assert all(np.array_equal(again.scores[t], first.scores[t]) for t in first.scores)
     assert err.value.status == 422 and err.value.field == "candidates[0]"
+
+
+def test_client_writes_each_request_whole(live, bundle, monkeypatch):
+    """Headers and body in one send: the server starts the route on the headers, so a body sent apart is
+    waited for inside the route's timing (httpx writes them apart)."""
+    import http.client
+
+    sends: list[int] = []
+    real = http.client.HTTPConnection.send
+    monkeypatch.setattr(http.client.HTTPConnection, "send", lambda self, data: (sends.append(len(data)), real(self, data))[1])
+    body = user_body(np.random.default_rng(33), bundle.cfg.num_items, 40, 7, user_id="one-write")
+    with RankClient(live.url, use_references=False) as client:
+        client.model()
+        sends.clear()
+        ranked = call(client, body)
+    arrays = 8 * (3 * 40 + 7)  # item ids, ratings, timestamps and candidates, raw int64
+    assert len(sends) == 1 and sends[0] > arrays and len(ranked.item_ids) == 7
+
+
+def test_client_resends_on_a_connection_the_server_closed():
+    """A kept-alive connection the server closed meanwhile: the request goes again on a new one, once."""
+    import http.server
+    import threading
+
+    class Once(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            payload = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.close_connection = True  # (without saying so: the client finds out on its next request)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Once)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        from hstu_opt.serve.client import Connections
+
+        conns = Connections(f"http://127.0.0.1:{server.server_address[1]}", timeout=10)
+        replies = [conns.request("GET", "/x") for _ in range(3)]
+        conns.close()
+    finally:
+        server.shutdown()
+    assert [r.status_code for r in replies] == [200] * 3 and all(r.json() == {"ok": True} for r in replies)
+
+
+def test_client_rejects_a_url_without_scheme():
+    with pytest.raises(ValueError, match="base_url"):
+        RankClient("127.0.0.1:8000")
