@@ -78,7 +78,7 @@ from hstu_opt.errors import HstuOptError, StageError
 from hstu_opt.fsutil import replace_dir, sha256_file, write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
 from hstu_opt.model.hstu import HstuModel
-from hstu_opt.model.layout import row_owner
+from hstu_opt.model.layout import ROW_BUCKET, bucket_rows, row_owner  # noqa: F401 (ROW_BUCKET: re-exported)
 from hstu_opt.ops import Impl
 
 NAME = "compiled"
@@ -182,22 +182,6 @@ def stage_feed(feed: dict[str, np.ndarray], contextual_len: int, buffer: np.ndar
             buffer[at:at + n] = feed[name].reshape(-1)
         at += n
     return at
-
-
-ROW_BUCKET = 512  # a full forward's jagged rows are padded up to a multiple of this (graph_key, pack_jagged)
-
-
-def bucket_rows(rows: int, contextual_len: int, max_seq_len: int, most: int | None = None,
-                step: int = ROW_BUCKET) -> int:
-    """The jagged row count a full forward of `rows` real rows runs at: room for a padding user of at least
-    max(1, C) rows (a sequence like any other: its contextual rows first), rounded up to a multiple of the
-    step, which is capped so the padding user is never longer than max_seq_len (no sequence may be); at
-    most `most` (the padded request's rows, every user full) + that least, so full-width requests pad by
-    the least alone. Requests whose lengths differ within a step share one compiled shape and CUDA graph."""
-    least = max(1, contextual_len)
-    step = max(1, min(step, max_seq_len + 1 - least))
-    bucket = -(-(rows + least) // step) * step
-    return bucket if most is None else min(bucket, most + least)
 
 
 def pack_jagged(flat: torch.Tensor, B: int, Nh: int, Nc: int, C: int, L: int,

@@ -30,6 +30,28 @@ def row_owner(ends: Tensor, index: Tensor) -> Tensor:
     return torch.bucketize(index, ends, right=True)
 
 
+ROW_BUCKET = 512  # jagged rows are padded up to a multiple of this (compiled graph_key / pack_jagged; prefill graphs)
+
+
+def bucket_rows(rows: int, contextual_len: int, max_seq_len: int, most: int | None = None,
+                step: int = ROW_BUCKET) -> int:
+    """The jagged row count a graph of `rows` real rows runs at (a compiled full forward; a lone miss's prefill,
+    serve/graphs.PrefillGraphs): room for a padding user of at least
+    max(1, C) rows (a sequence like any other: its contextual rows first), rounded up to a multiple of the
+    step, which is capped so the padding user is never longer than max_seq_len (no sequence may be); at
+    most `most` (the padded request's rows, every user full) + that least, so full-width requests pad by
+    the least alone. Requests whose lengths differ within a step share one compiled shape and CUDA graph."""
+    least = max(1, contextual_len)
+    step = max(1, min(step, max_seq_len + 1 - least))
+    bucket = -(-(rows + least) // step) * step
+    return bucket if most is None else min(bucket, most + least)
+
+
+def row_buckets(most: int, contextual_len: int, max_seq_len: int, step: int = ROW_BUCKET) -> list[int]:
+    """Every row count bucket_rows gives for 1..most real rows, smallest first."""
+    return sorted({bucket_rows(n, contextual_len, max_seq_len, most, step) for n in range(1, most + 1)})
+
+
 class JaggedSeqs:
     """Only where each sequence starts and how many targets it ends with: all the layers' attention asks
     for (no per-row tensors to build, so a trunk run outside a compiled graph launches nothing for it)."""

@@ -19,6 +19,7 @@ running that batch size eagerly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ import torch
 
 from hstu_opt.backends.compiled import host_buffer
 from hstu_opt.model.hstu import HstuModel, KVCache, PagedKVCache
+from hstu_opt.model.layout import ROW_BUCKET, bucket_rows, row_buckets
 from hstu_opt.serve.kv_cache import UserKV
 
 log = logging.getLogger("hstu_opt.serve")
@@ -150,14 +152,7 @@ class _Capture(Staged):
 
 
 # ---- a cache miss's prefill ---------------------------------------------------------------------------
-PREFILL_STEP = 512  # rows between prefill buckets: at most 511 padding rows of LayerNorm and GEMM work
-
-
-def prefill_buckets(max_rows: int, step: int = PREFILL_STEP, min_pad: int = 1) -> list[int]:
-    """The row counts a lone miss's [contextual][history] rows are padded to: multiples of `step` up to
-    max_rows, then max_rows + min_pad. A bucket always holds at least min_pad padding rows (bucket_for): the
-    padding user is a sequence like any other, so it needs its contextual rows."""
-    return [*range(step, max_rows + 1, step), max_rows + min_pad]
+PREFILL_STEP = ROW_BUCKET  # rows between prefill buckets: at most 511 padding rows of LayerNorm and GEMM work
 
 
 class PrefillGraphs:
@@ -173,16 +168,19 @@ class PrefillGraphs:
     marked borrowed: the store copies them into its pages, and UserKV.owned copies them where it does not."""
 
     def __init__(self, model: HstuModel, max_rows: int, step: int = PREFILL_STEP):
-        self.min_pad = max(1, model.cfg.contextual_len)
-        step = max(1, min(step, model.cfg.max_seq_len + 1 - self.min_pad))  # (no sequence may pass max_seq_len)
-        self.model, self.buckets = model, prefill_buckets(max_rows, step, self.min_pad)
+        cfg = model.cfg
+        # the rows a user of n rows runs at: the compiled engine's rule (model/layout.bucket_rows), up to max_rows
+        self._bucket = functools.partial(bucket_rows, contextual_len=cfg.contextual_len, max_seq_len=cfg.max_seq_len,
+                                         most=max_rows, step=step)
+        self.model, self.max_rows = model, max_rows
+        self.buckets = row_buckets(max_rows, cfg.contextual_len, cfg.max_seq_len, step)
         self.device = next(model.parameters()).device
         self._graphs: dict[int, _PrefillCapture | PrefillStaged | None] = {}  # None: capture failed
         self._mempool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         self.replays, self.capture_s = 0, 0.0
 
     def bucket_for(self, rows: int) -> int | None:
-        return next((b for b in self.buckets if b - rows >= self.min_pad), None)
+        return self._bucket(rows) if 0 < rows <= self.max_rows else None
 
     def capture(self) -> int:
         """Capture every bucket (on a CPU: stage them, for tests); returns how many are ready."""

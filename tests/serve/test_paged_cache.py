@@ -207,13 +207,14 @@ def test_prefill_buckets_equal_the_unpadded_prefill(C, impl):
     takes; its K/V are borrowed (on a GPU, views of buffers the next replay overwrites): UserKV.owned copies them."""
     if impl != "reference":
         pytest.importorskip("triton")
-    from hstu_opt.serve.graphs import PrefillGraphs, prefill_buckets
+    from hstu_opt.model.layout import row_buckets
+    from hstu_opt.serve.graphs import PrefillGraphs
 
     m = model(C, 5, 3)
     m.impl = Impl.TRITON if impl == "all_triton" else Impl.REFERENCE
     max_rows = C + m.cfg.max_history_len  # 80 history rows (+ C)
     pad = max(1, C)  # the padding user's rows: at least one, and its contextual rows
-    assert prefill_buckets(max_rows, 32, pad) == [32, 64, max_rows + pad]
+    assert row_buckets(max_rows, C, m.cfg.max_seq_len, 32) == [32, 64, max_rows + pad]
     graphs = PrefillGraphs(m, max_rows, step=32)
     assert graphs.capture() == 3 and graphs.bucket_for(32 - pad) == 32 and graphs.bucket_for(33 - pad) == 64
     assert graphs.bucket_for(max_rows) == max_rows + pad and graphs.bucket_for(max_rows + 1) is None
