@@ -27,3 +27,4 @@ def test_serve_load_script_small_run(bundle_path, tmp_path):
         assert sum(b["n"] for b in r["by_cache"].values()) == r["requests"] and set(r["by_cache"]) <= {"hit", "miss"}
         assert r["by_cache"]["hit"]["n"] == r["cache_hits"] and r["by_cache"]["hit"]["server_p50_ms"] > 0
     assert {e["batch"] for e in report["engine_alone"]} == {1, 4}
+    assert [e["batch"] for e in report["engine_alone"] if e.get("gap_ms") == 2.0] == [1]  # batch 1 with idle gaps too
