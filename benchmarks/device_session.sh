@@ -60,7 +60,7 @@ for s in "$@"; do
             python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16 \
                 > "$OUT/bundle.log" 2>&1 &
             bundle_pid=$!
-            step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12
+            step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12 ${CHECK_ARGS:-}
             wait $bundle_pid; echo "   bundle rc=$?"; tail -n 3 "$OUT/bundle.log" | cut -c1-300 ;;
         serve)  # the served defaults (a lone request inline when its call is a graph replay), binary bodies (what
                 # RankClient sends) and packed results, concurrency 1, 16, 64 (client processes: one per 8); packed
@@ -85,6 +85,9 @@ for s in "$@"; do
             serve_load binary1 --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed
             serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
                 --results-layout packed --engine-repeats 0 --history-ref ;;
+        serve_httpx)  # binary bodies at concurrency 1 sent by httpx (headers and body in two writes), for comparison
+            serve_load httpx --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed \
+                --engine-repeats 0 --http-client httpx ;;
         serve_lists)  # JSON lists and per-candidate results (the API's defaults for a client that asks for nothing)
             serve_load lists --cache-gb 0 --concurrency 1,16,64 --requests 1000 ;;
         *) echo "unknown step $s"; failed=$((failed + 1)) ;;
