@@ -85,6 +85,9 @@ for s in "$@"; do
             serve_load binary1 --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed
             serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
                 --results-layout packed --engine-repeats 0 --history-ref ;;
+        serve_hit)  # a cache hit by history_ref alone (the hit bar)
+            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
+                --results-layout packed --engine-repeats 0 --history-ref ;;
         serve_httpx)  # binary bodies at concurrency 1 sent by httpx (headers and body in two writes), for comparison
             serve_load httpx --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed \
                 --engine-repeats 0 --http-client httpx ;;

@@ -17,9 +17,11 @@ own phases (timing_ms: input, queue, batch, total).
 
 Each request goes out in one write, headers and body together (--http-client raw, the default: a small
 keep-alive HTTP/1.1 client here, as RankClient's http.client does). httpx (--http-client httpx) writes the
-headers and the body apart; the server starts the route on the headers and then waits for this client's
-Python to send the body, inside its timed input phase (0.08-0.11 ms on the 2-core CPU machine; the route's
-`input` fell from about 0.17 ms on the H100 host when this client changed).
+headers and the body apart, and the server, which starts on the headers, waits for this client's Python to
+send the body: inside the whole request (Server-Timing), not the route's phases (the middleware reads the
+body before the route runs). On an H100 host the whole request was 1.55 against 1.62 ms and the client's
+round trip 2.06 against 3.39 ms, the route's phases the same (serve_load_dlrm-v3_h100_2026-12-05_run89_binary
+and _run90_httpx.json).
 
 Requests come from a fixed pool of --users synthetic users (ids, ratings, timestamps within the bundle's
 limits), drawn at random, so a user repeats (cache hits when the cache is on); --history and --candidates

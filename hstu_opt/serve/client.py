@@ -14,11 +14,11 @@ changed history, or a query time in another `serving.time_granularity_s` step, n
 
 HTTP goes through the standard library's http.client, one keep-alive connection per thread, each request
 in one write (headers and body together, TCP_NODELAY). httpx writes them apart with its own Python in
-between, and the server, which has the headers and starts the route, waits for the body: 0.08-0.11 ms of
-every request, and 0.67-0.74 ms against 0.27-0.32 ms for the round trip on the 2-core CPU machine
-(docs/serving.md, "Python client"). Apart, a small body can also sit behind Nagle's algorithm until the
-server acknowledges the headers (delayed ACKs: tens of ms across a network). Share one client between threads freely: each thread gets its own connection and the reference
-table takes a lock.
+between, and the server, which starts on the headers, waits for the body: on the 2-core CPU machine
+0.08-0.11 ms of every request, and a round trip of 0.67-0.74 ms against 0.27-0.32 ms (docs/serving.md,
+"Python client"). Apart, a small body can also sit behind Nagle's algorithm until the server acknowledges
+the headers (delayed ACKs: tens of ms across a network). Share one client between threads freely: each
+thread gets its own connection and the reference table takes a lock.
 """
 
 from __future__ import annotations
