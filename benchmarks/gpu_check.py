@@ -291,17 +291,33 @@ def model_rows(dtype_name: str) -> list[dict]:
             inputs = model_inputs(cfg, seed=D + d)
             f64 = model_outputs(base, cfg, "float64", Impl.REFERENCE, inputs)
             ref = model_outputs(base, cfg, dtype_name, Impl.REFERENCE, inputs)
-            tri = model_outputs(base, cfg, dtype_name, Impl.TRITON, inputs)
-            for out in ("states", "probs", "rank_jagged", "score_cached"):
-                e_tri, e_ref = rel_err(tri[out], f64[out]), rel_err(ref[out], f64[out])
-                e_pair = rel_err(tri[out], ref[out].double())
-                # The fast stack may not be worse than the reference stack in the same dtype by more than the
-                # per-dtype rounding of a few layers (a wrong kernel lands at 1e-1 and beyond).
-                bar = 2 * e_ref + BARS[dtype]
-                rows.append({"part": "model", "config": f"D{D} H{H} d{d} {mask}", "output": out, "dtype": dtype_name,
-                             "rel_err_triton_vs_f64": e_tri, "rel_err_reference_vs_f64": e_ref,
-                             "rel_err_triton_vs_reference": e_pair, "bar": bar, "ok": e_tri <= bar,
-                             "unwritten": int((~torch.isfinite(tri[out])).sum())})
+            # the projections' two routes (ops/_triton.cublas_rows: the Triton GEMM, or the LayerNorm kernel +
+            # cuBLAS for a few 16-bit rows), each forced on every call: the default picks one per call
+            for route, rows_max in (("triton_gemm", 0), ("cublas", 1 << 30)):
+                rows += _model_route_rows(base, cfg, dtype_name, inputs, f64, ref, route, rows_max,
+                                          f"D{D} H{H} d{d} {mask}", dtype)
+    return rows
+
+
+def _model_route_rows(base, cfg, dtype_name, inputs, f64, ref, route, rows_max, config, dtype) -> list[dict]:
+    from hstu_opt.ops import _triton
+
+    saved, _triton.CUBLAS_ROWS = _triton.CUBLAS_ROWS, rows_max
+    try:
+        tri = model_outputs(base, cfg, dtype_name, Impl.TRITON, inputs)
+    finally:
+        _triton.CUBLAS_ROWS = saved
+    rows = []
+    for out in ("states", "probs", "rank_jagged", "score_cached"):
+        e_tri, e_ref = rel_err(tri[out], f64[out]), rel_err(ref[out], f64[out])
+        e_pair = rel_err(tri[out], ref[out].double())
+        # The fast stack may not be worse than the reference stack in the same dtype by more than the
+        # per-dtype rounding of a few layers (a wrong kernel lands at 1e-1 and beyond).
+        bar = 2 * e_ref + BARS[dtype]
+        rows.append({"part": "model", "config": config, "proj_route": route, "output": out, "dtype": dtype_name,
+                     "rel_err_triton_vs_f64": e_tri, "rel_err_reference_vs_f64": e_ref,
+                     "rel_err_triton_vs_reference": e_pair, "bar": bar, "ok": e_tri <= bar,
+                     "unwritten": int((~torch.isfinite(tri[out])).sum())})
     return rows
 
 

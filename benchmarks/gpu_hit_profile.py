@@ -10,13 +10,16 @@ back-to-back ones, at recipes/dlrm-v3-ranking.yaml sizes (5 layers, D=512, H=4, 
    4100 cached rows (128-row pages), 256 candidates: run() wall time back to back and spaced by idle gaps
    of 0.5 / 2 / 10 ms, with the GPU's own span of each call (CUDA events) and run()'s host pieces (stage,
    replay call, wait, split); the replay's kernels (profiler) and timeline (idle gaps between kernels);
+   then the same with the projections forced onto each route (hit_triton_gemms, hit_cublas_projections:
+   ops/_triton.cublas_rows' few-rows route off / on), a same-process A/B;
 3. a lone full request: the ranking graph (rank_jagged, Triton ops, one CUDA graph as the compiled engine
    replays it), batch 1, 4096 + 256 rows, the same spaced / back-to-back split and its kernels;
 4. a lone miss's prefill (4100 rows): eager against serve/graphs.PrefillGraphs' replay, K/V compared, timed;
 5. the hit's projections at its 256 rows (uvqk 512 -> 2048 with the LayerNorm pass, hstu_output 3 x 512 ->
    512 with the gated LayerNorm pass and the residual) for tile / kernel variants: gemm_config gives this
    small M 64x128 tiles, 16 programs for hstu_output on 132 SMs. Each variant is checked against float64
-   (NaN-poisoned output) and timed as a CUDA-graph replay beside cuBLAS's bare matmul of the same shape.
+   (NaN-poisoned output) and timed as a CUDA-graph replay beside cuBLAS's bare matmul of the same shape,
+   and the two ops as the model calls them with the few-rows route on (the LayerNorm kernel + cuBLAS).
 
     python benchmarks/gpu_hit_profile.py --out DIR      (writes DIR/gpu_hit_profile.json)
 """
@@ -41,7 +44,9 @@ from gpu_hstu import (check_row, device_rows, dlrm_config, dlrm_feed, dlrm_model
                       output_launch, timeline, uvqk_launch)
 from triton.testing import do_bench  # noqa: E402
 from gpu_paged import ceilings, env  # noqa: E402
+from hstu_opt import ops  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
+from hstu_opt.ops import _triton  # noqa: E402
 from hstu_opt.serve.graphs import PagedScoreGraphs  # noqa: E402
 
 GAPS_MS = (0.0, 0.5, 2.0, 10.0)
@@ -132,6 +137,17 @@ def hit(model, cfg, t: dict) -> dict:
     return out
 
 
+def with_cublas_rows(rows_max: int, fn):
+    """fn() with ops/_triton.CUBLAS_ROWS set to rows_max (0: every projection on the Triton GEMM; 256: a
+    hit's 256-row projections on the LayerNorm kernel + cuBLAS), whatever the shipped default."""
+    saved = _triton.CUBLAS_ROWS
+    _triton.CUBLAS_ROWS = rows_max
+    try:
+        return fn()
+    finally:
+        _triton.CUBLAS_ROWS = saved
+
+
 @torch.no_grad()
 def lone_full(model, t: dict) -> dict:
     replay, _ = graphed(lambda: model.rank_jagged(**t))
@@ -218,6 +234,29 @@ def small_m_gemms(M: int = 256, D: int = 512, width: int = 2048, eps: float = 1e
             except Exception as exc:  # noqa: BLE001 (a variant that does not compile or fit: recorded)
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
+    # the ops as the model calls them (impl TRITON) with the few-rows route forced on: the LayerNorm kernel +
+    # cuBLAS (ops/_triton.cublas_rows)
+    H, d = 4, width // 16  # [u | v | q | k], H*d columns each (u's are the first D)
+
+    def uvqk_op():
+        return ops.uvqk(x, nw, nb, w, b, num_heads=H, attention_dim=d, linear_dim=d, eps=eps, impl=Impl.TRITON)
+
+    def as_proj(uqkv):  # (u, q, k, v) -> [u | v | q | k] (only for the check: the op's views are not timed copying)
+        u_, q_, k_, v_ = uqkv
+        return torch.cat([t.reshape(M, -1) for t in (u_, v_, q_, k_)], 1)
+
+    for name, want, run, as_out in (
+            ("uvqk", want_uvqk, uvqk_op, as_proj),
+            ("hstu_output", want_out, lambda: ops.hstu_output(u, a, x, nw, nb, wo, eps=eps, impl=Impl.TRITON), None)):
+        row = {"gemm": name, "variant": "op with the few-rows route: LayerNorm kernel + cuBLAS"}
+        try:
+            out = with_cublas_rows(M, run)
+            torch.cuda.synchronize()
+            row.update(check_row(name, f"M{M}", torch.bfloat16, as_out(out) if as_out else out, want))
+            row["ms"] = do_bench(with_cublas_rows(M, lambda: graphed(run))[0], warmup=20, rep=200)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
     return rows
 
 
@@ -232,7 +271,10 @@ def main() -> None:
     cfg = dlrm_config()
     model = dlrm_model(cfg, Impl.TRITON)
     t = device_rows(cfg, dlrm_feed(model, 1))
-    for name, fn in (("hit", lambda: hit(model, cfg, t)), ("lone_full", lambda: lone_full(model, t)),
+    for name, fn in (("hit", lambda: hit(model, cfg, t)),
+                     ("hit_triton_gemms", lambda: with_cublas_rows(0, lambda: hit(model, cfg, t))),
+                     ("hit_cublas_projections", lambda: with_cublas_rows(256, lambda: hit(model, cfg, t))),
+                     ("lone_full", lambda: lone_full(model, t)),
                      ("miss_prefill", lambda: miss_prefill(model, cfg, t)),
                      ("small_m_gemms", lambda: {"variants": small_m_gemms()})):
         try:
@@ -252,7 +294,7 @@ def main() -> None:
     result["seconds"] = time.time() - t0
     (args.out / "gpu_hit_profile.json").write_text(json.dumps(result, indent=1))
     failed = [r for r in result["small_m_gemms"].get("variants", []) if r.get("ok") is False]
-    parts = ("hit", "lone_full", "miss_prefill", "small_m_gemms")
+    parts = ("hit", "hit_triton_gemms", "hit_cublas_projections", "lone_full", "miss_prefill", "small_m_gemms")
     sys.exit(0 if all("error" not in result[k] for k in parts) and not failed else 1)
 
 

@@ -258,6 +258,25 @@ LARGE_TILES = {kind: {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 
                for kind in ("projection", "output")}
 
 
+# Projections of at most this many rows (a cache hit's candidate group: 256) may run as cuBLAS's matmul after
+# the same LayerNorm kernel instead of the Triton GEMM: at 256 rows the Triton kernel has 16-32 tiles for
+# 132 SMs and no split over K. On the H100 (gpu_hit_profile_h100_2026-12-05_run86/run89.json,
+# "small_m_gemms") uvqk took 0.0132-0.0134 ms against cuBLAS's bare 0.0083-0.0085, hstu_output 0.0201-0.0202
+# against 0.0095-0.0098; the best Triton tiles (64x64x128) closed a tenth of that. 0: off, the route is not
+# taken. It stays off until a GPU run has checked it (gpu_check's model rows force each route) and timed
+# it in the served hit (gpu_hit_profile's hit_triton_gemms / hit_cublas_projections); then 256. Never under
+# torch.compile (the compiled engine keeps its measured graph) nor in Triton's interpreter.
+CUBLAS_ROWS = 0
+
+
+def cublas_rows(x2d: torch.Tensor) -> bool:
+    """Whether a projection over the rows of x2d [M, K] goes to cuBLAS (CUBLAS_ROWS, read at each call): 16-bit
+    on a CUDA GPU, M a plain int of at most CUBLAS_ROWS, outside torch.compile's tracing."""
+    M = x2d.shape[0]
+    return (type(M) is int and M <= CUBLAS_ROWS and x2d.is_cuda and x2d.dtype in (torch.bfloat16, torch.float16)
+            and not interpreting() and not torch.compiler.is_compiling())
+
+
 def gemm_config(dtype: torch.dtype, M, N: int | None, config: dict | None, sms: int, kind: str = "projection") -> dict:
     """Tiles for 16-bit: 128x256x64, 8 warps, 3 stages (H200 sweep, benchmarks/results/gpu_hstu_2026-11-29_run11.json:
     uvqk 418 vs 388 TFLOP/s for 128x128, hstu_output 392 vs 327); when that gives under two waves of tiles

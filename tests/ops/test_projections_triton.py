@@ -209,3 +209,33 @@ def test_tma_ready_needs_aligned_rows():
                 torch.empty(48 * 10 + 4, dtype=torch.float16)[4:].view(10, 48),  # start not 16-byte aligned
                 torch.empty(48, 10, dtype=torch.float16).t()):  # column stride not 1
         assert not tma_ready(x, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_few_rows_through_cublas_match_reference(dtype, monkeypatch):
+    """The few-rows route of the projections on a GPU (ops/_triton.cublas_rows: at most CUBLAS_ROWS rows,
+    16-bit, CUDA): the LayerNorm kernel, then torch.addmm, SiLU on u in place / the [u | a | u*LN(a)] concat.
+    Forced on here (the predicate is False off a GPU) so its operand order, columns and bias are checked
+    against the reference, alone and composed as the model composes them."""
+    import importlib
+
+    uvqk_mod, out_mod = (importlib.import_module(f"hstu_opt.ops.{op}.triton") for op in ("uvqk", "hstu_output"))
+
+    taken = []
+    for mod in (uvqk_mod, out_mod):
+        monkeypatch.setattr(mod, "cublas_rows", lambda t: taken.append(t.shape[0]) or True)
+    monkeypatch.setattr(uvqk_mod, "uvqk_triton", None)  # (the Triton GEMMs must not run)
+    monkeypatch.setattr(out_mod, "hstu_output_triton", None)
+    _check_uvqk(dtype, 37, 50, 2, 16, 24)
+    test_hstu_output_matches_reference(dtype, 37, 48, 50)
+    test_stu_layer_all_triton_matches_reference(dtype)
+    assert len(taken) == 4 and set(taken) == {37, 21}
+
+
+def test_cublas_rows_only_for_few_16_bit_rows_on_a_gpu(monkeypatch):
+    from hstu_opt.ops import _triton
+
+    assert _triton.CUBLAS_ROWS == 0  # (off until a GPU run checks and times it: ops/_triton.py)
+    monkeypatch.setattr(_triton, "CUBLAS_ROWS", 256)
+    assert not _triton.cublas_rows(torch.empty(8, 4, dtype=torch.bfloat16))  # a CPU tensor (and the interpreter)
+    assert not _triton.cublas_rows(torch.empty(8, 4, dtype=torch.float32, device="meta"))

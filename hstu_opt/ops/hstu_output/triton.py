@@ -7,11 +7,12 @@ Inference only: with dropout > 0 (training) the reference runs.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride_rows
+from hstu_opt.ops._triton import cublas_rows, launch_gemm, launch_layer_norm, unit_stride_rows
 from hstu_opt.ops.hstu_output import TABLE
 from hstu_opt.ops.hstu_output import reference
 
@@ -40,6 +41,10 @@ def _hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout):
     if dropout > 0:
         return reference.hstu_output(u, a, x, norm_weight, norm_bias, output_weight, eps, dropout)
     u2, a2, x2 = map(unit_stride_rows, (u, a, x))
+    if cublas_rows(u2):  # a few rows: the gated LayerNorm kernel, then x + [u | a | u*LN(a)] @ W_out in cuBLAS
+        gated = launch_layer_norm(a2, norm_weight, norm_bias, eps, lambda k: k, gate=u2)
+        out = torch.addmm(x2, torch.cat([u2, a2, gated], dim=1), output_weight.to(u.dtype))
+        return out.reshape(x.shape)
     out = hstu_output_triton(u2, a2, x2, norm_weight, norm_bias,
                              output_weight.to(u.dtype).contiguous(), eps)
     return out.reshape(x.shape)

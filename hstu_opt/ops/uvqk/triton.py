@@ -10,11 +10,12 @@ Inductor compile the two kernels (LayerNorm, GEMM) into their output.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hstu_opt.ops._registry import Impl
-from hstu_opt.ops._triton import launch_gemm, launch_layer_norm, unit_stride_rows
+from hstu_opt.ops._triton import cublas_rows, launch_gemm, launch_layer_norm, unit_stride_rows
 from hstu_opt.ops.uvqk import TABLE, kv_columns, split_kv, split_uvqk
 
 
@@ -47,6 +48,11 @@ def _(x, norm_weight, norm_bias, weight, bias, silu_cols, eps, rows=None):
 def _uvqk(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads, attention_dim, linear_dim, eps):
     lead = x.shape[:-1]
     x2d = unit_stride_rows(x)
+    if cublas_rows(x2d):  # a few rows: the same LayerNorm kernel, then cuBLAS with the bias, SiLU on u in place
+        proj = torch.addmm(uvqk_bias.to(x.dtype), launch_layer_norm(x2d, norm_weight, norm_bias, eps, lambda k: k),
+                           uvqk_weight.to(x.dtype))
+        F.silu(proj[:, :num_heads * linear_dim], inplace=True)
+        return split_uvqk(proj, lead, num_heads, attention_dim, linear_dim)
     proj = uvqk_triton(x2d, norm_weight, norm_bias, uvqk_weight.to(x.dtype).contiguous(), uvqk_bias,
                        num_heads * linear_dim, eps)
     return split_uvqk(proj, lead, num_heads, attention_dim, linear_dim)
