@@ -32,8 +32,9 @@ step() {  # step NAME CMD...: run CMD, log to $OUT/NAME.log
     [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
+BUNDLE_CMD=(python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16)
 build_bundle() {
-    step bundle python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16
+    step bundle "${BUNDLE_CMD[@]}"
 }
 
 serve_load() {  # serve_load TAG ARGS...: one serve_load.py run against the dlrm-v3 bundle (built first if missing:
@@ -41,6 +42,11 @@ serve_load() {  # serve_load TAG ARGS...: one serve_load.py run against the dlrm
     [ -f "$BUNDLE/manifest.json" ] || build_bundle
     step "serve_$tag" python3 benchmarks/serve_load.py --bundle "$BUNDLE" --engine compiled --max-batch 16 \
         --history 4096 --candidates 256 --engine-repeats 30 --out "$OUT/serve_$tag" "$@"
+}
+
+serve_cached_ref() {  # cache hits by history_ref, concurrency 1 (the hit bar)
+    serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
+        --results-layout packed --engine-repeats 0 --history-ref
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
@@ -57,8 +63,7 @@ for s in "$@"; do
         bundle) build_bundle ;;
         check+bundle)  # both compile-bound and untimed: the bundle builds in the background during the sweep
             mkdir -p "$OUT/bundle"
-            python3 benchmarks/serve_gpu_bundle.py --out /tmp/b --shapes "1,4096,256;16,4096,256" --max-batch 16 \
-                > "$OUT/bundle.log" 2>&1 &
+            "${BUNDLE_CMD[@]}" > "$OUT/bundle.log" 2>&1 &
             bundle_pid=$!
             step check python3 benchmarks/gpu_check.py --out "$OUT/check" --jobs 12 ${CHECK_ARGS:-}
             wait $bundle_pid; echo "   bundle rc=$?"; tail -n 3 "$OUT/bundle.log" | cut -c1-300 ;;
@@ -70,8 +75,7 @@ for s in "$@"; do
                 --engine-repeats 0
             serve_load worker --cache-gb 0 --concurrency 1,16,64 --requests 1000 --arrays binary --results-layout packed \
                 --engine-repeats 0 --inline-lone off
-            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
-                --results-layout packed --engine-repeats 0 --history-ref
+            serve_cached_ref
             serve_load cached --cache-gb 8 --users 8 --concurrency 1 --requests 200 --arrays binary \
                 --results-layout packed --engine-repeats 0 ;;
         serve_varied)  # histories of random lengths (1..4096 rows) over 64 users: the compiled engine keys its graphs
@@ -83,11 +87,9 @@ for s in "$@"; do
                 --results-layout packed --engine-repeats 0 ;;
         serve_core)  # the two bars alone: binary bodies at concurrency 1 beside the engine, and a hit by history_ref
             serve_load binary1 --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed
-            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
-                --results-layout packed --engine-repeats 0 --history-ref ;;
+            serve_cached_ref ;;
         serve_hit)  # a cache hit by history_ref alone (the hit bar)
-            serve_load cached_ref --cache-gb 8 --users 8 --concurrency 1 --requests 300 --arrays binary \
-                --results-layout packed --engine-repeats 0 --history-ref ;;
+            serve_cached_ref ;;
         serve_httpx)  # binary bodies at concurrency 1 sent by httpx (headers and body in two writes), for comparison
             serve_load httpx --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed \
                 --engine-repeats 0 --http-client httpx ;;

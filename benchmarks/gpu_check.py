@@ -299,14 +299,21 @@ def model_rows(dtype_name: str) -> list[dict]:
     return rows
 
 
-def _model_route_rows(base, cfg, dtype_name, inputs, f64, ref, route, rows_max, config, dtype) -> list[dict]:
+def with_cublas_rows(rows_max: int, fn):
+    """fn() with ops/_triton.CUBLAS_ROWS set to rows_max (0: every projection on the Triton GEMM; 256: a
+    hit's 256-row projections on the LayerNorm kernel + cuBLAS), whatever the shipped default."""
     from hstu_opt.ops import _triton
 
-    saved, _triton.CUBLAS_ROWS = _triton.CUBLAS_ROWS, rows_max
+    saved = _triton.CUBLAS_ROWS
+    _triton.CUBLAS_ROWS = rows_max
     try:
-        tri = model_outputs(base, cfg, dtype_name, Impl.TRITON, inputs)
+        return fn()
     finally:
         _triton.CUBLAS_ROWS = saved
+
+
+def _model_route_rows(base, cfg, dtype_name, inputs, f64, ref, route, rows_max, config, dtype) -> list[dict]:
+    tri = with_cublas_rows(rows_max, lambda: model_outputs(base, cfg, dtype_name, Impl.TRITON, inputs))
     rows = []
     for out in ("states", "probs", "rank_jagged", "score_cached"):
         e_tri, e_ref = rel_err(tri[out], f64[out]), rel_err(ref[out], f64[out])

@@ -39,14 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_check import paged_pool  # noqa: E402
+from gpu_check import paged_pool, with_cublas_rows  # noqa: E402
 from gpu_hstu import (check_row, device_rows, dlrm_config, dlrm_feed, dlrm_model, gpu_busy, graphed,  # noqa: E402
                       output_launch, timeline, uvqk_launch)
 from triton.testing import do_bench  # noqa: E402
 from gpu_paged import ceilings, env  # noqa: E402
 from hstu_opt import ops  # noqa: E402
 from hstu_opt.ops import Impl  # noqa: E402
-from hstu_opt.ops import _triton  # noqa: E402
 from hstu_opt.serve.graphs import PagedScoreGraphs  # noqa: E402
 
 GAPS_MS = (0.0, 0.5, 2.0, 10.0)
@@ -135,17 +134,6 @@ def hit(model, cfg, t: dict) -> dict:
            "pieces": [pieces(graphs, [table], [c_len], cands, g) for g in (0.0, 2.0)],
            "profile": kernels(cap.graph.replay), "timeline": timeline(cap.graph.replay)}
     return out
-
-
-def with_cublas_rows(rows_max: int, fn):
-    """fn() with ops/_triton.CUBLAS_ROWS set to rows_max (0: every projection on the Triton GEMM; 256: a
-    hit's 256-row projections on the LayerNorm kernel + cuBLAS), whatever the shipped default."""
-    saved = _triton.CUBLAS_ROWS
-    _triton.CUBLAS_ROWS = rows_max
-    try:
-        return fn()
-    finally:
-        _triton.CUBLAS_ROWS = saved
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ from hstu_opt.errors import HstuOptError, StageError
 from hstu_opt.fsutil import replace_dir, sha256_file, write_bytes_atomic, write_json_atomic
 from hstu_opt.model.checkpoint import load_checkpoint, save_checkpoint
 from hstu_opt.model.hstu import HstuModel
-from hstu_opt.model.layout import ROW_BUCKET, bucket_rows, row_owner  # noqa: F401 (ROW_BUCKET: re-exported)
+from hstu_opt.model.layout import bucket_rows, row_owner
 from hstu_opt.ops import Impl
 
 NAME = "compiled"
