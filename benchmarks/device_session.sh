@@ -88,6 +88,9 @@ for s in "$@"; do
         serve_core)  # the two bars alone: binary bodies at concurrency 1 beside the engine, and a hit by history_ref
             serve_load binary1 --cache-gb 0 --concurrency 1 --requests 1000 --arrays binary --results-layout packed
             serve_cached_ref ;;
+        serve_conc)  # binary bodies at concurrency 16 and 64 alone (serve's loaded rows without its c=1 ones)
+            serve_load conc --cache-gb 0 --concurrency 16,64 --requests 1000 --arrays binary --results-layout packed \
+                --engine-repeats 0 ;;
         serve_hit)  # a cache hit by history_ref alone (the hit bar)
             serve_cached_ref ;;
         serve_httpx)  # binary bodies at concurrency 1 sent by httpx (headers and body in two writes), for comparison
