@@ -61,6 +61,14 @@ for s in "$@"; do
         paged) step paged python3 benchmarks/gpu_paged.py --out "$OUT/paged" ;;
         hitprof) step hitprof python3 benchmarks/gpu_hit_profile.py --out "$OUT/hitprof" ;;  # hit / lone request: GPU vs host
         bundle) build_bundle ;;
+        build_sm90)  # the product's own GPU path, end to end: `hstu-opt build --target sm90` of the tiny recipe (train,
+                     # export, fuse, the compiled engine, bench), verify and inspect it, then serve it with --engine auto
+            step build_sm90 python3 -m hstu_opt build recipes/tiny.yaml --target sm90 --precision float --out /tmp/tb
+            step verify_sm90 python3 -m hstu_opt verify /tmp/tb/tiny/1
+            python3 -m hstu_opt inspect /tmp/tb/tiny/1 > "$OUT/inspect_sm90.log" 2>&1
+            cp -r /tmp/tb/tiny/1/bench "$OUT/build_sm90/" 2>/dev/null; cp /tmp/tb/tiny/1/manifest.json "$OUT/build_sm90/"
+            step serve_sm90 python3 benchmarks/serve_load.py --bundle /tmp/tb/tiny/1 --engine auto --cache-gb 1 \
+                --concurrency 1,8 --requests 300 --users 64 --engine-repeats 10 --out "$OUT/serve_sm90" ;;
         check+bundle)  # both compile-bound and untimed: the bundle builds in the background during the sweep
             mkdir -p "$OUT/bundle"
             "${BUNDLE_CMD[@]}" > "$OUT/bundle.log" 2>&1 &
