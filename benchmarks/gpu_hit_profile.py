@@ -15,6 +15,7 @@ back-to-back ones, at recipes/dlrm-v3-ranking.yaml sizes (5 layers, D=512, H=4, 
 3. a lone full request: the ranking graph (rank_jagged, Triton ops, one CUDA graph as the compiled engine
    replays it), batch 1, 4096 + 256 rows, the same spaced / back-to-back split and its kernels;
 4. a lone miss's prefill (4100 rows): eager against serve/graphs.PrefillGraphs' replay, K/V compared, timed;
+   and a batch of n such misses: one eager prefill of all against n replays (engines.GRAPH_PREFILL_USERS' rule);
 5. the hit's projections at its 256 rows (uvqk 512 -> 2048 with the LayerNorm pass, hstu_output 3 x 512 ->
    512 with the gated LayerNorm pass and the residual) for tile / kernel variants: gemm_config gives this
    small M 64x128 tiles, 16 programs for hstu_output on 132 SMs. Each variant is checked against float64
@@ -172,7 +173,30 @@ def miss_prefill(model, cfg, t: dict) -> dict:
                zip([*got.keys, *got.values], [*want.keys, *want.values]))
     return {"rows": n, "bucket": graphs.bucket_for(n), "buckets": graphs.buckets, "captured": ready,
             "capture_s": capture_s, "max_abs_kv_vs_eager": diff,
-            "eager": [spaced(eager, g, 50) for g in (0.0, 2.0)], "graph": [spaced(replayed, g, 50) for g in (0.0, 2.0)]}
+            "eager": [spaced(eager, g, 50) for g in (0.0, 2.0)], "graph": [spaced(replayed, g, 50) for g in (0.0, 2.0)],
+            "miss_batches": miss_batches(model, graphs, (ids, ratings, ts), host, t["query_time"], qt)}
+
+
+def miss_batches(model, graphs, rows, host, query_time, qt: int) -> list[dict]:
+    """A batch of n misses (n copies of the user's rows): one eager prefill of all n (the server's way beyond
+    engines.GRAPH_PREFILL_USERS) against n graph replays one after another (its way up to it), back to back."""
+    out = []
+    for b in (2, 4, 7, 8, 16):
+        ids, ratings, ts = (x.repeat(b) for x in rows)
+        offsets = torch.arange(b + 1, device="cuda") * rows[0].shape[0]
+        qts = query_time.repeat(b)
+
+        def eager_all():
+            return model.prefill(ids, ratings, ts, offsets, qts)
+
+        def one_by_one():
+            for _ in range(b):
+                graphs.run(*host, qt)
+
+        e, g = spaced(eager_all, 0.0, 20), spaced(one_by_one, 0.0, 20)
+        out.append({"misses": b, "eager_ms": e["wall_p50_ms"], "replays_ms": g["wall_p50_ms"],
+                    "replays_over_eager": g["wall_p50_ms"] / e["wall_p50_ms"]})
+    return out
 
 
 # Variants for the hit's 256-row projections (gemm_config's keys; {} is what it picks today: 64x128x64,

@@ -101,6 +101,10 @@ class EngineAdapter(ABC):
         """Whether rank_full(rows) would only replay a captured CUDA graph (inline_lone's auto rule)."""
         return False
 
+    def prefill_size(self, users: list[RankInput]) -> int:
+        """How many of these users (a batch's cache misses) one prefill call should take."""
+        return self.max_rows
+
     def capture_prefill_graphs(self) -> None:
         """Capture what makes a cache miss's prefill a graph replay, where the engine has such a thing."""
 
@@ -118,6 +122,14 @@ class EngineAdapter(ABC):
         self.retrieve([RetrieveInput(None, one, one * 0, one * 0, 0, ctx, False)])
         if self.supports_cache:
             self.score_cached(self.prefill([user]), [one])
+
+
+# A batch with at most this many cache misses prefills them one by one through the prefill graphs instead of
+# in one eager call. An eager prefill is bound by its op launches, so n users take at least a lone user's eager
+# time: 6.13 ms for 4,100 rows on the H100 against 0.79 ms a replay (gpu_hit_profile_h100_2026-12-05_run89.json,
+# miss_prefill); n replays win while n x 0.79 < 6.13, n <= 7 at the longest history (shorter histories replay
+# smaller buckets, the eager launches stay). gpu_hit_profile's miss_batches times both ways at n = 2..16.
+GRAPH_PREFILL_USERS = 7
 
 
 class TorchAdapter(EngineAdapter):
@@ -166,6 +178,15 @@ class TorchAdapter(EngineAdapter):
         cfg = self.model.cfg
         self.prefill_graphs = PrefillGraphs(self.model, cfg.contextual_len + cfg.max_history_len)
         self.prefill_graphs.capture()
+
+    def prefill_size(self, users: list[RankInput]) -> int:
+        """1 (each miss a graph replay) for up to GRAPH_PREFILL_USERS misses whose row buckets are all captured;
+        otherwise one eager call for as many as an engine call takes."""
+        graphs = self.prefill_graphs
+        if (graphs is not None and len(users) <= GRAPH_PREFILL_USERS
+                and all(graphs.ready(self.contextual_len + len(u.item_ids)) for u in users)):
+            return 1
+        return self.max_rows
 
     @torch.no_grad()
     def prefill(self, users: list[RankInput]) -> list[UserKV]:

@@ -182,6 +182,11 @@ class PrefillGraphs:
     def bucket_for(self, rows: int) -> int | None:
         return self._bucket(rows) if 0 < rows <= self.max_rows else None
 
+    def ready(self, rows: int) -> bool:
+        """Whether a user of this many [contextual][history] rows would be a replay (run does not return None)."""
+        bucket = self.bucket_for(rows)
+        return bucket is not None and self._graphs.get(bucket) is not None
+
     def capture(self) -> int:
         """Capture every bucket (on a CPU: stage them, for tests); returns how many are ready."""
         t0 = time.perf_counter()

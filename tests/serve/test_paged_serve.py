@@ -83,3 +83,76 @@ def test_tiny_pool_under_concurrent_requests_stays_exact(bundle_path, bundle):
     assert [g["cache"] for g in again[1::2]] == ["hit"] * 3  # a user's repeat right after its request
     assert stats.evictions + stats.demotions > 0  # the pool really was too small
     assert stats.bytes <= 3 * page and stats.host_bytes <= 3 * page
+
+
+class OverwrittenBuffers:
+    """serve/graphs.PrefillGraphs as a GPU runs it: each replay's K/V are views of the same output buffers, which
+    the next replay overwrites (on the CPU the staged prefill returns fresh tensors, which would hide a K/V kept
+    past the next replay). Also counts the replays."""
+
+    def __init__(self, graphs):
+        self.graphs, self.replays, self._buffers = graphs, 0, None
+
+    def ready(self, rows: int) -> bool:
+        return self.graphs.ready(rows)
+
+    def describe(self) -> str:
+        return self.graphs.describe()
+
+    def run(self, ids, ratings, timestamps, query_time):
+        from hstu_opt.serve.kv_cache import UserKV
+
+        kv = self.graphs.run(ids, ratings, timestamps, query_time)
+        if self._buffers is None:
+            self._buffers = [t.new_zeros((self.graphs.max_rows, *t.shape[1:])) for t in (*kv.keys, *kv.values)]
+        n, views = kv.rows, []
+        for buf, t in zip(self._buffers, (*kv.keys, *kv.values)):
+            buf[:n].copy_(t)
+            views.append(buf[:n])
+        self.replays += 1
+        half = len(views) // 2
+        return UserKV(views[:half], views[half:], borrowed=True)
+
+
+def test_a_batch_of_misses_prefills_through_the_graphs_one_by_one(bundle_path, bundle):
+    """A batch of up to engines.GRAPH_PREFILL_USERS misses prefills each user as its own graph replay (a GPU's
+    eager prefill is launch-bound: n users cost at least one's eager time); more misses take one eager call.
+    Scores equal a cache-off server's, and every user's cached K/V stays its own (the next replay overwrites
+    the graph's buffers: each entry is stored before it)."""
+    from hstu_opt.serve.engines import GRAPH_PREFILL_USERS
+    from hstu_opt.serve.graphs import PrefillGraphs
+
+    assert 4 <= GRAPH_PREFILL_USERS < 8
+    rng = np.random.default_rng(5)
+    bodies = [user_body(rng, bundle.cfg.num_items, int(rng.integers(64, 128)), int(rng.integers(5, 40)),
+                        user_id=f"u{i}") for i in range(12)]  # (histories of one length class share a batch)
+    on = start_server(ServeSettings(bundle_path, engine="eager", cache_gb=0.05, max_batch=8, max_wait_ms=1000))
+    adapter = on.runner.adapter
+    cfg = adapter.model.cfg
+    graphs = PrefillGraphs(adapter.model, cfg.contextual_len + cfg.max_history_len, step=32)
+    graphs.capture()
+    adapter.prefill_graphs = OverwrittenBuffers(graphs)
+    replays = []
+    try:
+        with on.client() as c, ThreadPoolExecutor(8) as pool:
+            got = []
+            for batch in (bodies[:4], bodies[4:]):  # a batch of 4 misses (at max_wait), then one of 8 (full)
+                got += pool.map(lambda body: c.post("/v1/rank", json=body).json(), batch)
+                replays.append(adapter.prefill_graphs.replays)
+            again = [c.post("/v1/rank", json=body).json() for body in bodies]  # hits, each alone
+            metrics = c.get("/metrics").text
+    finally:
+        on.stop()
+    off = start_server(ServeSettings(bundle_path, engine="eager", cache_gb=0))
+    try:
+        with off.client() as c:
+            want = [c.post("/v1/rank", json=body).json() for body in bodies]
+    finally:
+        off.stop()
+    assert 'hstu_serve_batch_size_bucket{kind="rank",le="4.0"} 13.0' in metrics  # the 4 misses' batch, 12 hits
+    assert 'hstu_serve_batch_size_count{kind="rank"} 14.0' in metrics and 'le="8.0"} 14.0' in metrics
+    assert [g["cache"] for g in got] == ["miss"] * 12 and [g["cache"] for g in again] == ["hit"] * 12
+    assert replays == [4, 4]  # the 4 misses replayed one by one; the 8 went eagerly, in one call
+    for g, a, w in zip(got, again, want):
+        assert_same(scores(g), scores(w))
+        assert_same(scores(a), scores(w))

@@ -266,7 +266,8 @@ class NativeRunner(Runner):
                 todo.setdefault(key, []).append(i)
             kvs[i] = kv
         pending = list(todo.items())
-        for chunk in chunks(pending, self.adapter.max_rows):
+        # (one at a time: each borrowed K/V is stored, or owned, before the next replay overwrites its buffers)
+        for chunk in chunks(pending, self.adapter.prefill_size([users[ix[0]] for _, ix in pending])):
             for (key, idx), kv in zip(chunk, self.adapter.prefill([users[ix[0]] for _, ix in chunk])):
                 stored = self.store.put(key, kv) if self.store is not None else None  # the entry in pages
                 kv = stored or kv.owned()  # (not stored: kept for this batch's scoring, past the next prefill)
