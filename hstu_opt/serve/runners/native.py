@@ -21,8 +21,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from hstu_opt.serve.engines import (ENGINE_RULE, EngineAdapter, EngineChoice, Row, adapter_class, load_adapter,
-                                    uses_cached_path)
+from hstu_opt.serve.engines import (ENGINE_RULE, GRAPH_PREFILL_USERS, EngineAdapter, EngineChoice, Row, adapter_class,
+                                    load_adapter, uses_cached_path)
 from hstu_opt.serve.kv_cache import (DEFAULT_PAGE_ROWS, CacheStats, EvictionPolicy, PagedKV, PagedKVStore, PageShape,
                                      UserKV, cache_key, history_ref, make_policy)
 from hstu_opt.serve.kv_cache.paged import DEVICE
@@ -198,7 +198,8 @@ class NativeRunner(Runner):
     def _prefill_graphs(self) -> str:
         graphs = getattr(self.adapter, "prefill_graphs", None)
         if graphs is not None:
-            return f"a lone miss's prefill replays a CUDA graph per row bucket: {graphs.describe()}"
+            return (f"a miss's prefill replays a CUDA graph per row bucket (each of a batch's misses, up to "
+                    f"{GRAPH_PREFILL_USERS}; more prefill eagerly in one call): {graphs.describe()}")
         return "none: misses prefill eagerly (prefill graphs are captured on a GPU)"
 
     # ---- the worker thread --------------------------------------------------------------------
