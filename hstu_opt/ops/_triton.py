@@ -266,6 +266,11 @@ LARGE_TILES = {kind: {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 
 # taken. It stays off until a GPU run has checked it (gpu_check's model rows force each route) and timed
 # it in the served hit (gpu_hit_profile's hit_triton_gemms / hit_cublas_projections); then 256. Never under
 # torch.compile (the compiled engine keeps its measured graph) nor in Triton's interpreter.
+# H100 run 91 did both (gpu_check_h100_2026-12-05_run91_models_partial.json: 112 bf16/fp16 whole-model rows on
+# the route, all within their bars; gpu_hit_profile_h100_2026-12-05_run91.json): it gains nothing in the hit.
+# Inside the captured graph the ten Triton GEMMs take 8 us each (0.083 ms), not the 12-20 us a lone replay of
+# one shows, and the route's kernels add up to the same 0.225 ms in 64 launches instead of 49: run() 0.304 vs
+# 0.301 ms back to back. So it stays off.
 CUBLAS_ROWS = 0
 
 

@@ -128,7 +128,9 @@ class EngineAdapter(ABC):
 # in one eager call. An eager prefill is bound by its op launches, so n users take at least a lone user's eager
 # time: 6.13 ms for 4,100 rows on the H100 against 0.79 ms a replay (gpu_hit_profile_h100_2026-12-05_run89.json,
 # miss_prefill); n replays win while n x 0.79 < 6.13, n <= 7 at the longest history (shorter histories replay
-# smaller buckets, the eager launches stay). gpu_hit_profile's miss_batches times both ways at n = 2..16.
+# smaller buckets, the eager launches stay). Timed both ways in H100 run 91 (gpu_hit_profile_h100_2026-12-05_
+# run91.json, miss_batches; 4100-row users, back to back): n replays / one eager call of n = 0.20 at n = 2, 0.44
+# at 4, 0.98 at 7, 0.97 at 8, 1.76 at 16.
 GRAPH_PREFILL_USERS = 7
 
 
