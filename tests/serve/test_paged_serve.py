@@ -31,6 +31,17 @@ def assert_same(got: dict, want: dict) -> None:
     np.testing.assert_allclose(np.array([got[i] for i in want]), np.array(list(want.values())), atol=FP32_EXACT, rtol=0)
 
 
+def cache_off_answers(bundle_path, bodies: list[dict]) -> list[dict]:
+    """Each body's answer from a server with the cache off (the same eager model, contiguous K/V): what every
+    cached answer must equal."""
+    off = start_server(ServeSettings(bundle_path, engine="eager", cache_gb=0))
+    try:
+        with off.client() as c:
+            return [c.post("/v1/rank", json=body).json() for body in bodies]
+    finally:
+        off.stop()
+
+
 def test_host_tier_hit_is_promoted_and_exact(bundle_path, bundle):
     page = entry_bytes(bundle, 64)  # pages of 64 rows; a pool of one page, a host tier of four
     s = start_server(ServeSettings(bundle_path, cache_gb=page / 2**30, host_cache_gb=4 * page / 2**30,
@@ -70,12 +81,7 @@ def test_tiny_pool_under_concurrent_requests_stays_exact(bundle_path, bundle):
         stats = on.runner.cache_stats()
     finally:
         on.stop()
-    off = start_server(ServeSettings(bundle_path, engine="eager", cache_gb=0))
-    try:
-        with off.client() as c:
-            want = [c.post("/v1/rank", json=body).json() for body in bodies]
-    finally:
-        off.stop()
+    want = cache_off_answers(bundle_path, bodies)
     assert {g["cache"] for g in got} <= {"hit", "miss"} and want[0]["cache"] == "off"
     by_user = {b["user_id"]: w for b, w in zip(bodies, want)}
     for body, g in zip(order + [b for b in bodies[:3] for _ in range(2)], got + again):
@@ -143,12 +149,7 @@ def test_a_batch_of_misses_prefills_through_the_graphs_one_by_one(bundle_path, b
             metrics = c.get("/metrics").text
     finally:
         on.stop()
-    off = start_server(ServeSettings(bundle_path, engine="eager", cache_gb=0))
-    try:
-        with off.client() as c:
-            want = [c.post("/v1/rank", json=body).json() for body in bodies]
-    finally:
-        off.stop()
+    want = cache_off_answers(bundle_path, bodies)
     assert 'hstu_serve_batch_size_bucket{kind="rank",le="4.0"} 13.0' in metrics  # the 4 misses' batch, 12 hits
     assert 'hstu_serve_batch_size_count{kind="rank"} 14.0' in metrics and 'le="8.0"} 14.0' in metrics
     assert [g["cache"] for g in got] == ["miss"] * 12 and [g["cache"] for g in again] == ["hit"] * 12
