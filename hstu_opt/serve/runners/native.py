@@ -267,9 +267,10 @@ class NativeRunner(Runner):
                 todo.setdefault(key, []).append(i)
             kvs[i] = kv
         pending = list(todo.items())
-        # (one at a time: each borrowed K/V is stored, or owned, before the next replay overwrites its buffers)
-        for chunk in chunks(pending, self.adapter.prefill_size([users[ix[0]] for _, ix in pending])):
-            for (key, idx), kv in zip(chunk, self.adapter.prefill([users[ix[0]] for _, ix in chunk])):
+        misses = [users[idx[0]] for _, idx in pending]  # one user per distinct key
+        size = self.adapter.prefill_size(misses)  # (1: graph replays, each K/V stored before the next overwrites it)
+        for chunk, group in zip(chunks(pending, size), chunks(misses, size)):
+            for (key, idx), kv in zip(chunk, self.adapter.prefill(group)):
                 stored = self.store.put(key, kv) if self.store is not None else None  # the entry in pages
                 kv = stored or kv.owned()  # (not stored: kept for this batch's scoring, past the next prefill)
                 for i in idx:
