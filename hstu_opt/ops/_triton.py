@@ -259,18 +259,16 @@ LARGE_TILES = {kind: {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 
 
 
 # Projections of at most this many rows (a cache hit's candidate group: 256) may run as cuBLAS's matmul after
-# the same LayerNorm kernel instead of the Triton GEMM: at 256 rows the Triton kernel has 16-32 tiles for
-# 132 SMs and no split over K. On the H100 (gpu_hit_profile_h100_2026-12-05_run86/run89.json,
-# "small_m_gemms") uvqk took 0.0132-0.0134 ms against cuBLAS's bare 0.0083-0.0085, hstu_output 0.0201-0.0202
-# against 0.0095-0.0098; the best Triton tiles (64x64x128) closed a tenth of that. 0: off, the route is not
-# taken. It stays off until a GPU run has checked it (gpu_check's model rows force each route) and timed
-# it in the served hit (gpu_hit_profile's hit_triton_gemms / hit_cublas_projections); then 256. Never under
-# torch.compile (the compiled engine keeps its measured graph) nor in Triton's interpreter.
-# H100 run 91 did both (gpu_check_h100_2026-12-05_run91_models_partial.json: 112 bf16/fp16 whole-model rows on
-# the route, all within their bars; gpu_hit_profile_h100_2026-12-05_run91.json): it gains nothing in the hit.
-# Inside the captured graph the ten Triton GEMMs take 8 us each (0.083 ms), not the 12-20 us a lone replay of
-# one shows, and the route's kernels add up to the same 0.225 ms in 64 launches instead of 49: run() 0.304 vs
-# 0.301 ms back to back. So it stays off.
+# the same LayerNorm kernel instead of the Triton GEMM (0: off). Measured alone, at 256 rows the Triton GEMM
+# was 1.6-2.1x cuBLAS's bare matmul on the H100 (gpu_hit_profile_h100_2026-12-05_run86/run89.json,
+# "small_m_gemms"). Inside the served hit's captured graph it was not (H100 run 91,
+# gpu_hit_profile_h100_2026-12-05_run91.json): the ten Triton GEMMs take 8 us each (0.083 ms), and with the
+# route on the kernels add up to the same 0.225 ms in 64 launches instead of 49, run() 0.304 vs 0.301 ms back
+# to back; its 112 bf16/fp16 whole-model rows were all within their bars
+# (gpu_check_h100_2026-12-05_run91_models_partial.json). So it is off. Set it where a GPU run shows a gain:
+# gpu_check's model rows force each route, gpu_hit_profile's hit_triton_gemms / hit_cublas_projections time
+# the hit both ways. Never under torch.compile (the compiled engine keeps its measured graph) nor in
+# Triton's interpreter.
 CUBLAS_ROWS = 0
 
 
